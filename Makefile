@@ -1,0 +1,42 @@
+# The README's two commands: `make repro` (run the pipeline) and `make test` (run the tests).
+# Both start with `make env`, which creates .venv and installs the project once; a second run
+# installs nothing (the stamp file is newer than pyproject.toml).
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.anchorformer-installed
+export PATH := $(abspath $(BIN)):$(PATH)
+export HF_HUB_OFFLINE := 1
+export DVC_NO_ANALYTICS := 1
+export PYTHONHASHSEED := 0
+
+.PHONY: env repro test test-fast lint lab clean-venv
+
+env: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade --quiet pip
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+repro: env
+	$(BIN)/dvc repro
+
+test: env
+	$(BIN)/python -m pytest
+
+test-fast: env
+	$(BIN)/python -m pytest -m "not slow"
+
+lint: env
+	$(BIN)/ruff check anchorformer tests
+	$(BIN)/ruff format --check anchorformer tests
+
+lab: env
+	$(BIN)/python -m ipykernel install --user --name anchorformer --display-name "anchorformer (.venv)"
+	$(BIN)/jupyter lab notebooks
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,316 @@
+"""AnchorFormer: a DeiT whose attention is AnchorFormer's anchor attention.
+
+Shan et al., "AnchorFormer: Differentiable anchor attention for efficient vision transformer",
+Pattern Recognition Letters 197 (2025), arXiv 2505.16463. The backbone follows the official
+``model/AnchorDeiT.py``: timm's DeiT (pre-norm blocks, LayerNorm eps 1e-6, patch 16, MLP ratio
+4, class + distillation tokens for the distilled variants) with every attention replaced by
+:class:`AnchorAttention`.
+
+Letters used in shapes: B batch, N tokens (patches + prefix tokens), C channels, H heads,
+D = C / H head dim, M anchors.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import DropPath, LayerScale, Mlp
+from timm.models import build_model_with_cfg, register_model
+from timm.models.deit import VisionTransformerDistilled
+from timm.models.vision_transformer import VisionTransformer
+
+from ..ops.anchor_attention import IMPLS, anchor_attention
+
+__all__ = [
+    "ANCHOR_MODES",
+    "AnchorAttention",
+    "AnchorBlock",
+    "AnchorFormer",
+    "AnchorFormerDistilled",
+    "MODEL_NAMES",
+]
+
+ANCHOR_MODES = ("learned", "pooled")
+
+
+class AnchorAttention(nn.Module):
+    """Multi-head anchor attention (REFERENCE: the official ``AnchorAttention`` forward).
+
+    One shared query/key projection and a value projection (a single bias-free linear layer
+    ``in_proj``), M anchors of dim D (one set per layer by default, ``anchors`` of shape (M, D)),
+    the operator :func:`anchorformer.ops.anchor_attention`, then an output projection.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        num_anchors: int = 30,
+        qkv_bias: bool = False,  # the official projection has no bias
+        proj_bias: bool = True,
+        proj_drop: float = 0.0,
+        normalize: bool = True,  # apply Λ^-1 (False: the ablation without it)
+        per_head_anchors: bool = False,  # (H, M, D) anchors instead of one (M, D) set per layer
+        anchor_mode: str = "learned",  # "learned" (the method) or "pooled" (fixed-anchor ablation)
+        attn_impl: str = "auto",  # "auto" | "reference" | "triton"
+        **_: Any,  # the rest of timm's attention arguments (qk_norm, attn_drop, ...) do not apply
+    ) -> None:
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"AnchorAttention: dim={dim} must be divisible by num_heads={num_heads}")
+        if not isinstance(num_anchors, int) or num_anchors < 1:
+            raise ValueError(f"AnchorAttention: num_anchors must be an integer >= 1; got {num_anchors!r}")
+        if anchor_mode not in ANCHOR_MODES:
+            raise ValueError(f"AnchorAttention: anchor_mode must be one of {ANCHOR_MODES}; got {anchor_mode!r}")
+        if attn_impl not in IMPLS:
+            raise ValueError(f"AnchorAttention: attn_impl must be one of {IMPLS}; got {attn_impl!r}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.num_anchors = num_anchors
+        self.normalize = normalize
+        self.per_head_anchors = per_head_anchors
+        self.anchor_mode = anchor_mode
+        self.attn_impl = attn_impl
+
+        self.in_proj = nn.Linear(dim, 2 * dim, bias=qkv_bias)  # -> [qk | v]
+        if anchor_mode == "learned":
+            shape = (num_heads, num_anchors, self.head_dim) if per_head_anchors else (num_anchors, self.head_dim)
+            self.anchors = nn.Parameter(torch.empty(shape))
+        else:
+            self.register_parameter("anchors", None)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Anchors as the official ``nn.Linear(D, M)`` weight: U(-1/sqrt(D), 1/sqrt(D))."""
+        if self.anchors is not None:
+            bound = 1.0 / math.sqrt(self.head_dim)
+            nn.init.uniform_(self.anchors, -bound, bound)
+
+    def pooled_anchors(self, qk: torch.Tensor) -> torch.Tensor:
+        """Fixed anchors: the tokens' embeddings average-pooled to M, detached (not learned).
+
+        Args:
+            qk: (B, H, N, D).
+
+        Returns:
+            (B, H, M, D).
+        """
+        B, H, N, D = qk.shape
+        pooled = F.adaptive_avg_pool1d(qk.detach().reshape(B * H, N, D).transpose(1, 2), self.num_anchors)
+        return pooled.transpose(1, 2).reshape(B, H, self.num_anchors, D)  # (B, H, M, D)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, **_: Any) -> torch.Tensor:
+        """Args: x (B, N, C). Returns (B, N, C)."""
+        if attn_mask is not None:
+            raise ValueError("AnchorAttention does not support attn_mask")
+        B, N, C = x.shape
+        qkv = self.in_proj(x).reshape(B, N, 2, self.num_heads, self.head_dim)  # (B, N, 2, H, D)
+        qk, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (B, H, N, D)
+        anchors = self.anchors if self.anchors is not None else self.pooled_anchors(qk)
+        anchors = anchors.to(qk.dtype)
+        out = anchor_attention(qk, v, anchors, normalize=self.normalize, impl=self.attn_impl)  # (B, H, N, D)
+        out = out.transpose(1, 2).reshape(B, N, C)  # (B, N, C)
+        return self.proj_drop(self.proj(out))
+
+    def extra_repr(self) -> str:
+        return (
+            f"heads={self.num_heads}, anchors={self.num_anchors}, normalize={self.normalize}, "
+            f"per_head_anchors={self.per_head_anchors}, anchor_mode={self.anchor_mode!r}, impl={self.attn_impl!r}"
+        )
+
+
+class AnchorBlock(nn.Module):
+    """Pre-norm transformer block ``x + DropPath(attn(LN(x)))``, ``x + DropPath(MLP(LN(x)))``.
+
+    Module names follow timm's ``Block`` so that DeiT weights map one to one.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = False,
+        proj_bias: bool = True,
+        proj_drop: float = 0.0,
+        init_values: float | None = None,
+        drop_path: float = 0.0,
+        act_layer: type[nn.Module] = nn.GELU,
+        norm_layer: type[nn.Module] = nn.LayerNorm,
+        mlp_layer: type[nn.Module] = Mlp,
+        num_anchors: int = 30,
+        normalize: bool = True,
+        per_head_anchors: bool = False,
+        anchor_mode: str = "learned",
+        attn_impl: str = "auto",
+        **_: Any,  # timm passes qk_norm, attn_drop, attn_layer, depth, ...: not used here
+    ) -> None:
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = AnchorAttention(
+            dim,
+            num_heads=num_heads,
+            num_anchors=num_anchors,
+            qkv_bias=qkv_bias,
+            proj_bias=proj_bias,
+            proj_drop=proj_drop,
+            normalize=normalize,
+            per_head_anchors=per_head_anchors,
+            anchor_mode=anchor_mode,
+            attn_impl=attn_impl,
+        )
+        self.ls1 = LayerScale(dim, init_values=init_values) if init_values else nn.Identity()
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = mlp_layer(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
+        self.ls2 = LayerScale(dim, init_values=init_values) if init_values else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, **_: Any) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask)))
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x
+
+
+_ANCHOR_KWARGS = ("num_anchors", "normalize", "per_head_anchors", "anchor_mode", "attn_impl")
+
+
+def _split_anchor_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    anchor = {k: kwargs.pop(k) for k in _ANCHOR_KWARGS if k in kwargs}
+    return anchor, kwargs
+
+
+def _check_img_size(img_size: Any, patch_size: Any) -> None:
+    sizes = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    patch = (patch_size, patch_size) if isinstance(patch_size, int) else tuple(patch_size)
+    if len(sizes) != 2 or any((not isinstance(s, int)) or s <= 0 for s in sizes):
+        raise ValueError(f"img_size must be a positive int or (height, width); got {img_size!r}")
+    if any(s % p for s, p in zip(sizes, patch)):
+        raise ValueError(f"img_size {img_size!r} must be a multiple of the patch size {patch_size!r}")
+
+
+class _AnchorMixin:
+    """Shared constructor logic: route the anchor arguments into every block."""
+
+    @staticmethod
+    def _prepare(kwargs: dict[str, Any]) -> dict[str, Any]:
+        anchor, kwargs = _split_anchor_kwargs(dict(kwargs))
+        _check_img_size(kwargs.get("img_size", 224), kwargs.get("patch_size", 16))
+        kwargs.setdefault("qkv_bias", False)
+        kwargs.setdefault("norm_layer", partial(nn.LayerNorm, eps=1e-6))
+        kwargs["block_fn"] = partial(AnchorBlock, **anchor)
+        return kwargs
+
+    def set_attn_impl(self, impl: str) -> None:
+        """Switch every attention layer to ``impl`` ("auto", "reference" or "triton")."""
+        if impl not in IMPLS:
+            raise ValueError(f"attn_impl must be one of {IMPLS}; got {impl!r}")
+        for m in self.modules():  # type: ignore[attr-defined]
+            if isinstance(m, AnchorAttention):
+                m.attn_impl = impl
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """Position embeddings, tokens and anchors are not decayed."""
+        names = {"pos_embed", "cls_token", "dist_token"}
+        names |= {n for n, _ in self.named_parameters() if n.endswith(".anchors")}  # type: ignore[attr-defined]
+        return names
+
+
+class AnchorFormer(_AnchorMixin, VisionTransformer):
+    """Plain (class token only) AnchorFormer ViT with timm's model API."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**self._prepare(kwargs))
+
+
+class AnchorFormerDistilled(_AnchorMixin, VisionTransformerDistilled):
+    """Distilled AnchorFormer: class and distillation tokens, two heads.
+
+    In training mode ``forward`` returns ``(logits, logits_dist)``; in eval mode their mean.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**self._prepare(kwargs))
+        self.distilled_training = True
+
+
+# ---------------------------------------------------------------------------------------------
+# Registered variants
+# ---------------------------------------------------------------------------------------------
+
+_SIZES = {
+    "tiny": dict(embed_dim=192, depth=12, num_heads=3),
+    "small": dict(embed_dim=384, depth=12, num_heads=6),
+    "base": dict(embed_dim=768, depth=12, num_heads=12),
+}
+
+
+def _cfg(img_size: int = 224, **kwargs: Any) -> dict[str, Any]:
+    return {
+        "url": "",
+        "num_classes": 1000,
+        "input_size": (3, img_size, img_size),
+        "pool_size": None,
+        "crop_pct": 0.875 if img_size == 224 else 1.0,
+        "interpolation": "bicubic",
+        "fixed_input_size": True,
+        "mean": (0.485, 0.456, 0.406),
+        "std": (0.229, 0.224, 0.225),
+        "first_conv": "patch_embed.proj",
+        "classifier": "head",
+        "license": "apache-2.0",
+        **kwargs,
+    }
+
+
+def _create(variant: str, pretrained: bool, distilled: bool, **kwargs: Any) -> nn.Module:
+    from .checkpoint import checkpoint_filter_fn  # local import: checkpoint imports this module
+
+    cls = AnchorFormerDistilled if distilled else AnchorFormer
+    cfg = _cfg(kwargs.get("img_size", 224), classifier=("head", "head_dist") if distilled else "head")
+    out_indices = kwargs.pop("out_indices", 3)
+    cfg.update(kwargs.pop("pretrained_cfg", None) or {})  # timm's create_model passes its resolved cfg
+    return build_model_with_cfg(
+        cls,
+        variant,
+        pretrained,
+        pretrained_cfg=cfg,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+        **kwargs,
+    )
+
+
+MODEL_NAMES: list[str] = []
+
+
+def _register(name: str, size: str, img_size: int, distilled: bool) -> None:
+    def fn(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+        model_args = dict(patch_size=16, img_size=img_size, **_SIZES[size])
+        return _create(name, pretrained, distilled, **dict(model_args, **kwargs))
+
+    fn.__name__ = name
+    fn.__qualname__ = name
+    fn.__module__ = __name__
+    kind = "distilled " if distilled else ""
+    fn.__doc__ = f"AnchorFormer-{size[0].upper()} {kind}(patch 16, {img_size}x{img_size}, {_SIZES[size]})."
+    register_model(fn)
+    globals()[name] = fn
+    MODEL_NAMES.append(name)
+
+
+for _size in ("tiny", "small", "base"):
+    _register(f"anchorformer_{_size}_patch16_224", _size, 224, distilled=False)
+    _register(f"anchorformer_{_size}_distilled_patch16_224", _size, 224, distilled=True)
+    _register(f"anchor_deit_{_size}_distilled_patch16_224", _size, 224, distilled=True)  # official names
+_register("anchorformer_base_patch16_384", "base", 384, distilled=False)
+_register("anchorformer_base_distilled_patch16_384", "base", 384, distilled=True)
+_register("anchor_deit_base_distilled_patch16_384", "base", 384, distilled=True)

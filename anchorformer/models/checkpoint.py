@@ -1,0 +1,195 @@
+"""Loading weights into AnchorFormer and DeiT models.
+
+Three layouts are understood and converted to ours by one pure function,
+:func:`checkpoint_filter_fn`:
+
+- ours (``blocks.i.attn.in_proj``, ``blocks.i.attn.anchors``, ``blocks.i.attn.proj``);
+- the official AnchorFormer code (``blocks.i.attn.x_to_emb``, ``blocks.i.attn.dist_anchor_B``,
+  ``blocks.i.attn.to_out.0``);
+- timm / DeiT ViTs (``blocks.i.attn.qkv``, ``blocks.i.attn.proj``): the query rows become the
+  shared query/key projection and the value rows the values; the anchors stay as initialised.
+
+Position embeddings are resampled to the model's grid. Files are read without unpickling code
+(``torch.load(weights_only=True)``) or from ``.safetensors``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+from timm.layers import resample_abs_pos_embed
+
+from .anchorformer import AnchorAttention
+
+__all__ = ["CheckpointMismatchError", "LoadReport", "checkpoint_filter_fn", "load_checkpoint", "read_state_dict"]
+
+_logger = logging.getLogger(__name__)
+
+_WRAPPER_KEYS = ("model_ema", "state_dict_ema", "model", "state_dict", "module")
+
+
+class CheckpointMismatchError(RuntimeError):
+    """A checkpoint does not fit a model; the message lists every offending key."""
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_checkpoint` did."""
+
+    layout: str  # "anchorformer", "official" or "timm"
+    missing: list[str] = field(default_factory=list)  # model keys left as initialised
+    unused: list[str] = field(default_factory=list)  # checkpoint keys not loaded
+
+
+def read_state_dict(path_or_state_dict: str | os.PathLike | Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Read a state dict from a file or a mapping, unwrapping training checkpoints.
+
+    ``{"model": sd}``, ``{"state_dict": sd}``, ``{"model_ema": sd}`` and DDP's ``module.``
+    prefixes are unwrapped (EMA weights are preferred when present, as timm does).
+    """
+    if isinstance(path_or_state_dict, Mapping):
+        obj: Any = path_or_state_dict
+        where = "state dict"
+    else:
+        path = Path(path_or_state_dict)
+        where = str(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj = load_file(str(path), device="cpu")
+        else:
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:  # noqa: BLE001 - re-raised with the file named
+                raise CheckpointMismatchError(
+                    f"{path}: cannot be read as a weights-only PyTorch checkpoint ({type(e).__name__}: {e})"
+                ) from e
+    for key in _WRAPPER_KEYS:
+        if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping) and obj[key]:
+            obj = obj[key]
+            break
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointMismatchError(f"{where}: expected a mapping of names to tensors")
+    sd = dict(obj)
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
+    return sd
+
+
+def detect_layout(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """Name the layout of ``state_dict``: "official", "timm" or "anchorformer"."""
+    keys = list(state_dict)
+    if any(".attn.x_to_emb." in k or ".attn.dist_anchor_B." in k for k in keys):
+        return "official"
+    if any(".attn.qkv." in k for k in keys):
+        return "timm"
+    return "anchorformer"
+
+
+def _num_prefix_tokens(model: nn.Module) -> int:
+    return 0 if getattr(model, "no_embed_class", False) else int(getattr(model, "num_prefix_tokens", 1))
+
+
+def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Convert ``state_dict`` (any supported layout) to the keys and grid of ``model``.
+
+    Pure: the input is not modified. Keys that do not apply (timm's qkv biases, a distillation
+    head for a plain model) are kept so that the caller can report them.
+    """
+    layout = detect_layout(state_dict)
+    is_anchor_model = any(isinstance(m, AnchorAttention) for m in model.modules())
+    out: dict[str, torch.Tensor] = {}
+    for k, v in state_dict.items():
+        if layout == "official":
+            k = re.sub(r"\.attn\.x_to_emb\.", ".attn.in_proj.", k)
+            k = re.sub(r"\.attn\.to_out\.0\.", ".attn.proj.", k)
+            if k.endswith(".attn.dist_anchor_B.weight"):
+                k = k[: -len("dist_anchor_B.weight")] + "anchors"
+        elif layout == "timm" and is_anchor_model and ".attn.qkv." in k:
+            prefix, kind = k.split(".attn.qkv.")
+            q, _, val = v.chunk(3, dim=0)
+            if kind == "weight":
+                out[f"{prefix}.attn.in_proj.weight"] = torch.cat([q, val], dim=0)
+            else:  # the official projection has no bias: keep the biases only to report them
+                out[f"{prefix}.attn.in_proj.bias"] = torch.cat([q, val], dim=0)
+            continue
+        out[k] = v
+    pos = out.get("pos_embed")
+    target = getattr(model, "pos_embed", None)
+    if pos is not None and isinstance(target, torch.Tensor) and pos.shape != target.shape and pos.dim() == 3:
+        n_prefix = _num_prefix_tokens(model)
+        old_patches = pos.shape[1] - n_prefix
+        side = int(round(old_patches**0.5))
+        if side * side == old_patches and pos.shape[2] == target.shape[2]:
+            out["pos_embed"] = resample_abs_pos_embed(
+                pos,
+                new_size=model.patch_embed.grid_size,
+                old_size=(side, side),
+                num_prefix_tokens=n_prefix,
+                verbose=False,
+            )
+    return out
+
+
+def load_checkpoint(
+    model: nn.Module,
+    path_or_state_dict: str | os.PathLike | Mapping[str, Any],
+    *,
+    strict: bool = True,
+) -> LoadReport:
+    """Load weights of any supported layout into ``model``.
+
+    Args:
+        model: an AnchorFormer or timm ViT/DeiT model.
+        path_or_state_dict: a ``.pth``/``.pt``/``.bin`` file (read with ``weights_only=True``),
+            a ``.safetensors`` file, or a mapping (optionally a training checkpoint wrapping the
+            weights under ``model``/``state_dict``/``model_ema``).
+        strict: raise :class:`CheckpointMismatchError` when keys are missing or shapes differ.
+            Loading timm DeiT weights into an AnchorFormer always leaves the anchors as initialised
+            (they have no counterpart) and reports the unused keys; that is not a mismatch.
+
+    Returns:
+        A :class:`LoadReport` with the layout, the missing and the unused keys.
+    """
+    raw = read_state_dict(path_or_state_dict)
+    layout = detect_layout(raw)
+    sd = checkpoint_filter_fn(raw, model)
+    own = model.state_dict()
+
+    bad_shapes = [
+        f"  {k}: expected {tuple(own[k].shape)}, found {tuple(v.shape)}"
+        for k, v in sd.items()
+        if k in own and own[k].shape != v.shape
+    ]
+    missing = [k for k in own if k not in sd]
+    unused = [k for k in sd if k not in own]
+    allowed_missing = {k for k in missing if layout == "timm" and k.endswith(".attn.anchors")}
+    problems = []
+    if bad_shapes:
+        problems.append("shape mismatches:\n" + "\n".join(bad_shapes))
+    if strict and set(missing) - allowed_missing:
+        problems.append(
+            "missing keys:\n" + "\n".join(f"  {k}: expected {tuple(own[k].shape)}" for k in missing if k not in allowed_missing)
+        )
+    if strict and unused and layout != "timm":
+        problems.append("unexpected keys:\n" + "\n".join(f"  {k}: found {tuple(sd[k].shape)}" for k in unused))
+    if problems:
+        src = path_or_state_dict if not isinstance(path_or_state_dict, Mapping) else "state dict"
+        raise CheckpointMismatchError(
+            f"checkpoint {src} ({layout} layout) does not fit {type(model).__name__}:\n" + "\n".join(problems)
+        )
+    model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
+    if unused:
+        _logger.info("load_checkpoint: %d unused keys: %s", len(unused), ", ".join(unused))
+    if missing:
+        _logger.info("load_checkpoint: %d keys left as initialised: %s", len(missing), ", ".join(missing))
+    return LoadReport(layout=layout, missing=missing, unused=unused)
