@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["anchor_attention_reference", "anchor_probabilities", "check_inputs"]
+__all__ = ["accumulation_dtype", "anchor_attention_reference", "anchor_probabilities", "check_inputs"]
 
 
 def check_inputs(qk: torch.Tensor, v: torch.Tensor, anchors: torch.Tensor) -> None:
@@ -72,6 +72,11 @@ def _broadcast_anchors(anchors: torch.Tensor) -> torch.Tensor:
     return anchors
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for fp16/bf16/fp32 inputs; fp64 stays fp64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def anchor_probabilities(qk: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
     """p(anchor | token): softmax over anchors of the scaled token-anchor logits, in fp32.
 
@@ -80,11 +85,12 @@ def anchor_probabilities(qk: torch.Tensor, anchors: torch.Tensor) -> torch.Tenso
         anchors: (M, D), (H, M, D) or (B, H, M, D).
 
     Returns:
-        (B, H, N, M) float32; every row sums to 1.
+        (B, H, N, M) in fp32 (fp64 for fp64 inputs); every row sums to 1.
     """
     D = qk.shape[-1]
-    u = _broadcast_anchors(anchors).float()
-    logits = qk.float() @ u.transpose(-1, -2) * D**-0.5  # (B, H, N, M)
+    acc = accumulation_dtype(qk.dtype)
+    u = _broadcast_anchors(anchors).to(acc)
+    logits = qk.to(acc) @ u.transpose(-1, -2) * D**-0.5  # (B, H, N, M)
     return logits.softmax(dim=-1)
 
 
@@ -105,7 +111,7 @@ def anchor_attention_reference(
     """
     check_inputs(qk, v, anchors)
     a = anchor_probabilities(qk, anchors)  # (B, H, N, M) fp32
-    kv = a.transpose(-1, -2) @ v.float()  # (B, H, M, D): sum_n p(m|n) v_n
+    kv = a.transpose(-1, -2) @ v.to(a.dtype)  # (B, H, M, D): sum_n p(m|n) v_n
     if normalize:
         deg = a.sum(dim=-2)  # (B, H, M)
         nonzero = deg > 0
