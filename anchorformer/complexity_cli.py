@@ -77,7 +77,9 @@ def tables_markdown(tables: dict[str, list[dict[str, Any]]]) -> str:
     ]
     for r in tables["models"]:
         m = "—" if r["num_anchors"] is None else str(r["num_anchors"])
-        lines.append(f"| {r['family']} | {r['size']} | {m} | {r['img_size']}² | {r['params_m']:.2f} | {r['gmacs']:.3f} |")
+        lines.append(
+            f"| {r['family']} | {r['size']} | {m} | {r['img_size']}² | {r['params_m']:.2f} | {r['gmacs']:.3f} |"
+        )
     lines += [
         "",
         "| size | image | tokens | M | DeiT GMACs | AnchorFormer GMACs | DeiT / AnchorFormer |",

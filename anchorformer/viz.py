@@ -43,7 +43,13 @@ def plot_gmacs_vs_resolution(resolution_rows: list[dict[str, Any]], title: str =
         x = [r["img_size"] for r in rows]
         color = f"C{i}"
         ax.plot(x, [r["deit_gmacs"] for r in rows], "s--", color=color, label=f"DeiT-{size}")
-        ax.plot(x, [r["anchorformer_gmacs"] for r in rows], "o-", color=color, label=f"AnchorFormer-{size} (M={rows[0]['num_anchors']})")
+        ax.plot(
+            x,
+            [r["anchorformer_gmacs"] for r in rows],
+            "o-",
+            color=color,
+            label=f"AnchorFormer-{size} (M={rows[0]['num_anchors']})",
+        )
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("image side (pixels)")

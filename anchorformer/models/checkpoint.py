@@ -178,7 +178,8 @@ def load_checkpoint(
         problems.append("shape mismatches:\n" + "\n".join(bad_shapes))
     if strict and set(missing) - allowed_missing:
         problems.append(
-            "missing keys:\n" + "\n".join(f"  {k}: expected {tuple(own[k].shape)}" for k in missing if k not in allowed_missing)
+            "missing keys:\n"
+            + "\n".join(f"  {k}: expected {tuple(own[k].shape)}" for k in missing if k not in allowed_missing)
         )
     if strict and unused and layout != "timm":
         problems.append("unexpected keys:\n" + "\n".join(f"  {k}: found {tuple(sd[k].shape)}" for k in unused))

@@ -32,13 +32,9 @@ def check_inputs(qk: torch.Tensor, v: torch.Tensor, anchors: torch.Tensor) -> No
             (the "fixed anchors" ablation, where anchors are pooled from each image's tokens).
     """
     if qk.dim() != 4:
-        raise ValueError(
-            f"anchor_attention: qk must be 4-D (B, H, N, D); got {qk.dim()}-D shape {tuple(qk.shape)}"
-        )
+        raise ValueError(f"anchor_attention: qk must be 4-D (B, H, N, D); got {qk.dim()}-D shape {tuple(qk.shape)}")
     if v.shape != qk.shape:
-        raise ValueError(
-            f"anchor_attention: v must have the shape of qk {tuple(qk.shape)}; got {tuple(v.shape)}"
-        )
+        raise ValueError(f"anchor_attention: v must have the shape of qk {tuple(qk.shape)}; got {tuple(v.shape)}")
     B, H, N, D = qk.shape
     if N < 1 or D < 1:
         raise ValueError(f"anchor_attention: need N >= 1 tokens and D >= 1; got qk {tuple(qk.shape)}")
@@ -54,9 +50,7 @@ def check_inputs(qk: torch.Tensor, v: torch.Tensor, anchors: torch.Tensor) -> No
     if anchors.shape[-2] < 1:
         raise ValueError(f"anchor_attention: need M >= 1 anchors; got anchors {tuple(anchors.shape)}")
     if anchors.dim() == 3 and anchors.shape[0] != H:
-        raise ValueError(
-            f"anchor_attention: per-head anchors must be (H={H}, M, D); got {tuple(anchors.shape)}"
-        )
+        raise ValueError(f"anchor_attention: per-head anchors must be (H={H}, M, D); got {tuple(anchors.shape)}")
     if anchors.dim() == 4 and anchors.shape[:2] != (B, H):
         raise ValueError(
             f"anchor_attention: per-image anchors must be (B={B}, H={H}, M, D); got {tuple(anchors.shape)}"
