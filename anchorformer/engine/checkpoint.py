@@ -1,0 +1,208 @@
+"""Training checkpoints: atomic writes, safe reads, finding the latest one, RNG states.
+
+A training checkpoint is a plain dict of tensors and Python primitives (model, optimizer,
+scheduler, scaler and EMA state dicts, RNG states, epoch or iteration, config) so that it can be
+read back with ``torch.load(weights_only=True)``, which never unpickles code.
+
+Checkpoints are written atomically: the bytes go to a temporary file in the same folder
+(``.NAME.tmp-XXXX``), which is flushed and fsynced, then renamed over ``NAME`` with
+:func:`os.replace`. A process killed mid-write therefore leaves at most a hidden temporary file,
+never a truncated ``checkpoint-*.pth``; :func:`find_latest_checkpoint` skips temporary files
+and anything that is not a complete checkpoint archive.
+
+Naming: :func:`checkpoint_path` gives ``OUT/checkpoints/checkpoint-{step:06d}.pth`` where the step
+is the number of completed epochs (classification) or iterations (detection, segmentation).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "capture_rng_state",
+    "checkpoint_path",
+    "find_latest_checkpoint",
+    "load_training_checkpoint",
+    "prune_checkpoints",
+    "restore_rng_state",
+    "save_checkpoint",
+]
+
+_logger = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+_NAME_RE = re.compile(r"^checkpoint-(\d+)\.pth$")
+
+
+def checkpoint_path(out_dir: str | os.PathLike, step: int) -> Path:
+    """The canonical path of the checkpoint after ``step`` epochs or iterations."""
+    if step < 0:
+        raise ValueError(f"checkpoint step must be >= 0; got {step}")
+    return Path(out_dir) / CHECKPOINT_DIR / f"checkpoint-{step:06d}.pth"
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
+    """Write ``state`` to ``path`` atomically (temporary file, flush + fsync, ``os.replace``).
+
+    Args:
+        path: the destination; its folder is created.
+        state: a dict of tensors, state dicts and Python primitives (readable with
+            ``weights_only=True``).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def load_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint` (``weights_only=True``, on the CPU).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file is not a complete, weights-only PyTorch checkpoint holding a dict.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - re-raised with the file named
+        raise ValueError(f"{path}: not a readable weights-only PyTorch checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a dict checkpoint, found {type(state).__name__}")
+    return state
+
+
+def _is_complete(path: Path) -> bool:
+    """Whether ``path`` is a whole torch zip archive (a cut file lacks the central directory)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return len(zf.namelist()) > 0
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def _candidates(out_dir: Path) -> list[tuple[int, Path]]:
+    found = []
+    for folder in (out_dir / CHECKPOINT_DIR, out_dir):
+        if not folder.is_dir():
+            continue
+        for p in folder.iterdir():
+            m = _NAME_RE.match(p.name)
+            if m and p.is_file():
+                found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def find_latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
+    """The complete ``checkpoint-N.pth`` with the largest N under ``out_dir`` (or its ``checkpoints/``).
+
+    Temporary files (``.NAME.tmp-*``) never match; a file that is not a complete archive is
+    skipped with a warning and the next older checkpoint is returned.
+
+    Returns:
+        The path, or ``None`` when there is no complete checkpoint.
+    """
+    out_dir = Path(out_dir)
+    for step, p in reversed(_candidates(out_dir)):
+        if _is_complete(p):
+            return p
+        _logger.warning("skipping incomplete checkpoint %s (step %d)", p, step)
+    return None
+
+
+def prune_checkpoints(out_dir: str | os.PathLike, keep: int) -> list[Path]:
+    """Delete all but the ``keep`` newest ``checkpoint-N.pth`` files; return the deleted paths."""
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1; got {keep}")
+    cands = _candidates(Path(out_dir))
+    removed = []
+    for _, p in cands[: max(0, len(cands) - keep)]:
+        p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """The states of Python's, NumPy's and torch's (CPU and CUDA) global generators.
+
+    Stored as tensors and primitives so that a checkpoint holding it loads with
+    ``weights_only=True``.
+    """
+    py_version, py_state, py_gauss = random.getstate()
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": {"version": py_version, "state": list(py_state), "gauss": py_gauss},
+        "numpy": {
+            "kind": str(np_kind),
+            "keys": torch.from_numpy(np.asarray(np_keys, dtype=np.int64)),
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "gauss": float(np_gauss),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Restore the generators from a dict made by :func:`capture_rng_state`.
+
+    Raises:
+        KeyError: a required entry (``python``, ``numpy``, ``torch``) is missing.
+    """
+    missing = [k for k in ("python", "numpy", "torch") if k not in state]
+    if missing:
+        raise KeyError(f"RNG state lacks {missing}; expected the dict of capture_rng_state()")
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+    nps = state["numpy"]
+    keys = nps["keys"].numpy().astype(np.uint32)
+    np.random.set_state((nps["kind"], keys, int(nps["pos"]), int(nps["has_gauss"]), float(nps["gauss"])))
+    torch.set_rng_state(state["torch"].to(torch.uint8).cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = state["cuda"]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+        else:
+            _logger.warning(
+                "checkpoint holds %d CUDA RNG states but %d devices are visible; CUDA RNG not restored",
+                len(cuda_states),
+                torch.cuda.device_count(),
+            )

@@ -1,0 +1,119 @@
+"""Metric logging with dvclive and progress bars with tqdm.
+
+:class:`MetricLogger` writes dvclive's layout under ``OUT/dvclive``: one TSV per metric in
+``plots/metrics/`` (``step`` column plus the value), read by ``dvc plots``, and ``metrics.json``
+with the latest values and the summary, read by ``dvc metrics`` / ``dvc exp show``. The stage
+in ``dvc.yaml`` declares those files; dvclive itself writes no ``dvc.yaml`` and saves no
+experiment. On processes other than rank 0 it does nothing.
+
+On resume, rows with a step at or after the resumed step are dropped, so a run killed between
+logging an epoch and checkpointing it leaves the same curves as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+__all__ = ["MetricLogger", "progress"]
+
+_logger = logging.getLogger(__name__)
+
+
+def progress(iterable: Iterable[Any], **kw: Any) -> Iterable[Any]:
+    """``tqdm(iterable, **kw)``, disabled when stderr is not a terminal (logs, CI, papermill)."""
+    kw.setdefault("disable", not sys.stderr.isatty())
+    kw.setdefault("leave", False)
+    kw.setdefault("dynamic_ncols", True)
+    return tqdm(iterable, **kw)
+
+
+def _truncate_tsv(folder: Path, start_step: int) -> None:
+    """Drop rows with ``step >= start_step`` from every TSV under ``folder``."""
+    for tsv in folder.rglob("*.tsv"):
+        with tsv.open(newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f, delimiter="\t"))
+        if not rows or "step" not in rows[0]:
+            continue
+        col = rows[0].index("step")
+        kept = [rows[0]] + [r for r in rows[1:] if len(r) > col and int(float(r[col])) < start_step]
+        with tsv.open("w", newline="", encoding="utf-8") as f:
+            csv.writer(f, delimiter="\t", lineterminator="\n").writerows(kept)
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "item") and callable(value.item):
+        return value.item()
+    return value
+
+
+class MetricLogger:
+    """dvclive logging of per-step (per-epoch) metrics and a summary, on the main process only.
+
+    Args:
+        out_dir: the run's folder; dvclive writes to ``out_dir/dvclive``.
+        enabled: ``False`` on non-main processes (every method is then a no-op).
+        resume_step: continue an earlier run: keep its rows with ``step < resume_step``.
+            ``None`` starts afresh (the folder's earlier curves are removed).
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, enabled: bool = True, resume_step: int | None = None) -> None:
+        self.enabled = enabled
+        self.dir = Path(out_dir) / "dvclive"
+        self._live = None
+        if not enabled:
+            return
+        from dvclive import Live
+
+        resume = resume_step is not None and (self.dir / "plots").is_dir()
+        if resume:
+            _truncate_tsv(self.dir / "plots", int(resume_step))  # type: ignore[arg-type]
+        self._live = Live(
+            dir=str(self.dir),
+            resume=resume,
+            save_dvc_exp=False,
+            dvcyaml=None,
+            report=None,
+            monitor_system=False,
+        )
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        """Log ``metrics`` (name -> number) at ``step`` and refresh ``metrics.json``."""
+        if self._live is None:
+            return
+        self._live.step = int(step)
+        for name, value in metrics.items():
+            value = _plain(value)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self._live.log_metric(name, value)
+        self._live.make_summary()
+
+    def summary(self, values: dict[str, Any]) -> None:
+        """Add ``values`` to ``metrics.json`` without adding points to the curves."""
+        if self._live is None:
+            return
+        for name, value in values.items():
+            value = _plain(value)
+            if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+                self._live.summary[name] = value
+        self._live.make_summary()
+
+    def close(self) -> None:
+        """Flush and close (writes nothing outside ``out_dir/dvclive``)."""
+        if self._live is None:
+            return
+        self._live.make_summary()
+        self._live = None
+
+    def __enter__(self) -> MetricLogger:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
