@@ -11,7 +11,14 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-__all__ = ["plot_gmacs_vs_resolution", "save_figure"]
+__all__ = [
+    "compute_anchor_maps",
+    "images_to_tensor",
+    "plot_anchor_maps",
+    "plot_gmacs_vs_resolution",
+    "real_photographs",
+    "save_figure",
+]
 
 
 def save_figure(fig: Any, path: str | Path, formats: Sequence[str] = ("png", "svg")) -> list[Path]:
@@ -57,4 +64,152 @@ def plot_gmacs_vs_resolution(resolution_rows: list[dict[str, Any]], title: str =
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# E7: what the anchors gather, p(token | anchor) over the image
+# ---------------------------------------------------------------------------------------------
+
+
+def real_photographs(names: Sequence[str] = ("astronaut", "coffee", "chelsea")) -> dict[str, Any]:
+    """Photographs shipped with scikit-image (``skimage.data``), as HxWx3 uint8 arrays."""
+    import skimage.data
+
+    photos = {}
+    for name in names:
+        loader = getattr(skimage.data, name, None)
+        if loader is None:
+            raise ValueError(f"skimage.data has no image named {name!r}")
+        img = loader()
+        if img.ndim == 2:
+            img = img[..., None].repeat(3, axis=-1)
+        photos[name] = img[..., :3]
+    return photos
+
+
+def images_to_tensor(images: Sequence[Any], img_size: int, mean: Sequence[float], std: Sequence[float]) -> Any:
+    """Centre-crop each HxWx3 uint8 image to a square, resize to ``img_size`` and normalise.
+
+    Returns:
+        (B, 3, img_size, img_size) float tensor and the list of the cropped, resized uint8 images.
+    """
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    tensors, shown = [], []
+    for img in images:
+        h, w = img.shape[:2]
+        s = min(h, w)
+        top, left = (h - s) // 2, (w - s) // 2
+        crop = Image.fromarray(np.ascontiguousarray(img[top : top + s, left : left + s])).resize(
+            (img_size, img_size), Image.BICUBIC
+        )
+        arr = np.array(crop)
+        shown.append(arr)
+        t = torch.from_numpy(arr).permute(2, 0, 1).float() / 255.0
+        t = (t - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+        tensors.append(t)
+    return torch.stack(tensors), shown
+
+
+def compute_anchor_maps(model: Any, images: Any, layers: Sequence[int] | None = None) -> dict[int, Any]:
+    """p(token | anchor) over the patch grid, for each requested layer of an AnchorFormer.
+
+    The operator gives p(anchor | token) = softmax over anchors (rows of A). With a uniform prior
+    over tokens, Bayes gives p(token | anchor) = A[token, anchor] / deg[anchor]: the column of A
+    normalised by the anchor's degree, i.e. where the anchor gathers its value from.
+
+    Args:
+        model: an AnchorFormer (plain or distilled), any ``anchor_mode``.
+        images: (B, 3, H, W) normalised images at the model's input size.
+        layers: block indices (default: all).
+
+    Returns:
+        ``{layer: (B, M, gh, gw)}`` float tensors, averaged over heads, restricted to the patch
+        tokens (they sum to at most 1 over the grid: the prefix tokens take the rest), and the
+        anchors' degrees under the key ``("degree", layer)`` as (B, M).
+    """
+    import torch
+
+    from .models.anchorformer import AnchorAttention
+    from .ops.anchor_attention import anchor_probabilities
+
+    blocks = list(model.blocks)
+    layers = list(range(len(blocks))) if layers is None else list(layers)
+    for i in layers:
+        if not 0 <= i < len(blocks) or not isinstance(blocks[i].attn, AnchorAttention):
+            raise ValueError(f"layer {i} is not an anchor-attention block of this model ({len(blocks)} blocks)")
+    captured: dict[int, Any] = {}
+    hooks = [
+        blocks[i].attn.register_forward_pre_hook(lambda mod, args, i=i: captured.__setitem__(i, args[0].detach()))
+        for i in layers
+    ]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(images)
+            grid = model.patch_embed.grid_size
+            n_prefix = int(getattr(model, "num_prefix_tokens", 1))
+            out: dict[Any, Any] = {}
+            for i in layers:
+                attn = blocks[i].attn
+                x = captured[i]  # (B, N, C): the block's normalised input
+                B, N, C = x.shape
+                qkv = attn.in_proj(x).reshape(B, N, 2, attn.num_heads, attn.head_dim)
+                qk = qkv.permute(2, 0, 3, 1, 4)[0]  # (B, H, N, D)
+                anchors = attn.anchors if attn.anchors is not None else attn.pooled_anchors(qk)
+                a = anchor_probabilities(qk, anchors.to(qk.dtype))  # (B, H, N, M)
+                deg = a.sum(dim=2, keepdim=True)  # (B, H, 1, M)
+                p_token = torch.where(deg > 0, a / deg.clamp_min(1e-30), torch.zeros_like(a))
+                p_patch = p_token[:, :, n_prefix:].mean(dim=1)  # (B, N - prefix, M)
+                out[i] = p_patch.transpose(1, 2).reshape(B, -1, *grid)  # (B, M, gh, gw)
+                out[("degree", i)] = deg.mean(dim=1)[:, 0]  # (B, M)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return out
+
+
+def plot_anchor_maps(
+    shown: Sequence[Any],
+    maps: dict[Any, Any],
+    layers: Sequence[int],
+    num_anchors: int = 4,
+    titles: Sequence[str] | None = None,
+) -> Any:
+    """Heat maps of p(token | anchor) over each image: rows = (image, layer), columns = anchors.
+
+    The anchors shown per row are the ``num_anchors`` of largest degree for that image and layer.
+    """
+    import numpy as np
+
+    rows = [(b, layer) for b in range(len(shown)) for layer in layers]
+    fig, axes = plt.subplots(len(rows), num_anchors + 1, figsize=(1.8 * (num_anchors + 1), 1.8 * len(rows)))
+    axes = np.atleast_2d(axes)
+    for r, (b, layer) in enumerate(rows):
+        img = shown[b]
+        axes[r, 0].imshow(img)
+        name = titles[b] if titles else f"image {b}"
+        axes[r, 0].set_title(f"{name}\nlayer {layer}", fontsize=7)
+        deg = maps[("degree", layer)][b]
+        top = deg.argsort(descending=True)[:num_anchors].tolist()
+        for c, m in enumerate(top, start=1):
+            heat = maps[layer][b, m].cpu().numpy()
+            axes[r, c].imshow(img)
+            axes[r, c].imshow(
+                heat,
+                cmap="inferno",
+                alpha=0.6,
+                extent=(0, img.shape[1], img.shape[0], 0),
+                interpolation="bilinear",
+            )
+            axes[r, c].set_title(f"anchor {m} (deg {float(deg[m]):.1f})", fontsize=6)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.suptitle("p(token | anchor): where each anchor gathers from", fontsize=9)
+    fig.tight_layout()
     return fig
