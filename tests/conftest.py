@@ -16,6 +16,17 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="session")
+def mini_data(tmp_path_factory: pytest.TempPathFactory):
+    """The three mini datasets (seed 0), generated once per session (a few seconds); read-only:
+    copy what a test modifies. Holds ``imagenet/``, ``coco/``, ``ade20k/ADEChallengeData2016/``."""
+    from anchorformer.data.synthetic import make_mini_datasets
+
+    out = tmp_path_factory.mktemp("mini_data")
+    make_mini_datasets(out, seed=0)
+    return out
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():
         return
