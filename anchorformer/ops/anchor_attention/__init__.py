@@ -4,10 +4,14 @@
 bipartite attention (see ``reference.py`` for the maths). Implementations:
 
 - ``"reference"``: plain PyTorch, any device, the ground truth for tests;
-- ``"triton"``: fused Triton kernels (CUDA; on the CPU under ``TRITON_INTERPRET=1``);
+- ``"triton"``: fused Triton kernels (CUDA; on the CPU under the Triton interpreter, which
+  needs ``TRITON_INTERPRET=1`` in the environment before triton and this package are imported;
+  without it, CPU tensors get a ``ValueError`` saying so);
 - ``"auto"``: Triton for CUDA tensors when Triton is importable, the reference otherwise.
 
-The environment variable ``ANCHORFORMER_ATTN_IMPL`` overrides ``"auto"``.
+The environment variable ``ANCHORFORMER_ATTN_IMPL`` overrides ``"auto"``. The Triton kernels
+reduce over tokens with fp32 atomics; under ``torch.use_deterministic_algorithms(True)`` they
+use fixed-order partial sums instead (bitwise reproducible).
 """
 
 from __future__ import annotations
@@ -80,6 +84,11 @@ def anchor_attention(
         impl = "reference"
     if impl == "reference":
         return anchor_attention_reference(qk, v, anchors, normalize=normalize)
-    from .triton import anchor_attention_triton
+    try:
+        from .triton import anchor_attention_triton
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise ValueError(f"anchor_attention impl='triton' needs the triton package: {e}") from e
 
-    return anchor_attention_triton(qk, v, anchors, normalize=normalize)
+    return anchor_attention_triton(
+        qk, v, anchors, normalize=normalize, deterministic=torch.are_deterministic_algorithms_enabled()
+    )
