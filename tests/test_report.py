@@ -1,0 +1,46 @@
+"""The headline check recomputes the abstract's claims in their own form."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from anchorformer.report import collect_metrics, headline_checks, markdown_table, write_report
+
+
+def test_headline_checks_forms_and_verdicts():
+    cls_pairs = [
+        {"pair": "T", "top1_anchor": 60.0, "top1_deit": 50.0, "gmacs_anchor": 1.0, "gmacs_deit": 1.25},
+        {"pair": "S", "top1_anchor": 70.0, "top1_deit": 70.0, "gmacs_anchor": 4.0, "gmacs_deit": 4.6},
+    ]
+    det_pairs = [{"pair": "T vs DeiT-T@small", "ap_anchor": 10.0, "ap_deit": 8.0, "gmacs_anchor": 50, "gmacs_deit": 52}]
+    acc, flops, mp = headline_checks(cls_pairs, det_pairs)
+    assert acc["ours"] == pytest.approx(20.0) and acc["best_pair"] == "T" and acc["verdict"] == "supported"
+    assert flops["ours"] == pytest.approx(20.0) and flops["verdict"] == "same direction, smaller"
+    assert dict(flops["pairs"])["S"] == pytest.approx(100 * (1 - 4.0 / 4.6), abs=0.01)
+    assert mp["ours"] == pytest.approx(25.0) and mp["verdict"] == "same direction, smaller"
+
+
+def test_headline_checks_without_results_say_not_measured():
+    acc, flops, mp = headline_checks([], [])
+    assert acc["ours"] is None and acc["verdict"] == "not measured"
+    worse = headline_checks([{"pair": "T", "top1_anchor": 40.0, "top1_deit": 50.0, "gmacs_anchor": 2, "gmacs_deit": 1}])
+    assert worse[0]["verdict"] == "not supported" and worse[1]["verdict"] == "not supported"
+
+
+def test_collect_metrics_and_report_files(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "b" / "metrics.json").write_text(json.dumps({"top1": 55.5}))
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "metrics.json").write_text(json.dumps({"top1": 44.0, "top5": 90.0}))
+    rows = collect_metrics(tmp_path)
+    assert [r["run"] for r in rows] == ["a/b", "c"]
+    md = markdown_table(rows, ["run", "top1", "top5"])
+    assert "| a/b | 55.50 | — |" in md
+    paths = write_report(tmp_path / "out" / "report.md", "# Title\n\n" + md)
+    assert "<table>" in paths["html"].read_text()
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "metrics.json").write_text("{")
+    with pytest.raises(ValueError, match="bad/metrics.json"):
+        collect_metrics(tmp_path)
