@@ -21,7 +21,7 @@ from typing import Any
 from .synthetic import make_mini_datasets
 from .verify import DATASETS, verify_dataset, write_manifest
 
-__all__ = ["PROFILES", "manifest_path", "run_data_stage"]
+__all__ = ["PROFILES", "manifest_path", "run_data_stage", "stage_roots"]
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,33 @@ PROFILES = ("mini", "full")
 
 def manifest_path(out_dir: str | Path, dataset: str) -> Path:
     return Path(out_dir) / f"manifest_{dataset}.json"
+
+
+def _is_set(root: str | Path | None) -> bool:
+    return root is not None and str(root).strip() not in ("", "None", "null")
+
+
+def stage_roots(
+    profile: str,
+    mini_dir: str | Path = "data/mini",
+    *,
+    imagenet_root: str | Path | None = None,
+    coco_root: str | Path | None = None,
+    ade20k_root: str | Path | None = None,
+) -> dict[str, Path | None]:
+    """The roots the ``profile`` uses: the mini sets under ``mini_dir``, or the given full roots
+    (None where a full root is not set)."""
+    if profile not in PROFILES:
+        raise ValueError(f"profile must be one of {PROFILES}, got {profile!r}")
+    if profile == "mini":
+        mini = Path(mini_dir)
+        return {
+            "imagenet": mini / "imagenet",
+            "coco": mini / "coco",
+            "ade20k": mini / "ade20k" / "ADEChallengeData2016",
+        }
+    given = {"imagenet": imagenet_root, "coco": coco_root, "ade20k": ade20k_root}
+    return {name: Path(root) if _is_set(root) else None for name, root in given.items()}
 
 
 def run_data_stage(
@@ -74,22 +101,13 @@ def run_data_stage(
         manifest_path(out, name).unlink(missing_ok=True)
     if make_mini:
         make_mini_datasets(mini_dir, seed=seed)
-    mini = Path(mini_dir)
-    if profile == "mini":
-        roots: dict[str, Any] = {
-            "imagenet": mini / "imagenet",
-            "coco": mini / "coco",
-            "ade20k": mini / "ade20k" / "ADEChallengeData2016",
-        }
-        expect = "mini"
-    else:
-        roots = {"imagenet": imagenet_root, "coco": coco_root, "ade20k": ade20k_root}
-        expect = "full"
+    roots = stage_roots(profile, mini_dir, imagenet_root=imagenet_root, coco_root=coco_root, ade20k_root=ade20k_root)
+    expect = profile
     manifests: dict[str, dict[str, Any]] = {}
     pending: dict[str, dict[str, Any]] = {}
     for name in DATASETS:
         root = roots[name]
-        if root is None or str(root).strip() in ("", "None", "null"):
+        if root is None:
             log.warning("data stage (%s): no %s root given, skipped", profile, name)
             pending[name] = {"dataset": name, "expect": expect, "skipped": "no root given"}
             continue
