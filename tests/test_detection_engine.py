@@ -1,0 +1,116 @@
+"""`train det` / `eval det`: outputs, resume, evaluation of a saved model, presets, command line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from anchorformer.cli import main
+from anchorformer.engine.coco_eval import metric_keys
+from anchorformer.engine.config import apply_overrides, load_profile
+from anchorformer.engine.detection import detector_config, evaluate_checkpoint, load_detector, train_detection
+
+TINY_RUN = [
+    "model_sizes.tiny.embed_dim=48",
+    "model_sizes.tiny.depth=2",
+    "num_anchors=8",
+    "out_channels=32",
+    "representation_size=64",
+    "mask_head_layers=1",
+    "mask_head_channels=16",
+    "min_size=96",
+    "max_size=120",
+    "batch_size=4",
+    "max_train_images=8",
+    "max_eval_images=4",
+    "log_every=1",
+    "warmup_iters=2",
+]
+
+
+def _cfg(*extra: str) -> dict:
+    return apply_overrides(load_profile("det", "mini"), [*TINY_RUN, *extra])
+
+
+def test_train_then_eval_saved_model(mini_data, tmp_path) -> None:
+    out = tmp_path / "run"
+    metrics = train_detection(_cfg("epochs=1", "lr_steps=[1]"), mini_data / "coco", out)
+    for name in ("metrics.json", "detections.json", "model.pth", "run.json"):
+        assert (out / name).is_file(), name
+    assert list((out / "checkpoints").glob("checkpoint-*.pth"))
+    saved = json.loads((out / "metrics.json").read_text())
+    assert set(metric_keys()) <= set(saved) and saved == pytest.approx(metrics)
+    assert saved["iterations"] == 2 and saved["backbone_gmacs"] > 0
+    assert (out / "dvclive" / "metrics.json").is_file()
+
+    # the saved model evaluates to the same detections and numbers
+    ev = evaluate_checkpoint(out / "model.pth", mini_data / "coco", tmp_path / "eval", max_images=4)
+    assert (tmp_path / "eval" / "detections.json").read_bytes() == (out / "detections.json").read_bytes()
+    assert ev == pytest.approx({k: saved[k] for k in metric_keys()})
+    model, state = load_detector(out / "model.pth")
+    assert state["cat_ids"] == [1, 3, 7] and state["detector_config"]["num_classes"] == 3
+
+
+@pytest.mark.slow
+def test_resume_gives_the_same_model(mini_data, tmp_path) -> None:
+    """A run killed after its first epoch and resumed ends with the same weights and numbers."""
+    cfg = _cfg("epochs=2", "lr_steps=[2]", "keep_checkpoints=2")
+    straight = tmp_path / "straight"
+    train_detection(cfg, mini_data / "coco", straight)
+    first = straight / "checkpoints" / "checkpoint-000002.pth"
+    assert first.is_file()
+    killed = tmp_path / "killed"
+    (killed / "checkpoints").mkdir(parents=True)
+    shutil.copy(first, killed / "checkpoints" / first.name)
+    resumed = train_detection(cfg, mini_data / "coco", killed)
+    a = torch.load(straight / "model.pth", weights_only=True)["model"]
+    b = torch.load(killed / "model.pth", weights_only=True)["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    assert resumed["iterations"] == 4
+    before = json.loads((straight / "metrics.json").read_text())
+    assert {k: before[k] for k in metric_keys()} == {k: resumed[k] for k in metric_keys()}
+
+
+def test_presets_and_comparable_flops() -> None:
+    full, _ = detector_config(load_profile("det", "full"), 80)
+    assert (full.min_size, full.max_size, full.num_classes) == (800, 1333, 80)
+    cfg, info = detector_config(load_profile("det", "mini"), 3)
+    assert info["input_scale"] == 1.0 and cfg.min_size == 128
+    assert cfg.backbone_kwargs == dict(
+        img_size=64, patch_size=8, embed_dim=96, depth=4, num_heads=3, num_anchors=16, attn_impl="auto"
+    )
+    deit = apply_overrides(
+        load_profile("det", "mini"), ["backbone=deit_tiny_patch16_224", "match_macs_of=anchorformer_tiny_patch16_224"]
+    )
+    dcfg, dinfo = detector_config(deit, 3)
+    assert "num_anchors" not in dcfg.backbone_kwargs
+    assert dinfo["matched_to"] == "anchorformer_tiny_patch16_224"
+    assert dinfo["input_scale"] < 1.0 and dcfg.min_size < 128
+    assert abs(dinfo["backbone_gmacs"] - info["backbone_gmacs"]) / info["backbone_gmacs"] < 0.05
+    assert dinfo["backbone_gmacs_full"] > 5 * info["backbone_gmacs"]
+
+
+def test_command_line_errors(mini_data, tmp_path, capsys) -> None:
+    assert main(["train", "det", "--data", str(mini_data / "coco"), "--out", str(tmp_path), "--set", "bogus=1"]) == 2
+    assert "unknown config key 'bogus'" in capsys.readouterr().err
+    assert main(["eval", "det", "--data", str(tmp_path / "nope"), "--checkpoint", "x.pth", "--out", str(tmp_path)]) == 2
+    assert "x.pth" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "eval",
+                "det",
+                "--data",
+                str(tmp_path / "nope"),
+                "--checkpoint",
+                str(mini_data / "coco" / "mini.json"),
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 2
+    )
