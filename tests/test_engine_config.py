@@ -23,14 +23,30 @@ def test_load_profile_errors():
 
 
 def test_overrides_parse_yaml_and_keep_the_input():
-    cfg = {"epochs": 3, "lr": 1e-3, "teacher": None, "auto_augment": "rand-m9", "sizes": {"tiny": {"depth": 4}}}
+    cfg = {
+        "epochs": 3,
+        "lr": 1e-3,
+        "min_lr": 0.0,
+        "teacher": None,
+        "auto_augment": "rand-m9",
+        "sizes": {"tiny": {"depth": 4}},
+    }
     out = apply_overrides(
         cfg,
-        ["epochs=5", "lr=2", "teacher=resnet10t", "auto_augment=null", "sizes.tiny.depth=6", "sizes.tiny={depth: 2}"],
+        [
+            "epochs=5",
+            "lr=2",
+            "min_lr=1e-5",
+            "teacher=resnet10t",
+            "auto_augment=null",
+            "sizes.tiny.depth=6",
+            "sizes.tiny={depth: 2}",
+        ],
     )
     assert out == {
         "epochs": 5,
         "lr": 2.0,
+        "min_lr": 1e-5,
         "teacher": "resnet10t",
         "auto_augment": None,
         "sizes": {"tiny": {"depth": 2}},
@@ -53,6 +69,8 @@ def test_override_errors():
         apply_overrides(cfg, ["epochs=abc"])
     with pytest.raises(ValueError, match="epochs"):
         apply_overrides(cfg, ["epochs=2.5"])
+    with pytest.raises(ValueError, match="space after the colon"):
+        apply_overrides(cfg, ["sizes.tiny={depth:6}"])
     with pytest.raises(ValueError, match="amp"):
         apply_overrides(cfg, ["amp=1"])
 

@@ -98,6 +98,7 @@ def apply_overrides(cfg: dict[str, Any], overrides: Iterable[str] | None) -> dic
             value = yaml.safe_load(raw) if raw.strip() != "" else None
         except yaml.YAMLError as e:
             raise ValueError(f"override {key}: cannot parse {raw!r} as YAML ({e})") from e
+        _check_flow_mapping(key, raw, value)
         node = out
         parts = key.split(".")
         for i, part in enumerate(parts):
@@ -106,6 +107,7 @@ def apply_overrides(cfg: dict[str, Any], overrides: Iterable[str] | None) -> dic
             if i < len(parts) - 1:
                 node = node[part]
         last = parts[-1]
+        value = _coerce_number(node[last], value)
         if not _compatible(node[last], value):
             raise ValueError(
                 f"override {key}={raw!r}: expected a value like {node[last]!r} ({type(node[last]).__name__}), "
@@ -117,6 +119,30 @@ def apply_overrides(cfg: dict[str, Any], overrides: Iterable[str] | None) -> dic
             value = raw.strip()
         node[last] = value
     return out
+
+
+def _check_flow_mapping(key: str, raw: str, value: Any) -> None:
+    """``{a:1}`` parses as ``{"a:1": None}`` in YAML: refuse it rather than pass a wrong key on."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if v is None and isinstance(k, str) and ":" in k:
+                raise ValueError(
+                    f"override {key}={raw!r}: write 'name: value' with a space after the colon (got the key {k!r})"
+                )
+            _check_flow_mapping(key, raw, v)
+    elif isinstance(value, list):
+        for v in value:
+            _check_flow_mapping(key, raw, v)
+
+
+def _coerce_number(default: Any, value: Any) -> Any:
+    """YAML 1.1 reads ``1e-3`` as a string; read it as the number the preset's key holds."""
+    if isinstance(value, str) and isinstance(default, (int, float)) and not isinstance(default, bool):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def default_profile(params_path: str | os.PathLike = "params.yaml") -> str:

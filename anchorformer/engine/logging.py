@@ -54,6 +54,28 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _local_live_class() -> type:
+    """dvclive's ``Live`` restricted to its own folder.
+
+    ``Live`` normally opens the DVC repository around the working directory (and runs
+    ``dvc init`` in a bare Git repository), names an experiment and may post to DVC Studio. A
+    training run needs none of that: the stage in ``dvc.yaml`` declares the files. This
+    subclass skips those steps (dvclive is pinned in pyproject.toml; the overridden hooks are
+    ``_init_dvc`` and ``_init_studio``), which also saves seconds per run.
+    """
+    from dvclive import Live
+
+    class LocalLive(Live):
+        def _init_dvc(self) -> None:
+            self._dvc_repo = None
+            self._save_dvc_exp = False
+
+        def _init_studio(self) -> None:
+            self._studio_events_to_skip.update({"start", "data", "done"})
+
+    return LocalLive
+
+
 class MetricLogger:
     """dvclive logging of per-step (per-epoch) metrics and a summary, on the main process only.
 
@@ -70,12 +92,10 @@ class MetricLogger:
         self._live = None
         if not enabled:
             return
-        from dvclive import Live
-
         resume = resume_step is not None and (self.dir / "plots").is_dir()
         if resume:
             _truncate_tsv(self.dir / "plots", int(resume_step))  # type: ignore[arg-type]
-        self._live = Live(
+        self._live = _local_live_class()(
             dir=str(self.dir),
             resume=resume,
             save_dvc_exp=False,
