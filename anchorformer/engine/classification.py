@@ -1,0 +1,1030 @@
+"""ImageNet classification: training and evaluation (experiments E1, E2, E3).
+
+The DeiT recipe (Touvron et al., ICML 2021; REFERENCE §5 E1) on timm's parts: AdamW through
+``timm.optim.create_optimizer_v2`` (no weight decay on biases, norms, tokens, position embeddings
+and anchors), cosine schedule with warm-up per update (``timm.scheduler.create_scheduler_v2``),
+Mixup/CutMix with label smoothing (``timm.data.Mixup``, soft-target cross-entropy), RandAugment and
+random erasing (``timm.data.create_transform``), repeated augmentation (``RepeatAugSampler``),
+EMA (``timm.utils.ModelEmaV3``) and DeiT distillation (:mod:`.distillation`). Evaluation reports
+top-1/top-5 after resize-then-centre-crop, plus params, GMACs (:func:`anchorformer.count_macs`)
+and measured throughput.
+
+Runs as one process or under ``torchrun`` (DDP; gloo on the CPU). Every epoch writes an atomic
+checkpoint (model, optimizer, scheduler, scaler, EMA, RNG states, epoch); ``resume="auto"``
+continues from the latest one. Each epoch reseeds Python, NumPy and torch from (seed, epoch, rank)
+and the sampler from (seed, epoch), so on the CPU a resumed run ends with the same metrics as an
+uninterrupted one.
+
+Outputs in ``out_dir``: ``metrics.json`` (written last: its presence means the run finished),
+``model.pth`` (weights and how to rebuild the model), ``history.json`` (per-epoch values),
+``dvclive/`` (curves), ``checkpoints/checkpoint-NNNNNN.pth``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3, accuracy
+from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler, Subset
+
+from ..complexity import count_macs, count_params
+from ..models import ANCHOR_MODES, create_model, load_checkpoint
+from ..models.checkpoint import CheckpointMismatchError
+from ..models.factory import is_anchorformer
+from .checkpoint import (
+    capture_rng_state,
+    checkpoint_path,
+    find_latest_checkpoint,
+    load_training_checkpoint,
+    prune_checkpoints,
+    restore_rng_state,
+    save_checkpoint,
+)
+from .config import PROFILES, apply_overrides, default_profile, load_profile
+from .distillation import DISTILLATION_KINDS, DistillationLoss
+from .distributed import (
+    DistInfo,
+    all_reduce_mean,
+    all_reduce_sum,
+    barrier,
+    cleanup_distributed,
+    init_distributed,
+    unwrap_model,
+)
+from .logging import MetricLogger, progress
+
+__all__ = [
+    "build_classifier",
+    "classifier_kwargs",
+    "evaluate",
+    "evaluate_checkpoint",
+    "measure_throughput",
+    "register_eval",
+    "register_train",
+    "resolve_config",
+    "train_classification",
+    "train_classification_torchrun",
+]
+
+_logger = logging.getLogger(__name__)
+
+TASK = "cls"
+# Keys that change how a run executes but not what it computes: a resumed run may differ in them.
+_EXECUTION_KEYS = {
+    "num_workers",
+    "pin_memory",
+    "eval_batch_size",
+    "throughput_batch_size",
+    "throughput_iters",
+    "log_every",
+    "keep_checkpoints",
+    "device",
+    "attn_impl",
+    "compile",
+}
+_SIZES = ("tiny", "small", "base")
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration and models
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_config(
+    *,
+    profile: str | None = None,
+    overrides: Sequence[str] = (),
+    model: str | None = None,
+    epochs: int | None = None,
+) -> dict[str, Any]:
+    """The recipe: the ``profile`` preset (default: params.yaml's), then ``overrides``, then ``model``/``epochs``.
+
+    Raises:
+        KeyError: an override names an unknown key.
+        ValueError: a value out of range (the message names the key and what is expected).
+    """
+    profile = profile or default_profile()
+    if profile not in PROFILES:
+        raise ValueError(f"profile must be one of {PROFILES}; got {profile!r}")
+    cfg = apply_overrides(load_profile(TASK, profile), overrides)
+    if model is not None:
+        cfg["model"] = model
+    if epochs is not None:
+        cfg["epochs"] = int(epochs)
+    cfg["profile"] = profile
+    _check_config(cfg)
+    return cfg
+
+
+def _check_config(cfg: dict[str, Any]) -> None:
+    problems = []
+
+    def need(ok: bool, key: str, expected: str) -> None:
+        if not ok:
+            problems.append(f"{key}={cfg.get(key)!r} (expected {expected})")
+
+    for key in ("epochs", "batch_size", "accum_steps", "lr_batch", "img_size", "eval_batch_size", "eval_every"):
+        need(isinstance(cfg[key], int) and cfg[key] >= 1, key, "an integer >= 1")
+    need(isinstance(cfg["model"], str) and bool(cfg["model"]), "model", "a model name")
+    need(cfg["distillation"] in ("auto",) + DISTILLATION_KINDS, "distillation", f"auto or one of {DISTILLATION_KINDS}")
+    need(cfg["anchor_mode"] in ANCHOR_MODES, "anchor_mode", f"one of {ANCHOR_MODES}")
+    need(cfg["amp_dtype"] in ("bfloat16", "float16"), "amp_dtype", "bfloat16 or float16")
+    need(cfg["device"] in (None, "cpu", "cuda"), "device", "null, cpu or cuda")
+    need(
+        cfg["num_anchors"] is None or (isinstance(cfg["num_anchors"], int) and cfg["num_anchors"] >= 1),
+        "num_anchors",
+        "null or an integer >= 1",
+    )
+    need(
+        cfg["patch_size"] is None or (isinstance(cfg["patch_size"], int) and cfg["img_size"] % cfg["patch_size"] == 0),
+        "patch_size",
+        "null or a divisor of img_size",
+    )
+    need(float(cfg["lr"]) > 0, "lr", "a positive number")
+    need(0.0 <= float(cfg["distillation_alpha"]) <= 1.0, "distillation_alpha", "a number in [0, 1]")
+    need(
+        isinstance(cfg["model_sizes"], dict) and set(cfg["model_sizes"]) <= set(_SIZES),
+        "model_sizes",
+        f"a mapping with keys among {_SIZES}",
+    )
+    need(isinstance(cfg["scale"], (list, tuple)) and len(cfg["scale"]) == 2, "scale", "[min, max]")
+    if (cfg["mixup"] > 0 or cfg["cutmix"] > 0) and cfg["batch_size"] % 2:
+        problems.append(f"batch_size={cfg['batch_size']} must be even with mixup/cutmix")
+    if problems:
+        raise ValueError("invalid classification config: " + "; ".join(problems))
+
+
+def _is_vit(name: str) -> bool:
+    return is_anchorformer(name) or name.startswith(("deit_", "vit_"))
+
+
+def _size_of(name: str) -> str | None:
+    parts = name.split("_")
+    return next((s for s in _SIZES if s in parts), None)
+
+
+def classifier_kwargs(name: str, cfg: dict[str, Any], num_classes: int) -> dict[str, Any]:
+    """The ``create_model`` arguments of ``name`` under recipe ``cfg``.
+
+    ViTs (AnchorFormer, ``deit_*``, ``vit_*``) get ``img_size``, ``patch_size`` and their size's
+    entry of ``model_sizes``; AnchorFormer models also the anchor settings (baselines have none);
+    every model gets ``num_classes``, ``drop_path_rate`` and ``model_kwargs``.
+    """
+    kw: dict[str, Any] = {"num_classes": num_classes, "drop_path_rate": float(cfg["drop_path"])}
+    if _is_vit(name):
+        kw["img_size"] = cfg["img_size"]
+        if cfg["patch_size"] is not None:
+            kw["patch_size"] = cfg["patch_size"]
+        size = _size_of(name)
+        if size is not None:
+            kw.update(cfg["model_sizes"].get(size, {}))
+    if is_anchorformer(name):
+        for key in ("num_anchors", "anchor_mode", "normalize", "per_head_anchors", "attn_impl"):
+            if cfg[key] is not None:
+                kw[key] = cfg[key]
+    kw.update(cfg["model_kwargs"] or {})
+    return kw
+
+
+def build_classifier(name: str, model_kwargs: dict[str, Any]) -> nn.Module:
+    """``create_model(name, **model_kwargs)`` with the name checked first.
+
+    Raises:
+        ValueError: an unknown model name, or arguments the model does not take.
+    """
+    if not (is_anchorformer(name) or timm.is_model(name)):
+        close = sorted(n for n in timm.list_models(f"*{name.split('_')[0]}*"))[:8] if name else []
+        raise ValueError(f"unknown model {name!r}: not an AnchorFormer variant nor a timm model (similar: {close})")
+    try:
+        return create_model(name, **model_kwargs)
+    except TypeError as e:
+        raise ValueError(f"model {name!r} does not take the arguments {sorted(model_kwargs)}: {e}") from e
+
+
+def _resolve_distillation(cfg: dict[str, Any], model: nn.Module) -> str:
+    distilled = hasattr(unwrap_model(model), "head_dist")
+    kind = cfg["distillation"]
+    if kind == "auto":
+        return "hard" if distilled else "none"
+    if kind == "none" and distilled:
+        raise ValueError(f"model {cfg['model']!r} is distilled (two heads): set distillation to soft or hard")
+    if kind != "none" and not distilled:
+        raise ValueError(
+            f"distillation={kind!r} needs a distilled model (*_distilled_*); {cfg['model']!r} has one head"
+        )
+    return kind
+
+
+def _looks_like_path(value: str) -> bool:
+    return os.sep in value or "/" in value or value.endswith((".pth", ".pt", ".bin", ".safetensors"))
+
+
+def build_teacher(cfg: dict[str, Any], num_classes: int) -> nn.Module:
+    """The frozen teacher: a checkpoint written by :func:`train_classification`, or a timm model name.
+
+    Raises:
+        FileNotFoundError: ``teacher`` is a path that does not exist.
+        ValueError: the teacher predicts another number of classes, or cannot be built.
+    """
+    spec = str(cfg["teacher"] or "")
+    if not spec:
+        raise ValueError("distillation needs a teacher: set teacher to a timm model name or a checkpoint path")
+    if _looks_like_path(spec) or Path(spec).is_file():
+        state = load_training_checkpoint(spec)
+        if "model_name" not in state or "model" not in state:
+            raise ValueError(
+                f"teacher checkpoint {spec}: expected a model.pth written by `anchorformer train cls` (keys model_name, model)"
+            )
+        teacher = build_classifier(state["model_name"], dict(state["model_kwargs"]))
+        _load_weights(teacher, state["model"], spec)
+    else:
+        kwargs = {"num_classes": num_classes, **(cfg["teacher_kwargs"] or {})}
+        if cfg["teacher_pretrained"]:  # timm's weights (needs them in the hub cache when offline)
+            build_classifier(spec, {})  # checks the name
+            teacher = create_model(spec, pretrained=True, **kwargs)
+        else:
+            teacher = build_classifier(spec, kwargs)
+    out_classes = getattr(teacher, "num_classes", None)
+    if out_classes is not None and out_classes != num_classes:
+        raise ValueError(f"teacher {spec} predicts {out_classes} classes; the dataset has {num_classes}")
+    teacher.eval().requires_grad_(False)
+    return teacher
+
+
+def _load_weights(model: nn.Module, source: Any, where: str) -> None:
+    try:
+        load_checkpoint(model, source, strict=True)
+    except CheckpointMismatchError as e:
+        raise ValueError(f"{where}: {e}") from e
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+
+def _transforms(cfg: dict[str, Any]) -> tuple[Any, Any]:
+    from ..data.imagenet import build_imagenet_transform
+
+    train_tf = build_imagenet_transform(
+        True,
+        cfg["img_size"],
+        no_aug=bool(cfg["no_aug"]),
+        scale=tuple(cfg["scale"]),
+        hflip=float(cfg["hflip"]),
+        color_jitter=float(cfg["color_jitter"]),
+        auto_augment=cfg["auto_augment"],
+        interpolation=cfg["train_interpolation"],
+        re_prob=float(cfg["reprob"]),
+        re_mode=cfg["remode"],
+        re_count=int(cfg["recount"]),
+        crop_pct=float(cfg["crop_pct"]),  # used by no_aug
+    )
+    eval_tf = build_imagenet_transform(
+        False, cfg["img_size"], crop_pct=float(cfg["crop_pct"]), interpolation=cfg["eval_interpolation"]
+    )
+    return train_tf, eval_tf
+
+
+def _seed_worker(worker_id: int) -> None:
+    seed = torch.initial_seed() % 2**32  # base_seed + worker_id, drawn from the reseeded main RNG
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def _loader(dataset: Dataset, batch_size: int, sampler: Any, cfg: dict[str, Any], drop_last: bool) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=int(cfg["num_workers"]),
+        pin_memory=bool(cfg["pin_memory"]) and torch.cuda.is_available(),
+        drop_last=drop_last,
+        worker_init_fn=_seed_worker,
+        persistent_workers=False,
+    )
+
+
+def _eval_loader(dataset: Dataset, cfg: dict[str, Any], dist_info: DistInfo) -> DataLoader:
+    if dist_info.is_distributed:  # an exact shard per rank: no padding, no sample counted twice
+        dataset = Subset(dataset, list(range(dist_info.rank, len(dataset), dist_info.world_size)))
+    return _loader(dataset, int(cfg["eval_batch_size"]), SequentialSampler(dataset), cfg, drop_last=False)
+
+
+def _set_sampler_epoch(sampler: Any, epoch: int, seed: int) -> None:
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+    elif isinstance(sampler, RandomSampler) and sampler.generator is not None:
+        sampler.generator.manual_seed(seed + epoch)  # the order DistributedSampler would give
+
+
+def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    return ((seed * 1_000_003 + epoch) * 1_009 + rank) % 2**31
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loops
+# ---------------------------------------------------------------------------------------------
+
+
+def _autocast(device: torch.device, cfg: dict[str, Any]) -> Any:
+    if not cfg["amp"]:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=getattr(torch, cfg["amp_dtype"]))
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, loader: DataLoader, device: torch.device, cfg: dict[str, Any] | None = None
+) -> dict[str, float]:
+    """Top-1, top-5 (percent) and cross-entropy of ``model`` over ``loader``, summed over processes.
+
+    Returns:
+        ``{"top1", "top5", "loss", "n"}``.
+    """
+    cfg = cfg or {"amp": False, "amp_dtype": "bfloat16", "channels_last": False}
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64)  # correct@1, correct@5, loss sum, count
+    for images, target in progress(loader, desc="eval"):
+        images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
+        if cfg.get("channels_last"):
+            images = images.contiguous(memory_format=torch.channels_last)
+        with _autocast(device, cfg):
+            logits = model(images)
+        logits = logits.float()
+        k = min(5, logits.shape[1])
+        acc1, acc5 = accuracy(logits, target, topk=(1, k))
+        n = target.shape[0]
+        totals += torch.tensor(
+            [
+                round(float(acc1) * n / 100),
+                round(float(acc5) * n / 100),
+                float(F.cross_entropy(logits, target, reduction="sum")),
+                n,
+            ],
+            dtype=torch.float64,
+        )
+    model.train(was_training)
+    totals = all_reduce_sum(totals.to(device)).cpu()
+    n = max(float(totals[3]), 1.0)
+    return {
+        "top1": 100.0 * float(totals[0]) / n,
+        "top5": 100.0 * float(totals[1]) / n,
+        "loss": float(totals[2]) / n,
+        "n": int(totals[3]),
+    }
+
+
+@torch.no_grad()
+def measure_throughput(
+    model: nn.Module,
+    img_size: int,
+    device: torch.device,
+    *,
+    batch_size: int = 64,
+    iters: int = 30,
+    warmup: int = 2,
+    cfg: dict[str, Any] | None = None,
+) -> float:
+    """Images per second of ``model``'s evaluation forward pass on ``batch_size`` random images."""
+    cfg = cfg or {"amp": False, "amp_dtype": "bfloat16", "channels_last": False}
+    was_training = model.training
+    model.eval()
+    x = torch.randn(batch_size, 3, img_size, img_size, device=device)
+    if cfg.get("channels_last"):
+        x = x.contiguous(memory_format=torch.channels_last)
+    with _autocast(device, cfg):
+        for _ in range(warmup):
+            model(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            model(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed = time.perf_counter() - t0
+    model.train(was_training)
+    return batch_size * iters / max(elapsed, 1e-9)
+
+
+def _train_one_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    criterion: DistillationLoss,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: torch.amp.GradScaler | None,
+    ema: ModelEmaV3 | None,
+    mixup: Any,
+    cfg: dict[str, Any],
+    device: torch.device,
+    epoch: int,
+    num_updates: int,
+) -> tuple[dict[str, float], int]:
+    model.train()
+    accum = int(cfg["accum_steps"])
+    n_batches = len(loader)
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    steps = 0
+    optimizer.zero_grad(set_to_none=True)
+    for i, (images, target) in enumerate(progress(loader, desc=f"epoch {epoch + 1}")):
+        images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
+        if mixup is not None:
+            images, target = mixup(images, target)
+        if cfg["channels_last"]:
+            images = images.contiguous(memory_format=torch.channels_last)
+        do_step = (i + 1) % accum == 0 or i + 1 == n_batches
+        sync = nullcontext() if do_step or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with _autocast(device, cfg):
+                outputs = model(images)
+                loss = criterion(images, outputs, target)
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"non-finite training loss {loss_value} at epoch {epoch + 1}, step {i}")
+            scaled = loss / accum
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        if do_step:
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            if cfg["clip_grad"]:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), float(cfg["clip_grad"]))
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            num_updates += 1
+            scheduler.step_update(num_updates=num_updates)
+            if ema is not None:
+                ema.update(model, step=num_updates)
+        loss_sum += loss_value
+        steps += 1
+        if cfg["log_every"] and (i + 1) % int(cfg["log_every"]) == 0:
+            _logger.info(
+                "epoch %d step %d/%d loss %.4f lr %.3g",
+                epoch + 1,
+                i + 1,
+                n_batches,
+                loss_value,
+                optimizer.param_groups[0]["lr"],
+            )
+    mean = all_reduce_mean((loss_sum / max(steps, 1)).to(device)).item()
+    return {"train_loss": mean, "lr": optimizer.param_groups[0]["lr"]}, num_updates
+
+
+def _base_criterion(cfg: dict[str, Any], mixup_active: bool) -> nn.Module:
+    if mixup_active:
+        return SoftTargetCrossEntropy()  # label smoothing is folded into the mixed targets
+    if cfg["smoothing"] > 0:
+        return LabelSmoothingCrossEntropy(smoothing=float(cfg["smoothing"]))
+    return nn.CrossEntropyLoss()
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    keys = (set(old) | set(new)) - _EXECUTION_KEYS
+    return sorted(f"{k}: checkpoint {old.get(k)!r} vs now {new.get(k)!r}" for k in keys if old.get(k) != new.get(k))
+
+
+def _plain_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(cfg))  # tuples -> lists, as stored in checkpoints and metrics
+
+
+def _check_data_root(data: Path) -> list[str]:
+    from ..data.imagenet import find_imagenet_classes
+
+    classes = find_imagenet_classes(data, "train")
+    find_imagenet_classes(data, "val")
+    return classes
+
+
+def train_classification(
+    data: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    model: str | None = None,
+    *,
+    profile: str | None = None,
+    overrides: Sequence[str] = (),
+    epochs: int | None = None,
+    resume: str | None = None,
+) -> dict[str, Any]:
+    """Train a classifier on the ImageFolder set ``data`` and evaluate it; write ``out_dir``.
+
+    Args:
+        data: folder with ``train/`` and ``val/`` (ImageNet or the mini set).
+        out_dir: the run's folder (created).
+        model: model name; default the profile's ``model``.
+        profile: ``"mini"`` or ``"full"``; default params.yaml's ``profile``.
+        overrides: ``"key=value"`` strings (see ``anchorformer/configs/cls.yaml``).
+        epochs: shorthand for ``epochs=N``.
+        resume: ``None`` (start afresh; earlier checkpoints in ``out_dir`` are removed),
+            ``"auto"`` (the latest checkpoint in ``out_dir`` if any) or a checkpoint path.
+
+    Returns:
+        The metrics written to ``out_dir/metrics.json`` (``top1``, ``top5``, ``loss``,
+        ``train_loss``, ``params``, ``gmacs``, ``throughput``, ..., ``config``).
+
+    Raises:
+        KeyError, ValueError, FileNotFoundError: bad configuration, model name or data layout,
+            raised before any training starts.
+    """
+    cfg = resolve_config(profile=profile, overrides=overrides, model=model, epochs=epochs)
+    data, out_dir = Path(data), Path(out_dir)
+    classes = _check_data_root(data)
+    num_classes = len(classes)
+    model_kwargs = classifier_kwargs(cfg["model"], cfg, num_classes)
+    resume_state = None
+    if resume is not None:
+        ckpt = find_latest_checkpoint(out_dir) if resume == "auto" else Path(resume)
+        if ckpt is not None:
+            resume_state = load_training_checkpoint(ckpt)
+            diff = _config_diff(resume_state.get("config", {}), _plain_config(cfg))
+            if diff:
+                raise ValueError(f"cannot resume from {ckpt}: its recipe differs: " + "; ".join(diff))
+            _logger.info("resuming from %s (epoch %d)", ckpt, resume_state["epoch"])
+
+    dist_info = init_distributed(cfg["device"])
+    try:
+        return _train(cfg, data, out_dir, classes, model_kwargs, resume_state, dist_info)
+    finally:
+        cleanup_distributed()
+
+
+def _train(
+    cfg: dict[str, Any],
+    data: Path,
+    out_dir: Path,
+    classes: list[str],
+    model_kwargs: dict[str, Any],
+    resume_state: dict[str, Any] | None,
+    dist_info: DistInfo,
+) -> dict[str, Any]:
+    from ..data.imagenet import build_imagenet_dataset, build_imagenet_sampler, build_mixup
+
+    device = dist_info.device
+    num_classes = len(classes)
+    seed = int(cfg["seed"])
+    _seed_everything(seed)
+    net = build_classifier(cfg["model"], model_kwargs)
+    kind = _resolve_distillation(cfg, net)
+    teacher = build_teacher(cfg, num_classes).to(device) if kind != "none" else None
+
+    train_tf, eval_tf = _transforms(cfg)
+    train_ds = build_imagenet_dataset(data, "train", transform=train_tf)
+    val_ds = build_imagenet_dataset(data, "val", transform=eval_tf)
+    global_batch = cfg["batch_size"] * dist_info.world_size
+    if len(train_ds) < global_batch:
+        raise ValueError(
+            f"{data / 'train'} holds {len(train_ds)} images, fewer than one global batch of {global_batch}"
+        )
+    sampler = build_imagenet_sampler(
+        train_ds,
+        training=True,
+        repeated_aug=bool(cfg["repeated_aug"]),
+        num_replicas=dist_info.world_size,
+        rank=dist_info.rank,
+        seed=seed,
+    )
+    train_loader = _loader(train_ds, cfg["batch_size"], sampler, cfg, drop_last=True)
+    val_loader = _eval_loader(val_ds, cfg, dist_info)
+    mixup = build_mixup(
+        num_classes,
+        mixup_alpha=float(cfg["mixup"]),
+        cutmix_alpha=float(cfg["cutmix"]),
+        prob=float(cfg["mixup_prob"]),
+        switch_prob=float(cfg["mixup_switch_prob"]),
+        mode=cfg["mixup_mode"],
+        label_smoothing=float(cfg["smoothing"]),
+    )
+    criterion = DistillationLoss(
+        _base_criterion(cfg, mixup is not None),
+        teacher,
+        kind,
+        float(cfg["distillation_alpha"]),
+        float(cfg["distillation_tau"]),
+    )
+
+    net.to(device)
+    if cfg["channels_last"]:
+        net.to(memory_format=torch.channels_last)
+    lr = float(cfg["lr"]) * global_batch * cfg["accum_steps"] / cfg["lr_batch"]
+    opt_kwargs: dict[str, Any] = {}
+    if "adam" in cfg["opt"] or "lamb" in cfg["opt"]:
+        opt_kwargs["eps"] = float(cfg["opt_eps"])
+    if cfg["opt"] in ("sgd", "momentum", "nesterov"):
+        opt_kwargs["momentum"] = float(cfg["momentum"])
+    optimizer = create_optimizer_v2(net, opt=cfg["opt"], lr=lr, weight_decay=float(cfg["weight_decay"]), **opt_kwargs)
+    updates_per_epoch = math.ceil(len(train_loader) / cfg["accum_steps"])
+    scheduler, _ = create_scheduler_v2(
+        optimizer,
+        sched=cfg["sched"],
+        num_epochs=cfg["epochs"],
+        warmup_epochs=int(cfg["warmup_epochs"]),
+        warmup_lr=float(cfg["warmup_lr"]),
+        min_lr=float(cfg["min_lr"]),
+        step_on_epochs=False,
+        updates_per_epoch=updates_per_epoch,
+    )
+    use_scaler = cfg["amp"] and cfg["amp_dtype"] == "float16" and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+    ema = ModelEmaV3(net, decay=float(cfg["ema_decay"])) if cfg["ema"] else None
+
+    start_epoch, num_updates, history = 0, 0, []
+    if resume_state is not None:
+        net.load_state_dict(resume_state["model"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        scheduler.load_state_dict(resume_state["scheduler"])
+        if scaler is not None and resume_state.get("scaler"):
+            scaler.load_state_dict(resume_state["scaler"])
+        if ema is not None:
+            ema.module.load_state_dict(resume_state["model_ema"])
+        restore_rng_state(resume_state["rng"])
+        start_epoch, num_updates = int(resume_state["epoch"]), int(resume_state["num_updates"])
+        history = list(resume_state["history"])
+        _set_sampler_epoch(sampler, start_epoch, seed)
+
+    train_model: nn.Module = net
+    if cfg["compile"]:
+        train_model = torch.compile(train_model)  # type: ignore[assignment]
+    if dist_info.is_distributed:
+        train_model = nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[device] if device.type == "cuda" else None
+        )
+
+    if dist_info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for stale in ("metrics.json", "model.pth", "history.json"):
+            (out_dir / stale).unlink(missing_ok=True)
+        if resume_state is None:
+            for p in (out_dir / "checkpoints").glob("checkpoint-*.pth"):
+                _logger.warning("starting afresh: removing earlier checkpoint %s", p)
+                p.unlink()
+    barrier()
+    logger = MetricLogger(out_dir, enabled=dist_info.is_main, resume_step=start_epoch if resume_state else None)
+    _logger.info(
+        "training %s (%s) on %d images, %d classes, %d epochs, global batch %d, lr %.3g, distillation %s, %d process(es)",
+        cfg["model"],
+        model_kwargs,
+        len(train_ds),
+        num_classes,
+        cfg["epochs"],
+        global_batch,
+        lr,
+        kind,
+        dist_info.world_size,
+    )
+    t_start = time.perf_counter()
+    val: dict[str, float] = {}
+    for epoch in range(start_epoch, cfg["epochs"]):
+        _seed_everything(_epoch_seed(seed, epoch, dist_info.rank))
+        _set_sampler_epoch(sampler, epoch, seed)
+        t0 = time.perf_counter()
+        stats, num_updates = _train_one_epoch(
+            train_model,
+            train_loader,
+            criterion,
+            optimizer,
+            scheduler,
+            scaler,
+            ema,
+            mixup,
+            cfg,
+            device,
+            epoch,
+            num_updates,
+        )
+        row: dict[str, Any] = {"epoch": epoch + 1, **stats}
+        last = epoch + 1 == cfg["epochs"]
+        if last or (epoch + 1) % cfg["eval_every"] == 0:
+            val = evaluate(net, val_loader, device, cfg)
+            row.update(top1=val["top1"], top5=val["top5"], val_loss=val["loss"])
+            if ema is not None:
+                row["top1_ema"] = evaluate(ema.module, val_loader, device, cfg)["top1"]
+        row["epoch_time_s"] = round(time.perf_counter() - t0, 3)
+        history.append(row)
+        logger.log({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+        _logger.info(
+            "epoch %d/%d: %s",
+            epoch + 1,
+            cfg["epochs"],
+            {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()},
+        )
+        if dist_info.is_main:
+            state = {
+                "epoch": epoch + 1,
+                "num_updates": num_updates,
+                "model": net.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "rng": capture_rng_state(),
+                "history": history,
+                "config": _plain_config(cfg),
+                "model_name": cfg["model"],
+                "model_kwargs": model_kwargs,
+                "classes": classes,
+            }
+            if ema is not None:
+                state["model_ema"] = ema.module.state_dict()
+            save_checkpoint(checkpoint_path(out_dir, epoch + 1), state)
+            prune_checkpoints(out_dir, int(cfg["keep_checkpoints"]))
+        barrier()
+
+    if not val:  # resumed a finished run: evaluate the final weights
+        val = evaluate(net, val_loader, device, cfg)
+    metrics: dict[str, Any] = {}
+    if dist_info.is_main:
+        bare = unwrap_model(net)
+        params = count_params(bare)
+        macs = count_macs(bare, cfg["img_size"])
+        throughput = measure_throughput(
+            bare,
+            cfg["img_size"],
+            device,
+            batch_size=int(cfg["throughput_batch_size"]),
+            iters=int(cfg["throughput_iters"]),
+            cfg=cfg,
+        )
+        final = history[-1] if history else {}
+        metrics = {
+            "model": cfg["model"],
+            "top1": val["top1"],
+            "top5": val["top5"],
+            "loss": val["loss"],
+            "train_loss": final.get("train_loss"),
+            "params": params,
+            "params_m": round(params / 1e6, 4),
+            "macs": macs,
+            "gmacs": round(macs / 1e9, 5),
+            "throughput": round(throughput, 2),
+            "img_size": cfg["img_size"],
+            "num_anchors": getattr(_first_anchor_attention(bare), "num_anchors", None),
+            "num_classes": num_classes,
+            "val_images": val["n"],
+            "epochs": cfg["epochs"],
+            "distillation": kind,
+            "train_time_s": round(time.perf_counter() - t_start, 2),
+            "world_size": dist_info.world_size,
+            "config": _plain_config(cfg),
+        }
+        if "top1_ema" in final:
+            metrics["top1_ema"] = final["top1_ema"]
+        final_state = {
+            "model": net.state_dict(),
+            "model_name": cfg["model"],
+            "model_kwargs": model_kwargs,
+            "classes": classes,
+            "epoch": cfg["epochs"],
+            "config": _plain_config(cfg),
+        }
+        if ema is not None:
+            final_state["model_ema"] = ema.module.state_dict()
+        save_checkpoint(out_dir / "model.pth", final_state)
+        _write_json(out_dir / "history.json", history)
+        logger.summary({k: v for k, v in metrics.items() if k not in ("config", "model")})
+        logger.close()
+        _write_json(out_dir / "metrics.json", metrics)  # last: its presence means the run finished
+        _logger.info("done: top1 %.2f top5 %.2f (%s)", metrics["top1"], metrics["top5"], out_dir / "metrics.json")
+    barrier()
+    return metrics
+
+
+def _first_anchor_attention(model: nn.Module) -> Any:
+    from ..models import AnchorAttention
+
+    return next((m for m in model.modules() if isinstance(m, AnchorAttention)), None)
+
+
+def train_classification_torchrun(
+    data: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    model: str | None = None,
+    *,
+    nproc_per_node: int = 1,
+    nnodes: int = 1,
+    profile: str | None = None,
+    overrides: Sequence[str] = (),
+    epochs: int | None = None,
+    resume: str | None = None,
+    extra_torchrun_args: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Run :func:`train_classification` under ``torchrun`` (several processes) and return its metrics.
+
+    The command is ``python -m torch.distributed.run --nproc_per_node N [--nnodes K ...] -m
+    anchorformer.cli train cls ...``: what a notebook uses to train on several GPUs.
+    """
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc_per_node}", f"--nnodes={nnodes}"]
+    if nnodes == 1 and not any(a.startswith("--rdzv") or a.startswith("--master") for a in extra_torchrun_args):
+        cmd.append("--standalone")
+    cmd += list(extra_torchrun_args)
+    cmd += ["-m", "anchorformer.cli", "train", "cls", "--data", str(data), "--out", str(out_dir)]
+    if model:
+        cmd += ["--model", model]
+    if profile:
+        cmd += ["--profile", profile]
+    if epochs is not None:
+        cmd += ["--epochs", str(epochs)]
+    if resume:
+        cmd += ["--resume", resume]
+    if overrides:
+        cmd += ["--set", *overrides]
+    _logger.info("launching %s", " ".join(cmd))
+    subprocess.run(cmd, check=True)
+    return json.loads((Path(out_dir) / "metrics.json").read_text(encoding="utf-8"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation of a checkpoint
+# ---------------------------------------------------------------------------------------------
+
+
+def evaluate_checkpoint(
+    data: str | os.PathLike,
+    checkpoint: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    model: str | None = None,
+    profile: str | None = None,
+    overrides: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Evaluate a checkpoint on ``data/val``; write ``out_dir/metrics.json``.
+
+    A ``model.pth`` or training checkpoint written by :func:`train_classification` carries its
+    model and recipe (``--set`` still applies, e.g. ``eval_batch_size``); other weights (timm,
+    the official AnchorFormer code) need ``model`` and use the profile's recipe.
+
+    Raises:
+        FileNotFoundError: missing checkpoint or data folder.
+        ValueError: the weights do not fit the model, or the classes differ from the checkpoint's.
+    """
+    data, out_dir, checkpoint = Path(data), Path(out_dir), Path(checkpoint)
+    classes = _check_data_root(data)
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+    state = load_training_checkpoint(checkpoint) if checkpoint.suffix != ".safetensors" else {}
+    if "model_name" in state and model in (None, state["model_name"]):
+        cfg = apply_overrides(dict(state["config"]), overrides)
+        _check_config(cfg)
+        if state.get("classes") and list(state["classes"]) != classes:
+            raise ValueError(
+                f"{checkpoint} was trained on classes {state['classes'][:5]}...; {data / 'val'} has {classes[:5]}..."
+            )
+        name, kwargs, weights = state["model_name"], dict(state["model_kwargs"]), state["model"]
+    else:
+        if model is None:
+            raise ValueError(f"{checkpoint} does not name its model: pass --model")
+        cfg = resolve_config(profile=profile, overrides=overrides, model=model)
+        name = model
+        kwargs = classifier_kwargs(name, cfg, len(classes))
+        weights = state if state else checkpoint
+    dist_info = init_distributed(cfg["device"])
+    try:
+        net = build_classifier(name, kwargs)
+        _load_weights(net, weights, str(checkpoint))
+        net.to(dist_info.device)
+        _, eval_tf = _transforms(cfg)
+        from ..data.imagenet import build_imagenet_dataset
+
+        val_ds = build_imagenet_dataset(data, "val", transform=eval_tf)
+        val = evaluate(net, _eval_loader(val_ds, cfg, dist_info), dist_info.device, cfg)
+        metrics: dict[str, Any] = {}
+        if dist_info.is_main:
+            macs = count_macs(net, cfg["img_size"])
+            params = count_params(net)
+            metrics = {
+                "model": name,
+                "checkpoint": str(checkpoint),
+                "top1": val["top1"],
+                "top5": val["top5"],
+                "loss": val["loss"],
+                "params": params,
+                "params_m": round(params / 1e6, 4),
+                "macs": macs,
+                "gmacs": round(macs / 1e9, 5),
+                "throughput": round(
+                    measure_throughput(
+                        net,
+                        cfg["img_size"],
+                        dist_info.device,
+                        batch_size=int(cfg["throughput_batch_size"]),
+                        iters=int(cfg["throughput_iters"]),
+                        cfg=cfg,
+                    ),
+                    2,
+                ),
+                "img_size": cfg["img_size"],
+                "num_classes": len(classes),
+                "val_images": val["n"],
+                "config": _plain_config(cfg),
+            }
+            out_dir.mkdir(parents=True, exist_ok=True)
+            _write_json(out_dir / "metrics.json", metrics)
+        return metrics
+    finally:
+        cleanup_distributed()
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="ImageFolder root with train/ and val/ (e.g. data/mini/imagenet)")
+    p.add_argument("--out", required=True, help="output folder (metrics.json, model.pth, dvclive/, checkpoints/)")
+    p.add_argument(
+        "--profile", choices=PROFILES, default=None, help="recipe preset (default: params.yaml's profile, else mini)"
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe key (see anchorformer/configs/cls.yaml)",
+    )
+
+
+def register_train(subparsers: Any) -> None:
+    """Add ``cls`` to ``anchorformer train``."""
+    p = subparsers.add_parser(
+        "cls", help="train an image classifier (DeiT recipe)", description=__doc__.split("\n\n")[0]
+    )
+    _common(p)
+    p.add_argument(
+        "--model", default=None, help="model name (default: the profile's), e.g. anchorformer_tiny_patch16_224"
+    )
+    p.add_argument("--epochs", type=int, default=None, help="number of epochs (default: the profile's)")
+    p.add_argument("--resume", default=None, help="'auto' (latest checkpoint in --out) or a checkpoint path")
+    p.set_defaults(func=_train_cli)
+
+
+def register_eval(subparsers: Any) -> None:
+    """Add ``cls`` to ``anchorformer eval``."""
+    p = subparsers.add_parser("cls", help="evaluate a classifier checkpoint (top-1, top-5, GMACs, throughput)")
+    _common(p)
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="model.pth or checkpoint written by `train cls`, or other weights with --model",
+    )
+    p.add_argument("--model", default=None, help="model name, for checkpoints that do not name theirs")
+    p.set_defaults(func=_eval_cli)
+
+
+def _train_cli(args: argparse.Namespace) -> int:
+    train_classification(
+        args.data,
+        args.out,
+        args.model,
+        profile=args.profile,
+        overrides=args.overrides,
+        epochs=args.epochs,
+        resume=args.resume,
+    )
+    return 0
+
+
+def _eval_cli(args: argparse.Namespace) -> int:
+    m = evaluate_checkpoint(
+        args.data, args.checkpoint, args.out, model=args.model, profile=args.profile, overrides=args.overrides
+    )
+    if m:
+        print(json.dumps({k: m[k] for k in ("model", "top1", "top5", "loss", "params", "gmacs", "throughput")}))
+    return 0
