@@ -13,6 +13,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 __all__ = [
     "compute_anchor_maps",
+    "plot_ap_vs_gmacs",
+    "plot_detections",
     "images_to_tensor",
     "plot_anchor_maps",
     "plot_gmacs_vs_resolution",
@@ -211,5 +213,89 @@ def plot_anchor_maps(
     for ax in axes.flat:
         ax.axis("off")
     fig.suptitle("p(token | anchor): where each anchor gathers from", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_detections(
+    images: Sequence[Any],
+    predictions: Sequence[dict[str, Any]],
+    class_names: Sequence[str],
+    *,
+    score_thresh: float = 0.5,
+    mask_thresh: float = 0.5,
+    cols: int = 4,
+    titles: Sequence[str] | None = None,
+) -> Any:
+    """Predicted boxes and masks over images, one colour per category, with scores.
+
+    Args:
+        images: (3, H, W) tensors in [0, 1].
+        predictions: per image ``boxes`` (K, 4) xyxy, ``labels`` (K,) in 1..len(class_names),
+            ``scores`` (K,), optionally ``masks`` (K, 1, H, W) probabilities.
+        class_names: name of label ``i + 1`` at index ``i``.
+        score_thresh: detections below are not drawn.
+        mask_thresh: masks are drawn where the probability exceeds it.
+        cols: images per row.
+        titles: one title per image.
+
+    Returns:
+        The matplotlib figure.
+    """
+    import numpy as np
+    from matplotlib.patches import Rectangle
+
+    n = len(images)
+    rows = max(1, (n + cols - 1) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 2.8 * rows), squeeze=False)
+    colours = plt.get_cmap("tab10")
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, (ax, image, pred) in enumerate(zip(axes.flat, images, predictions)):
+        rgb = image.permute(1, 2, 0).float().clamp(0, 1).numpy().copy()
+        keep = (pred["scores"] >= score_thresh).nonzero().flatten().tolist()
+        for k in keep:
+            if "masks" in pred:
+                m = pred["masks"][k, 0].numpy() > mask_thresh
+                rgb[m] = 0.45 * rgb[m] + 0.55 * np.array(colours(int(pred["labels"][k]) % 10)[:3])
+        ax.imshow(rgb)
+        for k in keep:
+            label = int(pred["labels"][k])
+            x0, y0, x1, y1 = pred["boxes"][k].tolist()
+            c = colours(label % 10)
+            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=1.2, ec=c))
+            ax.text(x0, y0, f"{class_names[label - 1]} {float(pred['scores'][k]):.2f}", fontsize=6, va="bottom",
+                    color="white", bbox={"facecolor": c, "pad": 1, "lw": 0})  # fmt: skip
+        ax.set_title(titles[i] if titles else f"{len(keep)} detections >= {score_thresh}", fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot_ap_vs_gmacs(rows: Sequence[dict[str, Any]], metric: str = "bbox_AP", title: str | None = None) -> Any:
+    """AP against backbone GMACs (at 1333x800 x input scale), AnchorFormer and DeiT runs.
+
+    Args:
+        rows: dicts with ``run``, ``backbone``, ``backbone_gmacs`` and ``metric``.
+        metric: the AP key to plot.
+        title: figure title.
+
+    Returns:
+        The matplotlib figure.
+    """
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for r in rows:
+        anchor = str(r["backbone"]).startswith("anchor")
+        ax.plot(r["backbone_gmacs"], r[metric], "o" if anchor else "s", color="C0" if anchor else "C1", ms=8)
+        ax.annotate(
+            str(r["run"]), (r["backbone_gmacs"], r[metric]), fontsize=7, xytext=(4, 4), textcoords="offset points"
+        )
+    ax.plot([], [], "o", color="C0", label="AnchorFormer")
+    ax.plot([], [], "s", color="C1", label="DeiT")
+    ax.set_xscale("log")
+    ax.set_xlabel("backbone GMACs at 1333x800 x input scale")
+    ax.set_ylabel(metric.replace("_", " "))
+    ax.set_title(title or f"{metric} vs backbone GMACs")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
