@@ -153,12 +153,6 @@ def test_counts_full_and_mini(copy, capsys) -> None:
     assert rc == 2 and "is not a generated mini set" in err
 
 
-def test_make_mini_cli(tmp_path: Path, capsys) -> None:
-    rc, out, _ = _run(["data", "make-mini", "--out", str(tmp_path / "m"), "--seed", "2"], capsys)
-    assert rc == 0 and "ade20k/ADEChallengeData2016" in out
-    assert json.loads((tmp_path / "m" / "coco" / "mini.json").read_text())["seed"] == 2
-
-
 def test_stage_profiles(mini_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "outputs"
     manifests = run_data_stage("mini", mini_dir=tmp_path / "mini", out_dir=out, workers=1)
