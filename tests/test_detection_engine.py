@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 
 import pytest
@@ -55,7 +56,7 @@ def test_train_then_eval_saved_model(mini_data, tmp_path) -> None:
 
 
 @pytest.mark.slow
-def test_resume_gives_the_same_model(mini_data, tmp_path) -> None:
+def test_resume_gives_the_same_model(mini_data, tmp_path, caplog) -> None:
     """A run killed after its first epoch and resumed ends with the same weights and numbers."""
     cfg = _cfg("epochs=2", "lr_steps=[2]", "keep_checkpoints=2")
     straight = tmp_path / "straight"
@@ -73,6 +74,12 @@ def test_resume_gives_the_same_model(mini_data, tmp_path) -> None:
     assert resumed["iterations"] == 4
     before = json.loads((straight / "metrics.json").read_text())
     assert {k: before[k] for k in metric_keys()} == {k: resumed[k] for k in metric_keys()}
+
+    # another recipe in the same folder does not resume from these checkpoints: it starts afresh
+    with caplog.at_level(logging.WARNING, logger="anchorformer.engine.detection"):
+        train_detection(_cfg("epochs=1", "lr_steps=[1]", "lr=1e-5"), mini_data / "coco", killed)
+    assert "starting afresh" in caplog.text
+    assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["checkpoint-000002.pth"]
 
 
 def test_presets_and_comparable_flops() -> None:

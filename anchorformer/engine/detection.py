@@ -378,7 +378,10 @@ def train_detection(
             (AP numbers in percent, backbone GMACs, times) and ``run.json`` (the config).
         backbone_checkpoint: classification weights (E1) for the backbone; overrides
             ``cfg["backbone_checkpoint"]``. Ignored when resuming.
-        resume: continue from the newest complete checkpoint in ``out_dir``.
+        resume: continue from the newest complete checkpoint in ``out_dir`` when it was written
+            by the same recipe (execution settings, ``epochs`` and ``lr_steps`` may differ);
+            otherwise, or with ``resume=False``, the folder's checkpoints are removed and the
+            run starts afresh.
 
     Returns:
         The final metrics (empty on processes other than rank 0).
@@ -419,7 +422,10 @@ def _train(
     num_classes = int(base.num_classes)
 
     det_cfg, macs_info = detector_config(cfg, num_classes)
-    latest = find_latest_checkpoint(out) if resume else None
+    latest = _resumable_checkpoint(out, cfg, det_cfg, info) if resume else None
+    if latest is None and info.is_main:
+        _clear_checkpoints(out)
+    barrier()
     model = build_detector(det_cfg, checkpoint=None if latest else backbone_ckpt).to(device)
     _logger.info(
         "%s %s: backbone %.2f GMACs at 1333x800 x %.3f (%.2f at full size); min_size %d, max_size %d",
@@ -462,8 +468,6 @@ def _train(
     start_epoch, it = 0, 0
     if latest is not None:
         state = load_training_checkpoint(latest)
-        if state.get("detector_config") != det_cfg.to_dict():
-            raise ValueError(f"{latest}: written for another detector config; use a new --out or resume=False")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -576,6 +580,39 @@ def _train(
     logger.close()
     write_json_atomic(out / "metrics.json", metrics_all)
     return metrics_all
+
+
+# Recipe keys that may differ between a run and its resumption (execution, and a longer schedule).
+_RESUME_FREE = {
+    "device", "num_workers", "pin_memory", "log_every", "keep_checkpoints", "eval_batch_size",
+    "max_eval_images", "eval_split", "epochs", "lr_steps", "backbone_checkpoint",
+}  # fmt: skip
+
+
+def _resumable_checkpoint(out: Path, cfg: Mapping[str, Any], det_cfg: DetectorConfig, info: DistInfo) -> Path | None:
+    """The newest checkpoint in ``out`` if it was written by the same recipe, else None (with a warning)."""
+    latest = find_latest_checkpoint(out)
+    if latest is None:
+        return None
+    state = load_training_checkpoint(latest)
+    old = {k: v for k, v in (state.get("config") or {}).items() if k not in _RESUME_FREE}
+    new = {k: v for k, v in _plain(cfg).items() if k not in _RESUME_FREE}
+    if state.get("detector_config") == det_cfg.to_dict() and old == new:
+        return latest
+    if info.is_main:
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        _logger.warning(
+            "%s was written by another configuration (differs in %s); starting afresh", latest, diff or ["detector"]
+        )
+    return None
+
+
+def _clear_checkpoints(out: Path) -> None:
+    """Remove the checkpoints of an earlier run in ``out`` (a fresh start must not resume from them later)."""
+    folder = out / "checkpoints"
+    if folder.is_dir():
+        for p in folder.glob("checkpoint-*.pth"):
+            p.unlink()
 
 
 def _plain(obj: Any) -> Any:
