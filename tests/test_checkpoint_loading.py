@@ -203,3 +203,28 @@ def test_non_strict_reports_instead_of_raising():
     report = load_checkpoint(dst, sd, strict=False)
     assert sorted(report.missing) == ["head.bias", "head.weight"]
     assert math.isclose(float((dst.blocks[0].attn.anchors - src.blocks[0].attn.anchors).abs().sum().detach()), 0.0)
+
+
+def test_model_from_training_checkpoint(tmp_path):
+    from anchorformer.models import model_from_checkpoint
+
+    kwargs = dict(img_size=32, depth=2, num_classes=5, num_anchors=6)
+    src = anchorformer.create_model("anchorformer_tiny_patch16_224", **kwargs).eval()
+    path = tmp_path / "model.pth"
+    torch.save(
+        {
+            "model": src.state_dict(),
+            "model_name": "anchorformer_tiny_patch16_224",
+            "model_kwargs": kwargs,
+            "classes": list("abcde"),
+        },
+        path,
+    )
+    model, meta = model_from_checkpoint(path)
+    assert meta["classes"] == list("abcde") and not model.training
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), src(x))
+    torch.save({"model": src.state_dict()}, tmp_path / "plain.pth")
+    with pytest.raises(CheckpointMismatchError, match="model_name"):
+        model_from_checkpoint(tmp_path / "plain.pth")

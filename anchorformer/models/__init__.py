@@ -1,7 +1,14 @@
 """Models: AnchorFormer backbones (registered in timm) and their weight loading."""
 
 from .anchorformer import ANCHOR_MODES, MODEL_NAMES, AnchorAttention, AnchorBlock, AnchorFormer, AnchorFormerDistilled
-from .checkpoint import CheckpointMismatchError, LoadReport, checkpoint_filter_fn, load_checkpoint, read_state_dict
+from .checkpoint import (
+    CheckpointMismatchError,
+    LoadReport,
+    checkpoint_filter_fn,
+    load_checkpoint,
+    model_from_checkpoint,
+    read_state_dict,
+)
 from .factory import create_model
 
 __all__ = [
@@ -16,5 +23,6 @@ __all__ = [
     "checkpoint_filter_fn",
     "create_model",
     "load_checkpoint",
+    "model_from_checkpoint",
     "read_state_dict",
 ]

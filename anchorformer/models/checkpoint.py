@@ -28,7 +28,14 @@ from timm.layers import resample_abs_pos_embed
 
 from .anchorformer import AnchorAttention
 
-__all__ = ["CheckpointMismatchError", "LoadReport", "checkpoint_filter_fn", "load_checkpoint", "read_state_dict"]
+__all__ = [
+    "CheckpointMismatchError",
+    "LoadReport",
+    "checkpoint_filter_fn",
+    "load_checkpoint",
+    "model_from_checkpoint",
+    "read_state_dict",
+]
 
 _logger = logging.getLogger(__name__)
 
@@ -194,3 +201,33 @@ def load_checkpoint(
     if missing:
         _logger.info("load_checkpoint: %d keys left as initialised: %s", len(missing), ", ".join(missing))
     return LoadReport(layout=layout, missing=missing, unused=unused)
+
+
+def model_from_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild and load the model of a training checkpoint that names it.
+
+    Checkpoints written by the training engines (``model.pth``) carry ``model_name`` and
+    ``model_kwargs`` beside the weights (``model``, and ``model_ema`` when EMA was used: the
+    plain weights are loaded).
+
+    Returns:
+        The model in eval mode, and the checkpoint's other entries (config, classes, ...).
+
+    Raises:
+        FileNotFoundError: no such file.
+        CheckpointMismatchError: the file does not name its model, or the weights do not fit it.
+    """
+    from .factory import create_model
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, Mapping) or "model_name" not in state or "model" not in state:
+        raise CheckpointMismatchError(
+            f"{path}: expected a training checkpoint with keys 'model_name', 'model_kwargs' and 'model'"
+        )
+    model = create_model(state["model_name"], **dict(state.get("model_kwargs") or {}))
+    load_checkpoint(model, state["model"])
+    meta = {k: v for k, v in state.items() if k not in ("model", "model_ema")}
+    return model.eval(), meta
