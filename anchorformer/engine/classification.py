@@ -161,6 +161,11 @@ def _check_config(cfg: dict[str, Any]) -> None:
         "null or a divisor of img_size",
     )
     need(float(cfg["lr"]) > 0, "lr", "a positive number")
+    need(
+        cfg["threads"] is None or (isinstance(cfg["threads"], int) and cfg["threads"] >= 1),
+        "threads",
+        "null or an integer >= 1",
+    )
     need(0.0 <= float(cfg["distillation_alpha"]) <= 1.0, "distillation_alpha", "a number in [0, 1]")
     need(
         isinstance(cfg["model_sizes"], dict) and set(cfg["model_sizes"]) <= set(_SIZES),
@@ -579,9 +584,13 @@ def train_classification(
             _logger.info("resuming from %s (epoch %d)", ckpt, resume_state["epoch"])
 
     dist_info = init_distributed(cfg["device"])
+    threads = torch.get_num_threads()
+    if cfg["threads"]:
+        torch.set_num_threads(int(cfg["threads"]))
     try:
         return _train(cfg, data, out_dir, classes, model_kwargs, resume_state, dist_info)
     finally:
+        torch.set_num_threads(threads)
         cleanup_distributed()
 
 
@@ -913,6 +922,9 @@ def evaluate_checkpoint(
         kwargs = classifier_kwargs(name, cfg, len(classes))
         weights = state if state else checkpoint
     dist_info = init_distributed(cfg["device"])
+    threads = torch.get_num_threads()
+    if cfg["threads"]:
+        torch.set_num_threads(int(cfg["threads"]))
     try:
         net = build_classifier(name, kwargs)
         _load_weights(net, weights, str(checkpoint))
@@ -956,6 +968,7 @@ def evaluate_checkpoint(
             _write_json(out_dir / "metrics.json", metrics)
         return metrics
     finally:
+        torch.set_num_threads(threads)
         cleanup_distributed()
 
 
