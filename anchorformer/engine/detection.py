@@ -23,6 +23,8 @@ import json
 import logging
 import os
 import random
+import subprocess
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -63,6 +65,7 @@ __all__ = [
     "register_eval",
     "register_train",
     "train_detection",
+    "train_detection_torchrun",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -397,6 +400,60 @@ def train_detection(
         cleanup_distributed()
 
 
+def train_detection_torchrun(
+    data_root: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    nproc_per_node: int,
+    profile: str | None = None,
+    overrides: Sequence[str] = (),
+    nnodes: int = 1,
+    extra_torchrun_args: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Run ``train det`` under ``torchrun`` (one process per GPU) and return its metrics.
+
+    The command is ``python -m torch.distributed.run --nproc_per_node N [--standalone] -m
+    anchorformer.cli train det --data ROOT --out DIR [--profile P] --set k=v ...``.
+    """
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={int(nproc_per_node)}",
+        f"--nnodes={int(nnodes)}",
+    ]
+    if int(nnodes) == 1 and not any(a.startswith(("--rdzv", "--master")) for a in extra_torchrun_args):
+        cmd.append("--standalone")
+    cmd += [
+        *extra_torchrun_args,
+        "-m",
+        "anchorformer.cli",
+        "train",
+        "det",
+        "--data",
+        str(data_root),
+        "--out",
+        str(out_dir),
+    ]
+    if profile:
+        cmd += ["--profile", profile]
+    for item in overrides:
+        cmd += ["--set", item]
+    _logger.info("launching %s", " ".join(cmd))
+    subprocess.run(cmd, check=True)
+    return json.loads((Path(out_dir) / "metrics.json").read_text(encoding="utf-8"))
+
+
+def _check_backbone_checkpoint(path: Any, backbone: str) -> None:
+    """A classification ``model.pth`` that names its model must name this backbone."""
+    if path is None or isinstance(path, Mapping):
+        return
+    state = load_training_checkpoint(path)
+    name = state.get("model_name")
+    if name is not None and name != backbone:
+        raise ValueError(f"backbone checkpoint {path} holds a {name}, but the detector's backbone is {backbone}")
+
+
 def _train(
     cfg: dict[str, Any], data_root: Path, out: Path, backbone_ckpt: Any, resume: bool, info: DistInfo
 ) -> dict[str, Any]:
@@ -422,6 +479,7 @@ def _train(
     num_classes = int(base.num_classes)
 
     det_cfg, macs_info = detector_config(cfg, num_classes)
+    _check_backbone_checkpoint(backbone_ckpt, det_cfg.backbone)
     latest = _resumable_checkpoint(out, cfg, det_cfg, info) if resume else None
     if latest is None and info.is_main:
         _clear_checkpoints(out)

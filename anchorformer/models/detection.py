@@ -152,7 +152,7 @@ class PyramidBackbone(nn.Module):
         return OrderedDict([("1", feats["1"]), ("2", feats["2"]), ("3", last), ("p6", p6), ("p7", p7)])
 
 
-def _norm_layer(norm: str):
+def _norm_layer(norm: str | None):
     if norm == "LN":
         return partial(LayerNorm2d, eps=1e-6)
     if norm == "GN":

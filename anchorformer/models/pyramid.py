@@ -164,6 +164,7 @@ class SimpleFeaturePyramid(nn.Module):
         scales = tuple(float(s) for s in scales)
         if not scales or any(s not in _SCALES for s in scales) or list(scales) != sorted(scales, reverse=True):
             raise ValueError(f"SimpleFeaturePyramid: scales must be decreasing values from {_SCALES}; got {scales}")
+        norm = norm or ""  # None: no normalisation
         if norm not in _NORMS:
             raise ValueError(f"SimpleFeaturePyramid: norm must be one of {_NORMS}; got {norm!r}")
         if isinstance(backbone, str):
