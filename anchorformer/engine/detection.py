@@ -392,11 +392,15 @@ def train_detection(
     _check_cfg(cfg)
     out = Path(out_dir)
     info = init_distributed(cfg.get("device"))
+    threads = torch.get_num_threads()
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg["threads"]))
     try:
         return _train(
             dict(cfg), Path(data_root), out, backbone_checkpoint or cfg.get("backbone_checkpoint"), resume, info
         )
     finally:
+        torch.set_num_threads(threads)
         cleanup_distributed()
 
 
@@ -642,7 +646,7 @@ def _train(
 
 # Recipe keys that may differ between a run and its resumption (execution, and a longer schedule).
 _RESUME_FREE = {
-    "device", "num_workers", "pin_memory", "log_every", "keep_checkpoints", "eval_batch_size",
+    "device", "threads", "num_workers", "pin_memory", "log_every", "keep_checkpoints", "eval_batch_size",
     "max_eval_images", "eval_split", "epochs", "lr_steps", "backbone_checkpoint",
 }  # fmt: skip
 
