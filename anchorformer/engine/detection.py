@@ -71,7 +71,6 @@ __all__ = [
 _logger = logging.getLogger(__name__)
 
 COCO_SIZE = (800, 1333)  # (H, W) at which backbone GMACs are reported
-_ANCHOR_ONLY = ("num_anchors",)
 
 
 # ---------------------------------------------------------------------------------------------
