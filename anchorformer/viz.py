@@ -18,6 +18,7 @@ __all__ = [
     "images_to_tensor",
     "plot_anchor_maps",
     "plot_gmacs_vs_resolution",
+    "plot_segmentation",
     "real_photographs",
     "save_figure",
 ]
@@ -298,4 +299,68 @@ def plot_ap_vs_gmacs(rows: Sequence[dict[str, Any]], metric: str = "bbox_AP", ti
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def segmentation_palette(num_classes: int = 150, seed: int = 0) -> Any:
+    """(K + 1, 3) float RGB colours: index 0 (ADE20K "other") black, classes 1..K distinct and fixed."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    hues = (np.arange(num_classes) * 0.618033988749895) % 1.0  # golden-ratio steps: neighbours differ
+    sat = rng.uniform(0.55, 0.95, num_classes)
+    val = rng.uniform(0.6, 1.0, num_classes)
+    from matplotlib.colors import hsv_to_rgb
+
+    colours = hsv_to_rgb(np.stack([hues, sat, val], axis=1))
+    return np.concatenate([np.zeros((1, 3)), colours], axis=0)
+
+
+def plot_segmentation(
+    images: Sequence[Any],
+    ground_truths: Sequence[Any],
+    predictions: Sequence[Any],
+    class_names: Sequence[str],
+    *,
+    titles: Sequence[str] | None = None,
+    alpha: float = 0.0,
+) -> Any:
+    """Rows of image | ground truth | prediction label maps, with a legend of the classes shown.
+
+    Args:
+        images: (H, W, 3) uint8 arrays.
+        ground_truths: (H, W) label maps in ADE20K file values (0 = other / unlabelled, 1..K).
+        predictions: (H, W) label maps, same values (1..K).
+        class_names: K names; value k is ``class_names[k - 1]``.
+        titles: one title per row (e.g. the file name).
+        alpha: > 0 blends the label colours over the image with this weight of the image.
+
+    Returns:
+        The matplotlib figure.
+    """
+    import numpy as np
+    from matplotlib.patches import Patch
+
+    palette = segmentation_palette(len(class_names))
+    n = len(images)
+    fig, axes = plt.subplots(n, 3, figsize=(7.5, 2.3 * n + 0.8), squeeze=False)
+    shown: set[int] = set()
+    for r, (img, gt, pred) in enumerate(zip(images, ground_truths, predictions)):
+        img = np.asarray(img)
+        for c, (lab, what) in enumerate(((gt, "ground truth"), (pred, "prediction")), start=1):
+            lab = np.asarray(lab).astype(np.int64)
+            shown.update(int(v) for v in np.unique(lab) if v > 0)
+            rgb = palette[np.clip(lab, 0, len(class_names))]
+            if alpha > 0:
+                rgb = alpha * img / 255.0 + (1 - alpha) * rgb
+            axes[r, c].imshow(rgb, interpolation="nearest")
+            axes[r, c].set_title(what, fontsize=7)
+        axes[r, 0].imshow(img)
+        axes[r, 0].set_title(titles[r] if titles else "image", fontsize=7)
+    for ax in axes.flat:
+        ax.axis("off")
+    handles = [Patch(color=palette[0], label="other (ignored)")]
+    handles += [Patch(color=palette[k], label=class_names[k - 1]) for k in sorted(shown)]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 5), fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 + 0.02 * (len(handles) // 5), 1, 1))
     return fig
