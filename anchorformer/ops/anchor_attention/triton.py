@@ -9,18 +9,29 @@ AnchorFormer (Shan et al., Pattern Recognition Letters 2025, arXiv 2505.16463), 
     out = A W                                 (N, D)
 
 Forward, two passes over N: ``_reduce_kernel`` recomputes A tile by tile and accumulates KV
-and deg (split over N, combined with fp32 atomics or, in deterministic mode, per-split
-partials summed in a fixed order); ``_out_kernel`` recomputes A and writes ``A W``.
+and deg (N split across programs; splits combined with fp32 atomics or, in deterministic
+mode, through per-split partials summed in a fixed order); ``_out_kernel`` recomputes A and
+writes ``A W``.
 
 Backward, with dO = dL/d out, dW = A^T dO, dKV = Λ^-1 dW, ddeg = -Λ^-2 rowsum(dW * KV):
 
-    dA   = dO W^T + v dKV^T + 1 ddeg^T          (N, M)
-    dZ   = A * (dA - rowsum(A * dA)) * s        (N, M) softmax backward, Z = qk U^T
-    dqk  = dZ U,  dv = A dKV,  dU = sum_{b(,h)} dZ^T qk
+    dA    = dO W^T + v dKV^T + 1 ddeg^T          (N, M)
+    delta = rowsum(A * dA) = rowsum(dO * out) + rowsum(v * dv) + A ddeg     (N,)
+    dZ    = A * (dA - delta) * s                 (N, M) softmax backward, Z = qk U^T
+    dqk   = dZ U,  dv = A dKV,  dU = sum_{b(,h)} dZ^T qk
 
 ``_reduce_kernel`` (without degrees) gives dW; ``_bwd_kernel`` recomputes A once more and
-writes dqk, dv and accumulates dU. Everything is accumulated in fp32; the matrix products
-take their operands in the input dtype (bf16/fp16 tensor cores, exact IEEE fp32 for fp32).
+writes dqk and dv (and accumulates dU).
+
+Anchors are processed in chunks of BLOCK_M <= 64. With one chunk (M <= 64, AnchorFormer uses
+30) every kernel takes the softmax within its tile. With more, ``_lse_kernel`` first stores
+each token's log-sum-exp over all anchors, so that any chunk of A is ``exp(Z - lse)``; the
+reductions get one program per chunk, and dU comes from ``_du_kernel``, which uses the
+per-token ``delta`` stored by ``_bwd_kernel``. Shared memory and registers stay bounded
+for M up to 256 and beyond.
+
+Everything is accumulated in fp32; matrix products take their operands in the input dtype
+(bf16/fp16 tensor cores; exact IEEE products for fp32).
 
 Letters used in shapes: B batch, H heads, N tokens, D head dim, M anchors, S splits of N.
 
@@ -31,12 +42,13 @@ under the Triton interpreter (slow; for tests).
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["INTERPRETED", "anchor_attention_triton", "check_triton_device"]
+__all__ = ["INTERPRETED", "AnchorAttentionFunction", "anchor_attention_triton", "check_triton_device"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -59,25 +71,143 @@ def _mm(a, b, acc, DTYPE: tl.constexpr, F32_DOT: tl.constexpr):
 
 
 @triton.jit
-def _anchor_probs(qk, u, scale, mask_n, mask_m, F32_DOT: tl.constexpr):
-    """A tile of p(anchor | token): (BLOCK_N, BLOCK_M) fp32, zero on padded rows and anchors."""
-    z = tl.zeros((qk.shape[0], u.shape[0]), dtype=tl.float32)
-    z = _mm(qk, tl.trans(u), z, qk.dtype, F32_DOT)
-    z = z * scale  # logits Z / sqrt(D), fp32
-    z = tl.where(mask_m[None, :], z, float("-inf"))
-    z = z - tl.max(z, axis=1)[:, None]
-    p = tl.exp(z)  # an anchor far below the row's best underflows to exactly 0 (-> degree 0)
-    p = p / tl.sum(p, axis=1)[:, None]
+def _split_range(N, BLOCK_N: tl.constexpr):
+    """The contiguous run [start, end) of N-tiles of this program (axis 0 splits N)."""
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    per_split = tl.cdiv(n_tiles, tl.num_programs(0))
+    start = tl.program_id(0) * per_split
+    return start, tl.minimum(start + per_split, n_tiles)
+
+
+@triton.jit
+def _load_tile(PTR, b, h, offs_n, offs_d, stride_b, stride_h, stride_n, stride_d, mask):
+    """A (BLOCK_N, BLOCK_D) tile of a (B, H, N, D) tensor, zero outside ``mask``."""
+    ptrs = PTR + b * stride_b + h * stride_h + offs_n[:, None] * stride_n + offs_d[None, :] * stride_d
+    return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_tile(PTR, x, b, h, offs_n, offs_d, stride_b, stride_h, stride_n, stride_d, mask):
+    ptrs = PTR + b * stride_b + h * stride_h + offs_n[:, None] * stride_n + offs_d[None, :] * stride_d
+    tl.store(ptrs, x.to(PTR.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _load_anchors(U, h, offs_m, offs_d, stride_uh, stride_um, stride_ud, M, D):
+    """A (BLOCK_M, BLOCK_D) chunk of anchors (stride_uh = 0: one set shared by all heads)."""
+    mask = (offs_m[:, None] < M) & (offs_d[None, :] < D)
+    return tl.load(U + h * stride_uh + offs_m[:, None] * stride_um + offs_d[None, :] * stride_ud, mask=mask, other=0.0)
+
+
+@triton.jit
+def _logits(qk, u, scale, mask_m, F32_DOT: tl.constexpr):
+    """Z / sqrt(D) for a tile of tokens and a chunk of anchors, fp32, -inf on padded anchors."""
+    z = _mm(qk, tl.trans(u), tl.zeros((qk.shape[0], u.shape[0]), dtype=tl.float32), qk.dtype, F32_DOT)
+    return tl.where(mask_m[None, :], z * scale, float("-inf"))
+
+
+@triton.jit
+def _probs(qk, u, lse, scale, mask_n, mask_m, SINGLE: tl.constexpr, F32_DOT: tl.constexpr):
+    """p(anchor | token) for a tile x chunk, (BLOCK_N, BLOCK_M) fp32, 0 on padded rows/anchors.
+
+    With a single chunk the softmax is taken here; otherwise ``lse`` (BLOCK_N,) holds the
+    log-sum-exp over all anchors. An anchor far below a token's best one underflows to exactly
+    0 (degree 0 if it does so for every token).
+    """
+    z = _logits(qk, u, scale, mask_m, F32_DOT)
+    if SINGLE:
+        p = tl.exp(z - tl.max(z, axis=1)[:, None])
+        p = p / tl.sum(p, axis=1)[:, None]
+    else:
+        p = tl.exp(z - lse[:, None])
     return tl.where(mask_n[:, None], p, 0.0)
 
 
 @triton.jit
+def _inverse_degree(DEG, bh, offs_m, M, NORMALIZE: tl.constexpr):
+    """Λ^-1 for a chunk of anchors, (BLOCK_M,) fp32, with 1/0 -> 0; ones without NORMALIZE."""
+    mask_m = offs_m < M
+    if NORMALIZE:
+        deg = tl.load(DEG + bh * M + offs_m, mask=mask_m, other=0.0)
+        return tl.where(deg > 0, 1.0 / tl.where(deg > 0, deg, 1.0), 0.0)
+    else:
+        return tl.where(mask_m, 1.0, 0.0)
+
+
+@triton.jit
+def _load_md(PTR, bh, offs_m, offs_d, M, D):
+    """A (BLOCK_M, BLOCK_D) chunk of a contiguous fp32 (B*H, M, D) tensor."""
+    mask = (offs_m[:, None] < M) & (offs_d[None, :] < D)
+    return tl.load(PTR + bh * M * D + offs_m[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _grad_consts(KV, DEG, DW, bh, offs_m, offs_d, M, D, NORMALIZE: tl.constexpr):
+    """For a chunk of anchors: W = Λ^-1 KV, dKV = Λ^-1 dW (BLOCK_M, BLOCK_D) and
+    ddeg = dL/ddeg = -Λ^-2 rowsum(dW * KV) (BLOCK_M,), 0 where Λ^-1 = 0; all fp32."""
+    kv = _load_md(KV, bh, offs_m, offs_d, M, D)
+    dw = _load_md(DW, bh, offs_m, offs_d, M, D)
+    inv = _inverse_degree(DEG, bh, offs_m, M, NORMALIZE)
+    if NORMALIZE:
+        ddeg = -inv * inv * tl.sum(dw * kv, axis=1)
+    else:
+        ddeg = inv * 0.0
+    return kv * inv[:, None], dw * inv[:, None], ddeg
+
+
+@triton.jit
+def _lse_kernel(
+    QK,  # (B, H, N, D)
+    U,  # (H or 1, M, D)
+    LSE,  # (B, H, N) fp32 out
+    stride_qb,
+    stride_qh,
+    stride_qn,
+    stride_qd,
+    stride_uh,
+    stride_um,
+    stride_ud,
+    H,
+    N,
+    M,
+    D,
+    N_KEY,  # power of two >= N: an autotuning key (unused in the body)
+    scale,
+    F32_DOT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Per (tile of N, b*h): log-sum-exp of the logits over all anchors (online over chunks)."""
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_n = offs_n < N
+    mask_nd = mask_n[:, None] & (offs_d[None, :] < D)
+    qk = _load_tile(QK, b, h, offs_n, offs_d, stride_qb, stride_qh, stride_qn, stride_qd, mask_nd)
+    m_i = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for c in range(0, tl.cdiv(M, BLOCK_M)):
+        offs_m = c * BLOCK_M + tl.arange(0, BLOCK_M)
+        u = _load_anchors(U, h, offs_m, offs_d, stride_uh, stride_um, stride_ud, M, D)
+        z = _logits(qk, u, scale, offs_m < M, F32_DOT)  # every chunk has at least one real anchor
+        m_new = tl.maximum(m_i, tl.max(z, axis=1))
+        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+        m_i = m_new
+    tl.store(LSE + bh * N + offs_n, m_i + tl.log(l_i), mask=mask_n)
+
+
+@triton.jit
 def _reduce_kernel(
-    QK,  # (B, H, N, D) input
-    X,  # (B, H, N, D) v (forward) or dO (backward)
-    U,  # (H or 1, M, D) anchors
-    ACC,  # (S or 1, B, H, M, D) fp32 out: A^T X
-    DEG,  # (S or 1, B, H, M) fp32 out: A^T 1 (only with WITH_DEG)
+    QK,  # (B, H, N, D)
+    X,  # (B, H, N, D): v (forward) or dO (backward)
+    U,  # (H or 1, M, D)
+    LSE,  # (B, H, N) fp32 (several chunks only)
+    ACC,  # (S or 1, B*H, M, D) fp32 out: A^T X
+    DEG,  # (S or 1, B*H, M) fp32 out: A^T 1 (WITH_DEG only)
     stride_qb,
     stride_qh,
     stride_qn,
@@ -89,74 +219,61 @@ def _reduce_kernel(
     stride_uh,
     stride_um,
     stride_ud,
-    stride_as,
-    stride_ab,
-    stride_ah,
-    stride_am,
-    stride_ds,
-    stride_db,
-    stride_dh,
+    stride_acc_row,
+    stride_deg_row,
     H,
     N,
     M,
     D,
-    N_KEY,  # power of two >= N: the autotuning key (unused in the body)
+    N_KEY,
     scale,
     WITH_DEG: tl.constexpr,
     ATOMIC: tl.constexpr,
+    SINGLE: tl.constexpr,
     F32_DOT: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Per (split of N, b*h): accumulate A^T X (and the degrees A^T 1) over the split's tiles."""
-    pid_s = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    offs_m = tl.arange(0, BLOCK_M)
+    """Per (split of N, b*h, chunk of anchors): accumulate A^T X (and A^T 1) over the split."""
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < M
     mask_d = offs_d < D
-    u = tl.load(
-        U + h * stride_uh + offs_m[:, None] * stride_um + offs_d[None, :] * stride_ud,
-        mask=mask_m[:, None] & mask_d[None, :],
-        other=0.0,
-    )  # (BLOCK_M, BLOCK_D)
-    qk_base = QK + b * stride_qb + h * stride_qh
-    x_base = X + b * stride_xb + h * stride_xh
-
-    # This program's contiguous run of tiles of N.
-    n_tiles = tl.cdiv(N, BLOCK_N)
-    per_split = tl.cdiv(n_tiles, tl.num_programs(0))
-    t_start = pid_s * per_split
-    t_end = tl.minimum(t_start + per_split, n_tiles)
-
+    u = _load_anchors(U, h, offs_m, offs_d, stride_uh, stride_um, stride_ud, M, D)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     deg = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    t_start, t_end = _split_range(N, BLOCK_N)
     for t in range(t_start, t_end):
         offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         mask_nd = mask_n[:, None] & mask_d[None, :]
-        qk = tl.load(qk_base + offs_n[:, None] * stride_qn + offs_d[None, :] * stride_qd, mask=mask_nd, other=0.0)
-        x = tl.load(x_base + offs_n[:, None] * stride_xn + offs_d[None, :] * stride_xd, mask=mask_nd, other=0.0)
-        p = _anchor_probs(qk, u, scale, mask_n, mask_m, F32_DOT)  # (BLOCK_N, BLOCK_M) fp32
+        qk = _load_tile(QK, b, h, offs_n, offs_d, stride_qb, stride_qh, stride_qn, stride_qd, mask_nd)
+        x = _load_tile(X, b, h, offs_n, offs_d, stride_xb, stride_xh, stride_xn, stride_xd, mask_nd)
+        if SINGLE:
+            lse = 0.0
+        else:
+            lse = tl.load(LSE + bh * N + offs_n, mask=mask_n, other=0.0)
+        p = _probs(qk, u, lse, scale, mask_n, mask_m, SINGLE, F32_DOT)  # (BLOCK_N, BLOCK_M)
         if WITH_DEG:
             deg += tl.sum(p, axis=0)
-        acc = _mm(tl.trans(p), x, acc, x.dtype, F32_DOT)  # (BLOCK_M, BLOCK_D) += A_tile^T X_tile
+        acc = _mm(tl.trans(p), x, acc, x.dtype, F32_DOT)  # += A_tile^T X_tile
 
     if ATOMIC:
         row = 0
     else:
-        row = pid_s  # this split's partial
-    acc_ptrs = ACC + row * stride_as + b * stride_ab + h * stride_ah + offs_m[:, None] * stride_am + offs_d[None, :]
+        row = tl.program_id(0)  # this split's partial
     mask_md = mask_m[:, None] & mask_d[None, :]
+    acc_ptrs = ACC + row * stride_acc_row + bh * M * D + offs_m[:, None] * D + offs_d[None, :]
     if ATOMIC:
         tl.atomic_add(acc_ptrs, acc, mask=mask_md)
     else:
         tl.store(acc_ptrs, acc, mask=mask_md)
     if WITH_DEG:
-        deg_ptrs = DEG + row * stride_ds + b * stride_db + h * stride_dh + offs_m
+        deg_ptrs = DEG + row * stride_deg_row + bh * M + offs_m
         if ATOMIC:
             tl.atomic_add(deg_ptrs, deg, mask=mask_m)
         else:
@@ -164,30 +281,13 @@ def _reduce_kernel(
 
 
 @triton.jit
-def _load_md(PTR, b, h, stride_b, stride_h, offs_m, offs_d, M, D):
-    """A (BLOCK_M, BLOCK_D) fp32 per-(b, h) matrix with rows of length D (contiguous)."""
-    mask = (offs_m[:, None] < M) & (offs_d[None, :] < D)
-    return tl.load(PTR + b * stride_b + h * stride_h + offs_m[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
-
-
-@triton.jit
-def _inverse_degree(DEG, b, h, stride_b, stride_h, offs_m, M, NORMALIZE: tl.constexpr):
-    """Λ^-1 as a (BLOCK_M,) fp32 vector, with 1/0 -> 0; all ones without NORMALIZE."""
-    mask_m = offs_m < M
-    if NORMALIZE:
-        deg = tl.load(DEG + b * stride_b + h * stride_h + offs_m, mask=mask_m, other=0.0)
-        return tl.where(deg > 0, 1.0 / tl.where(deg > 0, deg, 1.0), 0.0)
-    else:
-        return tl.where(mask_m, 1.0, 0.0)
-
-
-@triton.jit
 def _out_kernel(
     QK,  # (B, H, N, D)
     U,  # (H or 1, M, D)
-    KV,  # (B, H, M, D) fp32, contiguous
-    DEG,  # (B, H, M) fp32, contiguous
-    OUT,  # (B, H, N, D)
+    LSE,  # (B, H, N) fp32 (several chunks only)
+    KV,  # (B*H, M, D) fp32
+    DEG,  # (B*H, M) fp32
+    OUT,  # (B, H, N, D) out
     stride_qb,
     stride_qh,
     stride_qn,
@@ -206,43 +306,34 @@ def _out_kernel(
     N_KEY,
     scale,
     NORMALIZE: tl.constexpr,
+    SINGLE: tl.constexpr,
     F32_DOT: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Per (tile of N, b*h): out_tile = A_tile (Λ^-1 KV)."""
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
+    """Per (tile of N, b*h): out_tile = A_tile (Λ^-1 KV), summed over chunks of anchors."""
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_n = offs_n < N
-    mask_m = offs_m < M
-    mask_d = offs_d < D
-    u = tl.load(
-        U + h * stride_uh + offs_m[:, None] * stride_um + offs_d[None, :] * stride_ud,
-        mask=mask_m[:, None] & mask_d[None, :],
-        other=0.0,
-    )
-    inv = _inverse_degree(DEG, b, h, H * M, M, offs_m, M, NORMALIZE)
-    w = _load_md(KV, b, h, H * M * D, M * D, offs_m, offs_d, M, D) * inv[:, None]  # (BLOCK_M, BLOCK_D) = Λ^-1 KV
-
-    mask_nd = mask_n[:, None] & mask_d[None, :]
-    qk = tl.load(
-        QK + b * stride_qb + h * stride_qh + offs_n[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-        mask=mask_nd,
-        other=0.0,
-    )
-    p = _anchor_probs(qk, u, scale, mask_n, mask_m, F32_DOT)
-    out = _mm(p, w, tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32), qk.dtype, F32_DOT)
-    tl.store(
-        OUT + b * stride_ob + h * stride_oh + offs_n[:, None] * stride_on + offs_d[None, :] * stride_od,
-        out.to(OUT.dtype.element_ty),
-        mask=mask_nd,
-    )
+    mask_nd = mask_n[:, None] & (offs_d[None, :] < D)
+    qk = _load_tile(QK, b, h, offs_n, offs_d, stride_qb, stride_qh, stride_qn, stride_qd, mask_nd)
+    if SINGLE:
+        lse = 0.0
+    else:
+        lse = tl.load(LSE + bh * N + offs_n, mask=mask_n, other=0.0)
+    out = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    for c in range(0, tl.cdiv(M, BLOCK_M)):
+        offs_m = c * BLOCK_M + tl.arange(0, BLOCK_M)
+        u = _load_anchors(U, h, offs_m, offs_d, stride_uh, stride_um, stride_ud, M, D)
+        inv = _inverse_degree(DEG, bh, offs_m, M, NORMALIZE)
+        w = _load_md(KV, bh, offs_m, offs_d, M, D) * inv[:, None]  # Λ^-1 KV: the anchors' mean values
+        p = _probs(qk, u, lse, scale, mask_n, offs_m < M, SINGLE, F32_DOT)
+        out = _mm(p, w, out, qk.dtype, F32_DOT)
+    _store_tile(OUT, out, b, h, offs_n, offs_d, stride_ob, stride_oh, stride_on, stride_od, mask_nd)
 
 
 @triton.jit
@@ -251,12 +342,14 @@ def _bwd_kernel(
     V,  # (B, H, N, D)
     DO,  # (B, H, N, D) gradient of the output
     U,  # (H or 1, M, D)
-    KV,  # (B, H, M, D) fp32, contiguous
-    DEG,  # (B, H, M) fp32, contiguous
-    DW,  # (B, H, M, D) fp32, contiguous: A^T dO
+    LSE,  # (B, H, N) fp32 (several chunks only)
+    KV,  # (B*H, M, D) fp32: A^T v
+    DEG,  # (B*H, M) fp32
+    DW,  # (B*H, M, D) fp32: A^T dO
     DQK,  # (B, H, N, D) out
     DV,  # (B, H, N, D) out
-    DU,  # fp32 out; U's gradient lands at row*stride_us + b*stride_ub + h*stride_uh2 (+ m, d)
+    DU,  # fp32 out (single chunk only): dU lands at row * stride_du_row + b * stride_dub + h * stride_duh
+    DELTA,  # (B, H, N) fp32 out (several chunks only): rowsum(A * dA), for _du_kernel
     stride_qb,
     stride_qh,
     stride_qn,
@@ -280,7 +373,126 @@ def _bwd_kernel(
     stride_dvh,
     stride_dvn,
     stride_dvd,
-    stride_dus,
+    stride_du_row,
+    stride_dub,
+    stride_duh,
+    H,
+    N,
+    M,
+    D,
+    N_KEY,
+    scale,
+    NORMALIZE: tl.constexpr,
+    ATOMIC: tl.constexpr,
+    SINGLE: tl.constexpr,
+    F32_DOT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Per (split of N, b*h): dqk and dv of the split's tiles (and, with one chunk, its dU)."""
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    DT = QK.dtype.element_ty
+    if SINGLE:  # everything about the anchors fits in one chunk: load it once
+        offs_m = tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M
+        u = _load_anchors(U, h, offs_m, offs_d, stride_uh, stride_um, stride_ud, M, D)
+        w, dkv, ddeg = _grad_consts(KV, DEG, DW, bh, offs_m, offs_d, M, D, NORMALIZE)
+        du = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+
+    t_start, t_end = _split_range(N, BLOCK_N)
+    for t in range(t_start, t_end):
+        offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        mask_nd = mask_n[:, None] & mask_d[None, :]
+        qk = _load_tile(QK, b, h, offs_n, offs_d, stride_qb, stride_qh, stride_qn, stride_qd, mask_nd)
+        v = _load_tile(V, b, h, offs_n, offs_d, stride_vb, stride_vh, stride_vn, stride_vd, mask_nd)
+        do = _load_tile(DO, b, h, offs_n, offs_d, stride_gb, stride_gh, stride_gn, stride_gd, mask_nd)
+        zeros_nd = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+        if SINGLE:
+            p = _probs(qk, u, 0.0, scale, mask_n, mask_m, True, F32_DOT)  # (BLOCK_N, BLOCK_M)
+            # dA = dO W^T + v dKV^T + 1 ddeg^T
+            da = _mm(do, tl.trans(w), tl.broadcast_to(ddeg[None, :], (BLOCK_N, BLOCK_M)), DT, F32_DOT)
+            da = _mm(v, tl.trans(dkv), da, DT, F32_DOT)
+            dz = p * (da - tl.sum(p * da, axis=1)[:, None]) * scale  # softmax backward; 0 on padding
+            dqk = _mm(dz, u, zeros_nd, DT, F32_DOT)
+            dv = _mm(p, dkv, zeros_nd, DT, F32_DOT)
+            du = _mm(tl.trans(dz), qk, du, DT, F32_DOT)
+        else:
+            lse = tl.load(LSE + bh * N + offs_n, mask=mask_n, other=0.0)
+            # First sweep over the chunks: dv = A dKV and delta = rowsum(dO * out) + rowsum(v * dv) + A ddeg.
+            dv = zeros_nd
+            out = zeros_nd
+            a_ddeg = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for c in range(0, tl.cdiv(M, BLOCK_M)):
+                offs_c = c * BLOCK_M + tl.arange(0, BLOCK_M)
+                u_c = _load_anchors(U, h, offs_c, offs_d, stride_uh, stride_um, stride_ud, M, D)
+                w_c, dkv_c, ddeg_c = _grad_consts(KV, DEG, DW, bh, offs_c, offs_d, M, D, NORMALIZE)
+                p = _probs(qk, u_c, lse, scale, mask_n, offs_c < M, False, F32_DOT)
+                dv = _mm(p, dkv_c, dv, DT, F32_DOT)
+                out = _mm(p, w_c, out, DT, F32_DOT)
+                a_ddeg += tl.sum(p * ddeg_c[None, :], axis=1)
+            delta = tl.sum(do.to(tl.float32) * out, axis=1) + tl.sum(v.to(tl.float32) * dv, axis=1) + a_ddeg
+            tl.store(DELTA + bh * N + offs_n, delta, mask=mask_n)
+            # Second sweep: dqk = sum over chunks of dZ_c U_c.
+            dqk = zeros_nd
+            for c in range(0, tl.cdiv(M, BLOCK_M)):
+                offs_c = c * BLOCK_M + tl.arange(0, BLOCK_M)
+                u_c = _load_anchors(U, h, offs_c, offs_d, stride_uh, stride_um, stride_ud, M, D)
+                w_c, dkv_c, ddeg_c = _grad_consts(KV, DEG, DW, bh, offs_c, offs_d, M, D, NORMALIZE)
+                p = _probs(qk, u_c, lse, scale, mask_n, offs_c < M, False, F32_DOT)
+                da = _mm(do, tl.trans(w_c), tl.broadcast_to(ddeg_c[None, :], (BLOCK_N, BLOCK_M)), DT, F32_DOT)
+                da = _mm(v, tl.trans(dkv_c), da, DT, F32_DOT)
+                dz = p * (da - delta[:, None]) * scale
+                dqk = _mm(dz, u_c, dqk, DT, F32_DOT)
+        _store_tile(DQK, dqk, b, h, offs_n, offs_d, stride_dqb, stride_dqh, stride_dqn, stride_dqd, mask_nd)
+        _store_tile(DV, dv, b, h, offs_n, offs_d, stride_dvb, stride_dvh, stride_dvn, stride_dvd, mask_nd)
+
+    if SINGLE:
+        if ATOMIC:
+            row = 0
+        else:
+            row = tl.program_id(0)  # this split's partial
+        du_ptrs = DU + row * stride_du_row + b * stride_dub + h * stride_duh + offs_m[:, None] * D + offs_d[None, :]
+        mask_md = mask_m[:, None] & mask_d[None, :]
+        if ATOMIC:
+            tl.atomic_add(du_ptrs, du, mask=mask_md)
+        else:
+            tl.store(du_ptrs, du, mask=mask_md)
+
+
+@triton.jit
+def _du_kernel(
+    QK,  # (B, H, N, D)
+    V,  # (B, H, N, D)
+    DO,  # (B, H, N, D)
+    U,  # (H or 1, M, D)
+    LSE,  # (B, H, N) fp32
+    DELTA,  # (B, H, N) fp32
+    KV,  # (B*H, M, D) fp32
+    DEG,  # (B*H, M) fp32
+    DW,  # (B*H, M, D) fp32
+    DU,  # fp32 out, as in _bwd_kernel
+    stride_qb,
+    stride_qh,
+    stride_qn,
+    stride_qd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_gb,
+    stride_gh,
+    stride_gn,
+    stride_gd,
+    stride_uh,
+    stride_um,
+    stride_ud,
+    stride_du_row,
     stride_dub,
     stride_duh,
     H,
@@ -296,81 +508,40 @@ def _bwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Per (split of N, b*h): dqk and dv of the split's tiles, and its share of dU."""
-    pid_s = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    offs_m = tl.arange(0, BLOCK_M)
+    """Per (split of N, b*h, chunk of anchors), several chunks only: dU_c = sum_n dZ_c^T qk."""
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < M
     mask_d = offs_d < D
-    mask_md = mask_m[:, None] & mask_d[None, :]
-    u = tl.load(U + h * stride_uh + offs_m[:, None] * stride_um + offs_d[None, :] * stride_ud, mask=mask_md, other=0.0)
-
-    # Per-(b, h) quantities of size M x D, shared by every tile.
-    inv = _inverse_degree(DEG, b, h, H * M, M, offs_m, M, NORMALIZE)  # (BLOCK_M,)
-    kv = _load_md(KV, b, h, H * M * D, M * D, offs_m, offs_d, M, D)  # A^T v
-    dw = _load_md(DW, b, h, H * M * D, M * D, offs_m, offs_d, M, D)  # A^T dO
-    w = kv * inv[:, None]  # Λ^-1 A^T v
-    dkv = dw * inv[:, None]  # dL/dKV
-    if NORMALIZE:
-        # deg -> inv = 1/deg -> W = inv KV: dL/ddeg = -inv^2 * sum_d dW * KV (0 where inv = 0).
-        ddeg = -inv * inv * tl.sum(dw * kv, axis=1)  # (BLOCK_M,)
-    else:
-        ddeg = tl.zeros((BLOCK_M,), dtype=tl.float32)
-
-    n_tiles = tl.cdiv(N, BLOCK_N)
-    per_split = tl.cdiv(n_tiles, tl.num_programs(0))
-    t_start = pid_s * per_split
-    t_end = tl.minimum(t_start + per_split, n_tiles)
-
     DT = QK.dtype.element_ty
+    u = _load_anchors(U, h, offs_m, offs_d, stride_uh, stride_um, stride_ud, M, D)
+    w, dkv, ddeg = _grad_consts(KV, DEG, DW, bh, offs_m, offs_d, M, D, NORMALIZE)
     du = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    t_start, t_end = _split_range(N, BLOCK_N)
     for t in range(t_start, t_end):
         offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         mask_nd = mask_n[:, None] & mask_d[None, :]
-        qk = tl.load(
-            QK + b * stride_qb + h * stride_qh + offs_n[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-            mask=mask_nd,
-            other=0.0,
-        )
-        v = tl.load(
-            V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-            mask=mask_nd,
-            other=0.0,
-        )
-        do = tl.load(
-            DO + b * stride_gb + h * stride_gh + offs_n[:, None] * stride_gn + offs_d[None, :] * stride_gd,
-            mask=mask_nd,
-            other=0.0,
-        )
-        p = _anchor_probs(qk, u, scale, mask_n, mask_m, F32_DOT)  # (BLOCK_N, BLOCK_M)
-        # dL/dA = dO W^T + v dKV^T + 1 ddeg^T, (BLOCK_N, BLOCK_M)
+        qk = _load_tile(QK, b, h, offs_n, offs_d, stride_qb, stride_qh, stride_qn, stride_qd, mask_nd)
+        v = _load_tile(V, b, h, offs_n, offs_d, stride_vb, stride_vh, stride_vn, stride_vd, mask_nd)
+        do = _load_tile(DO, b, h, offs_n, offs_d, stride_gb, stride_gh, stride_gn, stride_gd, mask_nd)
+        lse = tl.load(LSE + bh * N + offs_n, mask=mask_n, other=0.0)
+        delta = tl.load(DELTA + bh * N + offs_n, mask=mask_n, other=0.0)
+        p = _probs(qk, u, lse, scale, mask_n, mask_m, False, F32_DOT)
         da = _mm(do, tl.trans(w), tl.broadcast_to(ddeg[None, :], (BLOCK_N, BLOCK_M)), DT, F32_DOT)
         da = _mm(v, tl.trans(dkv), da, DT, F32_DOT)
-        dz = p * (da - tl.sum(p * da, axis=1)[:, None]) * scale  # softmax backward; 0 on padding
-        zeros_nd = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-        dqk = _mm(dz, u, zeros_nd, DT, F32_DOT)
-        dv = _mm(p, dkv, zeros_nd, DT, F32_DOT)
+        dz = p * (da - delta[:, None]) * scale
         du = _mm(tl.trans(dz), qk, du, DT, F32_DOT)
-        tl.store(
-            DQK + b * stride_dqb + h * stride_dqh + offs_n[:, None] * stride_dqn + offs_d[None, :] * stride_dqd,
-            dqk.to(DQK.dtype.element_ty),
-            mask=mask_nd,
-        )
-        tl.store(
-            DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
-            dv.to(DV.dtype.element_ty),
-            mask=mask_nd,
-        )
 
     if ATOMIC:
         row = 0
     else:
-        row = pid_s  # this split's partial
-    du_ptrs = DU + row * stride_dus + b * stride_dub + h * stride_duh + offs_m[:, None] * D + offs_d[None, :]
+        row = tl.program_id(0)
+    du_ptrs = DU + row * stride_du_row + b * stride_dub + h * stride_duh + offs_m[:, None] * D + offs_d[None, :]
+    mask_md = mask_m[:, None] & mask_d[None, :]
     if ATOMIC:
         tl.atomic_add(du_ptrs, du, mask=mask_md)
     else:
@@ -384,47 +555,56 @@ def _bwd_kernel(
 # Whether the kernels were built for the Triton interpreter (TRITON_INTERPRET=1 at import time).
 INTERPRETED = type(_reduce_kernel).__name__ == "InterpretedFunction"
 
-# Candidate launch configurations on a GPU; the interpreter uses _INTERPRETER_BLOCK_N.
+# Launch configurations: autotuned on a GPU among _CONFIGS, unless ANCHORFORMER_TRITON_AUTOTUNE=0
+# (then _fixed_config, which saves compile time, e.g. in tests); the interpreter always uses
+# _fixed_config.
 _CONFIGS = [
     triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bn, w, s in [(32, 4, 2), (64, 4, 3), (64, 8, 3), (128, 4, 3), (128, 8, 3), (128, 8, 2)]
+    for bn, w, s in [(32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 8, 3), (128, 4, 3), (128, 8, 3)]
 ]
-_MIN_BLOCK_N = 32
-_INTERPRETER_BLOCK_N = 16
-_KEY = ["M", "D", "N_KEY"]
+_AUTOTUNE = not INTERPRETED and os.environ.get("ANCHORFORMER_TRITON_AUTOTUNE", "1") != "0"
+_MAX_BLOCK_M = 64  # anchors per chunk
 
 
-def _prune(configs, named_args, **kwargs):
-    """Large M x D tiles leave no room for big token tiles: keep the small ones."""
-    if named_args["M"] * named_args["D"] > 128 * 128:
-        small = [c for c in configs if c.kwargs["BLOCK_N"] <= 32]
-        return small or configs[:1]
-    return configs
+def _blocks(M: int, D: int) -> tuple[int, int, int]:
+    """(BLOCK_M, number of anchor chunks, BLOCK_D); tl.dot needs every dimension >= 16."""
+    block_m = min(_MAX_BLOCK_M, max(16, triton.next_power_of_2(M)))
+    return block_m, triton.cdiv(M, block_m), max(16, triton.next_power_of_2(D))
 
 
-if INTERPRETED:
-    _reduce = _reduce_kernel
-    _out = _out_kernel
-    _bwd = _bwd_kernel
-else:  # pragma: no cover - needs a GPU
-    _prune_cfg = {"early_config_prune": _prune}
-    _reduce = triton.autotune(
-        _CONFIGS, key=_KEY + ["WITH_DEG", "ATOMIC"], reset_to_zero=["ACC", "DEG"], prune_configs_by=_prune_cfg
-    )(_reduce_kernel)
-    _out = triton.autotune(_CONFIGS, key=_KEY + ["NORMALIZE"], prune_configs_by=_prune_cfg)(_out_kernel)
-    _bwd = triton.autotune(
-        _CONFIGS, key=_KEY + ["NORMALIZE", "ATOMIC"], reset_to_zero=["DU"], prune_configs_by=_prune_cfg
-    )(_bwd_kernel)
+def _fixed_config(M: int, D: int) -> dict[str, int]:
+    """Launch parameters without autotuning."""
+    if INTERPRETED:
+        return {"BLOCK_N": 16}  # small tiles: several per split even for short test sequences
+    if _blocks(M, D)[2] <= 64:
+        return {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+    return {"BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+
+
+def _meta(M: int, D: int) -> dict[str, int]:
+    """Launch parameters passed explicitly: none when autotuning."""
+    return {} if _AUTOTUNE else _fixed_config(M, D)
+
+
+def _min_block_n(M: int, D: int) -> int:
+    """The smallest BLOCK_N a launch may use (sizes the deterministic partial buffers)."""
+    return min(c.kwargs["BLOCK_N"] for c in _CONFIGS) if _AUTOTUNE else _fixed_config(M, D)["BLOCK_N"]
+
+
+if _AUTOTUNE:  # pragma: no cover - needs a GPU
+    _KEY = ["M", "D", "N_KEY"]
+    _lse = triton.autotune(_CONFIGS, key=_KEY)(_lse_kernel)
+    _reduce = triton.autotune(_CONFIGS, key=_KEY + ["WITH_DEG", "ATOMIC"], reset_to_zero=["ACC", "DEG"])(_reduce_kernel)
+    _out = triton.autotune(_CONFIGS, key=_KEY + ["NORMALIZE"])(_out_kernel)
+    _bwd = triton.autotune(_CONFIGS, key=_KEY + ["NORMALIZE", "ATOMIC"], reset_to_zero=["DU"])(_bwd_kernel)
+    _du = triton.autotune(_CONFIGS, key=_KEY + ["NORMALIZE", "ATOMIC"], reset_to_zero=["DU"])(_du_kernel)
+else:
+    _lse, _reduce, _out, _bwd, _du = _lse_kernel, _reduce_kernel, _out_kernel, _bwd_kernel, _du_kernel
 
 
 def _f32_dot(dtype: torch.dtype) -> bool:
     """Whether the kernels multiply in fp32 (see ``_mm``)."""
     return dtype == torch.float32 or (INTERPRETED and dtype == torch.bfloat16)
-
-
-def _meta() -> dict[str, int]:
-    """Launch parameters given explicitly (interpreter) rather than autotuned (GPU)."""
-    return {"BLOCK_N": _INTERPRETER_BLOCK_N} if INTERPRETED else {}
 
 
 @functools.lru_cache(maxsize=16)
@@ -435,16 +615,11 @@ def _target_programs(device_index: int | None) -> int:
     return 4 * torch.cuda.get_device_properties(device_index).multi_processor_count  # pragma: no cover
 
 
-def _num_splits(n: int, block_n: int, bh: int, target: int) -> int:
-    """Splits S of N for the reductions: enough (S x B*H) programs, every split non-empty."""
+def _num_splits(n: int, block_n: int, programs_per_split: int, target: int) -> int:
+    """Splits S of N for the reductions: about ``target`` programs in all, every split non-empty."""
     n_tiles = triton.cdiv(n, block_n)
-    per = triton.cdiv(n_tiles, max(1, min(n_tiles, triton.cdiv(target, bh))))
+    per = triton.cdiv(n_tiles, max(1, min(n_tiles, triton.cdiv(target, programs_per_split))))
     return triton.cdiv(n_tiles, per)
-
-
-def _blocks(M: int, D: int) -> tuple[int, int]:
-    # tl.dot needs every dimension >= 16.
-    return max(16, triton.next_power_of_2(M)), max(16, triton.next_power_of_2(D))
 
 
 def _anchor_strides(anchors: torch.Tensor) -> tuple[int, int, int]:
@@ -461,61 +636,87 @@ def _empty_like_bnhd(x: torch.Tensor) -> torch.Tensor:
     return x.new_empty((B, N, H, D)).permute(0, 2, 1, 3)
 
 
+def _lse_shape(qk: torch.Tensor, anchors: torch.Tensor) -> tuple[int, ...]:
+    """(B, H, N) when the anchors take several chunks (the log-sum-exp is stored), else (0,)."""
+    B, H, N, D = qk.shape
+    return (B, H, N) if _blocks(anchors.shape[-2], D)[1] > 1 else (0,)
+
+
+def _launch_common(qk: torch.Tensor, anchors: torch.Tensor) -> tuple[dict[str, object], int]:
+    """(keyword arguments shared by every launch, number of anchor chunks)."""
+    M, D = anchors.shape[-2], qk.shape[-1]
+    block_m, chunks, block_d = _blocks(M, D)
+    kw = dict(scale=D**-0.5, F32_DOT=_f32_dot(qk.dtype), BLOCK_M=block_m, BLOCK_D=block_d, **_meta(M, D))
+    return kw, chunks
+
+
 def _reduce_launch(
-    qk: torch.Tensor, x: torch.Tensor, anchors: torch.Tensor, *, with_deg: bool, deterministic: bool
+    qk: torch.Tensor,
+    x: torch.Tensor,
+    anchors: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    with_deg: bool,
+    deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A^T x and (with ``with_deg``) A^T 1: ((B, H, M, D) fp32, (B, H, M) fp32)."""
     B, H, N, D = qk.shape
     M = anchors.shape[-2]
-    BLOCK_M, BLOCK_D = _blocks(M, D)
+    kw, chunks = _launch_common(qk, anchors)
     target = _target_programs(qk.device.index if qk.device.type == "cuda" else None)
-    block_n = _INTERPRETER_BLOCK_N if INTERPRETED else _MIN_BLOCK_N
-    rows = 1 if not deterministic else _num_splits(N, block_n, B * H, target)
-    acc = torch.zeros((rows, B, H, M, D), device=qk.device, dtype=torch.float32)
-    deg = torch.zeros((rows, B, H, M) if with_deg else (1,), device=qk.device, dtype=torch.float32)
-    grid = lambda meta: (_num_splits(N, meta["BLOCK_N"], B * H, target), B * H)
-    deg_strides = deg.stride()[:3] if with_deg else (0, 0, 0)
+    # Deterministic: one partial per split (at most `rows` splits), summed below in a fixed order.
+    rows = _num_splits(N, _min_block_n(M, D), B * H * chunks, target) if deterministic else 1
+    acc = torch.zeros((rows, B * H, M, D), device=qk.device, dtype=torch.float32)
+    deg = torch.zeros((rows, B * H, M) if with_deg else (1,), device=qk.device, dtype=torch.float32)
+    max_splits = rows if deterministic else N
+    grid = lambda meta: (min(max_splits, _num_splits(N, meta["BLOCK_N"], B * H * chunks, target)), B * H, chunks)
     _reduce[grid](
         qk,
         x,
         anchors,
+        lse,
         acc,
         deg,
         *qk.stride(),
         *x.stride(),
         *_anchor_strides(anchors),
-        *acc.stride()[:4],
-        *deg_strides,
+        acc.stride(0),
+        deg.stride(0) if with_deg else 0,
         H,
         N,
         M,
         D,
         triton.next_power_of_2(N),
-        D**-0.5,
         WITH_DEG=with_deg,
         ATOMIC=not deterministic,
-        F32_DOT=_f32_dot(qk.dtype),
-        BLOCK_M=BLOCK_M,
-        BLOCK_D=BLOCK_D,
-        **_meta(),
+        SINGLE=chunks == 1,
+        **kw,
     )
-    # Deterministic: per-split partials, summed in a fixed order (unused splits are zeros).
-    return acc.sum(0), (deg.sum(0) if with_deg else deg)
+    acc = acc.sum(0) if deterministic else acc[0]  # unused partial rows are zeros
+    deg = (deg.sum(0) if deterministic else deg[0]) if with_deg else deg
+    return acc.view(B, H, M, D), (deg.view(B, H, M) if with_deg else deg)
 
 
 def _forward(
     qk: torch.Tensor, v: torch.Tensor, anchors: torch.Tensor, normalize: bool, deterministic: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (out (B, H, N, D) in v's dtype, KV (B, H, M, D) fp32, deg (B, H, M) fp32)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (out (B, H, N, D) in v's dtype, KV (B, H, M, D) fp32, deg (B, H, M) fp32,
+    lse (B, H, N) fp32 or an empty tensor when the anchors fit in one chunk)."""
     B, H, N, D = qk.shape
     M = anchors.shape[-2]
-    BLOCK_M, BLOCK_D = _blocks(M, D)
-    kv, deg = _reduce_launch(qk, v, anchors, with_deg=True, deterministic=deterministic)
+    kw, chunks = _launch_common(qk, anchors)
+    lse = torch.empty(_lse_shape(qk, anchors), device=qk.device, dtype=torch.float32)
+    tiles = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * H)
+    if chunks > 1:
+        _lse[tiles](
+            qk, anchors, lse, *qk.stride(), *_anchor_strides(anchors), H, N, M, D, triton.next_power_of_2(N), **kw
+        )
+    kv, deg = _reduce_launch(qk, v, anchors, lse, with_deg=True, deterministic=deterministic)
     out = _empty_like_bnhd(v)
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * H)
-    _out[grid](
+    _out[tiles](
         qk,
         anchors,
+        lse,
         kv,
         deg,
         out,
@@ -527,14 +728,11 @@ def _forward(
         M,
         D,
         triton.next_power_of_2(N),
-        D**-0.5,
         NORMALIZE=normalize,
-        F32_DOT=_f32_dot(qk.dtype),
-        BLOCK_M=BLOCK_M,
-        BLOCK_D=BLOCK_D,
-        **_meta(),
+        SINGLE=chunks == 1,
+        **kw,
     )
-    return out, kv, deg
+    return out, kv, deg, lse
 
 
 def _backward(
@@ -544,59 +742,81 @@ def _backward(
     anchors: torch.Tensor,
     kv: torch.Tensor,
     deg: torch.Tensor,
+    lse: torch.Tensor,
     normalize: bool,
     deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dqk, dv, danchors) shaped and typed like (qk, v, anchors)."""
     B, H, N, D = qk.shape
     M = anchors.shape[-2]
-    BLOCK_M, BLOCK_D = _blocks(M, D)
+    kw, chunks = _launch_common(qk, anchors)
     grad_out = grad_out.to(qk.dtype)
-    dw, _ = _reduce_launch(qk, grad_out, anchors, with_deg=False, deterministic=deterministic)
+    dw, _ = _reduce_launch(qk, grad_out, anchors, lse, with_deg=False, deterministic=deterministic)
     dqk = _empty_like_bnhd(qk)
     dv = _empty_like_bnhd(v)
+    delta = torch.empty(_lse_shape(qk, anchors), device=qk.device, dtype=torch.float32)
     target = _target_programs(qk.device.index if qk.device.type == "cuda" else None)
     per_head = anchors.dim() == 3
     if deterministic:
         # One partial per (split, b, h), reduced below in a fixed order.
-        block_n = _INTERPRETER_BLOCK_N if INTERPRETED else _MIN_BLOCK_N
-        du = torch.zeros((_num_splits(N, block_n, B * H, target), B, H, M, D), device=qk.device, dtype=torch.float32)
+        rows = _num_splits(N, _min_block_n(M, D), B * H * chunks, target)
+        du = torch.zeros((rows, B, H, M, D), device=qk.device, dtype=torch.float32)
         du_strides = du.stride()[:3]
     else:
+        rows = N
         du = torch.zeros((1, H if per_head else 1, M, D), device=qk.device, dtype=torch.float32)
         du_strides = (0, 0, du.stride(1) if per_head else 0)
-    grid = lambda meta: (_num_splits(N, meta["BLOCK_N"], B * H, target), B * H)
+    common = (
+        *qk.stride(),
+        *v.stride(),
+        *grad_out.stride(),
+        *_anchor_strides(anchors),
+    )
+    sizes = (H, N, M, D, triton.next_power_of_2(N))
+    grid = lambda meta: (min(rows, _num_splits(N, meta["BLOCK_N"], B * H, target)), B * H)
     _bwd[grid](
         qk,
         v,
         grad_out,
         anchors,
+        lse,
         kv,
         deg,
         dw,
         dqk,
         dv,
         du,
-        *qk.stride(),
-        *v.stride(),
-        *grad_out.stride(),
-        *_anchor_strides(anchors),
+        delta,
+        *common,
         *dqk.stride(),
         *dv.stride(),
         *du_strides,
-        H,
-        N,
-        M,
-        D,
-        triton.next_power_of_2(N),
-        D**-0.5,
+        *sizes,
         NORMALIZE=normalize,
         ATOMIC=not deterministic,
-        F32_DOT=_f32_dot(qk.dtype),
-        BLOCK_M=BLOCK_M,
-        BLOCK_D=BLOCK_D,
-        **_meta(),
+        SINGLE=chunks == 1,
+        **kw,
     )
+    if chunks > 1:
+        grid = lambda meta: (min(rows, _num_splits(N, meta["BLOCK_N"], B * H * chunks, target)), B * H, chunks)
+        _du[grid](
+            qk,
+            v,
+            grad_out,
+            anchors,
+            lse,
+            delta,
+            kv,
+            deg,
+            dw,
+            du,
+            *common,
+            *du_strides,
+            *sizes,
+            NORMALIZE=normalize,
+            ATOMIC=not deterministic,
+            **kw,
+        )
     if deterministic:
         du = du.sum(dim=(0, 1))  # (H, M, D)
         du = du if per_head else du.sum(0)
@@ -610,7 +830,7 @@ def _backward(
 @torch.library.custom_op("anchorformer::anchor_attention_fwd", mutates_args=())
 def _forward_op(
     qk: torch.Tensor, v: torch.Tensor, anchors: torch.Tensor, normalize: bool, deterministic: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _forward(qk, v, anchors, normalize, deterministic)
 
 
@@ -618,8 +838,13 @@ def _forward_op(
 def _(qk, v, anchors, normalize, deterministic):
     B, H, N, D = qk.shape
     M = anchors.shape[-2]
-    out = _empty_like_bnhd(v)
-    return out, qk.new_empty((B, H, M, D), dtype=torch.float32), qk.new_empty((B, H, M), dtype=torch.float32)
+    f32 = dict(dtype=torch.float32)
+    return (
+        _empty_like_bnhd(v),
+        qk.new_empty((B, H, M, D), **f32),
+        qk.new_empty((B, H, M), **f32),
+        qk.new_empty(_lse_shape(qk, anchors), **f32),
+    )
 
 
 @torch.library.custom_op("anchorformer::anchor_attention_bwd", mutates_args=())
@@ -630,14 +855,15 @@ def _backward_op(
     anchors: torch.Tensor,
     kv: torch.Tensor,
     deg: torch.Tensor,
+    lse: torch.Tensor,
     normalize: bool,
     deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(grad_out, qk, v, anchors, kv, deg, normalize, deterministic)
+    return _backward(grad_out, qk, v, anchors, kv, deg, lse, normalize, deterministic)
 
 
 @_backward_op.register_fake
-def _(grad_out, qk, v, anchors, kv, deg, normalize, deterministic):
+def _(grad_out, qk, v, anchors, kv, deg, lse, normalize, deterministic):
     return _empty_like_bnhd(qk), _empty_like_bnhd(v), torch.empty_like(anchors)
 
 
@@ -647,22 +873,23 @@ def _(grad_out, qk, v, anchors, kv, deg, normalize, deterministic):
 
 
 class AnchorAttentionFunction(torch.autograd.Function):
-    """Fused anchor attention; saves the inputs and the (M, D)-sized KV and degrees only."""
+    """Fused anchor attention; saves the inputs, the (M, D)-sized KV and degrees, and (M > 64)
+    each token's log-sum-exp."""
 
     @staticmethod
     def forward(ctx, qk, v, anchors, normalize, deterministic):
         fwd = _forward_op if torch.compiler.is_compiling() else _forward
-        out, kv, deg = fwd(qk, v, anchors, normalize, deterministic)
-        ctx.save_for_backward(qk, v, anchors, kv, deg)
+        out, kv, deg, lse = fwd(qk, v, anchors, normalize, deterministic)
+        ctx.save_for_backward(qk, v, anchors, kv, deg, lse)
         ctx.normalize = normalize
         ctx.deterministic = deterministic
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        qk, v, anchors, kv, deg = ctx.saved_tensors
+        qk, v, anchors, kv, deg, lse = ctx.saved_tensors
         bwd = _backward_op if torch.compiler.is_compiling() else _backward
-        dqk, dv, du = bwd(grad_out, qk, v, anchors, kv, deg, ctx.normalize, ctx.deterministic)
+        dqk, dv, du = bwd(grad_out, qk, v, anchors, kv, deg, lse, ctx.normalize, ctx.deterministic)
         return dqk, dv, du, None, None
 
 
