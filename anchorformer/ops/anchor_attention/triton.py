@@ -555,12 +555,15 @@ def _du_kernel(
 # Whether the kernels were built for the Triton interpreter (TRITON_INTERPRET=1 at import time).
 INTERPRETED = type(_reduce_kernel).__name__ == "InterpretedFunction"
 
-# Launch configurations: autotuned on a GPU among _CONFIGS, unless ANCHORFORMER_TRITON_AUTOTUNE=0
-# (then _fixed_config, which saves compile time, e.g. in tests); the interpreter always uses
-# _fixed_config.
+# Launch configurations: autotuned on a GPU among these candidates (BLOCK_N, warps, stages),
+# unless ANCHORFORMER_TRITON_AUTOTUNE=0 (then _fixed_config, which saves compile time, e.g. in
+# tests); the interpreter always uses _fixed_config. The backward kernels hold three tiles of
+# N x D and three of M x D, so they get smaller token tiles.
 _CONFIGS = [
-    triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bn, w, s in [(32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 8, 3), (128, 4, 3), (128, 8, 3)]
+    triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s) for bn, w, s in [(64, 4, 2), (128, 4, 3), (128, 8, 3)]
+]
+_BWD_CONFIGS = [
+    triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s) for bn, w, s in [(32, 4, 2), (64, 4, 2), (64, 8, 2)]
 ]
 _AUTOTUNE = not INTERPRETED and os.environ.get("ANCHORFORMER_TRITON_AUTOTUNE", "1") != "0"
 _MAX_BLOCK_M = 64  # anchors per chunk
@@ -588,7 +591,8 @@ def _meta(M: int, D: int) -> dict[str, int]:
 
 def _min_block_n(M: int, D: int) -> int:
     """The smallest BLOCK_N a launch may use (sizes the deterministic partial buffers)."""
-    return min(c.kwargs["BLOCK_N"] for c in _CONFIGS) if _AUTOTUNE else _fixed_config(M, D)["BLOCK_N"]
+    candidates = _CONFIGS + _BWD_CONFIGS
+    return min(c.kwargs["BLOCK_N"] for c in candidates) if _AUTOTUNE else _fixed_config(M, D)["BLOCK_N"]
 
 
 if _AUTOTUNE:  # pragma: no cover - needs a GPU
@@ -596,8 +600,8 @@ if _AUTOTUNE:  # pragma: no cover - needs a GPU
     _lse = triton.autotune(_CONFIGS, key=_KEY)(_lse_kernel)
     _reduce = triton.autotune(_CONFIGS, key=_KEY + ["WITH_DEG", "ATOMIC"], reset_to_zero=["ACC", "DEG"])(_reduce_kernel)
     _out = triton.autotune(_CONFIGS, key=_KEY + ["NORMALIZE"])(_out_kernel)
-    _bwd = triton.autotune(_CONFIGS, key=_KEY + ["NORMALIZE", "ATOMIC"], reset_to_zero=["DU"])(_bwd_kernel)
-    _du = triton.autotune(_CONFIGS, key=_KEY + ["NORMALIZE", "ATOMIC"], reset_to_zero=["DU"])(_du_kernel)
+    _bwd = triton.autotune(_BWD_CONFIGS, key=_KEY + ["NORMALIZE", "ATOMIC"], reset_to_zero=["DU"])(_bwd_kernel)
+    _du = triton.autotune(_BWD_CONFIGS, key=_KEY + ["NORMALIZE", "ATOMIC"], reset_to_zero=["DU"])(_du_kernel)
 else:
     _lse, _reduce, _out, _bwd, _du = _lse_kernel, _reduce_kernel, _out_kernel, _bwd_kernel, _du_kernel
 

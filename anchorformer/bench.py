@@ -1,0 +1,881 @@
+"""``anchorformer bench``: speed and memory of anchor attention and of whole models (E4, measured).
+
+AnchorFormer (Shan et al., Pattern Recognition Letters 2025, arXiv 2505.16463) claims attention
+that is linear in the token count; this module measures it (REFERENCE §5, experiment E4):
+
+- the operator, forward and forward+backward, time and peak memory against N, for the fused
+  Triton kernels (``fused``, CUDA), the PyTorch reference in eager mode (``reference``) and
+  under ``torch.compile`` (``reference_compiled``), and PyTorch's softmax attention
+  ``scaled_dot_product_attention`` at the same B, H, N, D (``sdpa``; flash on CUDA in 16 bits);
+- whole models: images/s for inference and for a training step (AdamW), AnchorFormer vs timm's
+  DeiT (both distilled, class + distillation token) at T and S, at several image sizes;
+- the targets of the issue that filed this benchmark, as measured ratios (``summarize_targets``).
+
+Results are one JSON (environment: device, versions; configuration: shapes, dtype; rows) and
+figures. The presets are in ``anchorformer/configs/bench.yaml`` (profiles ``mini`` and ``full``).
+
+Letters: B batch, H heads, N tokens, D head dim, M anchors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import platform
+import shlex
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "OP_IMPLS",
+    "OP_MODES",
+    "bench_config",
+    "environment",
+    "model_benchmark",
+    "operator_benchmark",
+    "plot_models",
+    "plot_operator",
+    "register",
+    "results_markdown",
+    "run_benchmarks",
+    "summarize_targets",
+]
+
+log = logging.getLogger(__name__)
+
+OP_IMPLS = ("fused", "reference", "reference_compiled", "sdpa")
+OP_MODES = ("fwd", "fwd_bwd")
+MODEL_SIZES = ("tiny", "small", "base")
+LETTER = {"tiny": "T", "small": "S", "base": "B"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Fused output vs the reference, in units of max(1, max|reference|), per dtype.
+CHECK_TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+# Peak DRAM bandwidth (bytes/s) of cards whose properties do not give it.
+_KNOWN_BANDWIDTH = {"H100 80GB HBM3": 3.35e12, "H100 PCIe": 2.0e12, "H200": 4.8e12, "A100-SXM4-80GB": 2.04e12}
+
+
+# ---------------------------------------------------------------------------------------------
+# Environment and measurement helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` -> CUDA when present, else the CPU; ``"cuda"`` without a GPU is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"bench: device {device!r} requested but no CUDA device is available")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"bench: device must be auto, cpu or cuda; got {device!r}")
+    return dev
+
+
+def peak_bandwidth(device: torch.device) -> float | None:
+    """The GPU's peak DRAM bandwidth in bytes/s (2 transfers per memory clock), or None."""
+    if device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(device)
+    clock_khz = getattr(props, "memory_clock_rate", 0) or 0
+    bus_bits = getattr(props, "memory_bus_width", 0) or 0
+    if clock_khz and bus_bits:
+        return 2.0 * clock_khz * 1e3 * bus_bits / 8
+    for name, bw in _KNOWN_BANDWIDTH.items():
+        if name in props.name:
+            return bw
+    return None
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Device, library versions and host facts recorded with every result."""
+    import timm
+
+    env: dict[str, Any] = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device_type": device.type,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:  # pragma: no cover - depends on the install
+        env["triton"] = None
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(
+            device=props.name,
+            capability=f"{props.major}.{props.minor}",
+            memory_bytes=props.total_memory,
+            sm_count=props.multi_processor_count,
+            peak_bandwidth_bytes_per_s=peak_bandwidth(device),
+            cuda=torch.version.cuda,
+        )
+    else:
+        env["device"] = f"cpu ({env['cpu']}, {torch.get_num_threads()} threads)"
+    return env
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_times(
+    fns: dict[str, Callable[[], Any]], device: torch.device, *, warmup: int, repeats: int, budget_s: float
+) -> dict[str, dict[str, Any]]:
+    """Median and minimum wall time in ms of each of ``fns`` (CUDA events on a GPU), interleaved.
+
+    ``warmup`` untimed calls of each, then rounds of one timed call of each, at most ``repeats``
+    rounds, stopping early once the timed calls have taken ``budget_s`` seconds per function (at
+    least one round). Interleaving lets compared functions share the same machine conditions.
+    """
+    first_s = {}
+    for name, fn in fns.items():
+        t0 = time.perf_counter()
+        for _ in range(max(1, warmup)):
+            fn()
+        _sync(device)
+        first_s[name] = time.perf_counter() - t0
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    spent = 0.0
+    for _ in range(max(1, repeats)):
+        for name, fn in fns.items():
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                ms = start.elapsed_time(end)
+            else:
+                t = time.perf_counter()
+                fn()
+                ms = (time.perf_counter() - t) * 1e3
+            times[name].append(ms)
+            spent += ms / 1e3
+        if spent >= budget_s * len(fns):
+            break
+    out = {}
+    for name, ts in times.items():
+        ts = sorted(ts)
+        out[name] = {"median_ms": ts[len(ts) // 2], "min_ms": ts[0], "n_timed": len(ts), "warmup_s": first_s[name]}
+    return out
+
+
+def measure_time(
+    fn: Callable[[], Any], device: torch.device, *, warmup: int, repeats: int, budget_s: float
+) -> dict[str, Any]:
+    """:func:`measure_times` of one function."""
+    return measure_times({"fn": fn}, device, warmup=warmup, repeats=repeats, budget_s=budget_s)["fn"]
+
+
+def measure_peak_bytes(fn: Callable[[], Any], device: torch.device) -> int | None:
+    """Bytes allocated at the peak of one call of ``fn``, above what was allocated before it.
+
+    CUDA: the caching allocator's statistics. CPU: the allocator events of the PyTorch profiler
+    (tensors only, like the CUDA number).
+    """
+    if device.type == "cuda":
+        _sync(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        _sync(device)
+        return int(torch.cuda.max_memory_allocated(device) - before)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(path))
+        events = json.loads(path.read_text()).get("traceEvents", [])
+    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]" and "args" in e]
+    return int(max([0, *totals]))
+
+
+@contextlib.contextmanager
+def _recompile_limit(limit: int):
+    """Let torch.compile keep one graph per shape (the default limit of 8 would fall back to eager)."""
+    import torch._dynamo
+
+    name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    with torch._dynamo.config.patch(**{name: limit}):
+        yield
+
+
+def _nbytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+# ---------------------------------------------------------------------------------------------
+# The operator
+# ---------------------------------------------------------------------------------------------
+
+
+def _fused_unavailable(device: torch.device) -> str | None:
+    """Why the fused kernels cannot be timed here, or None."""
+    if device.type != "cuda":
+        return "skipped: the fused Triton kernels run on CUDA (the CPU interpreter is not a benchmark)"
+    try:
+        from .ops.anchor_attention import triton as _  # noqa: F401
+    except ImportError as e:  # pragma: no cover - depends on the install
+        return f"skipped: triton unavailable ({e})"
+    return None
+
+
+def operator_benchmark(
+    tokens: Sequence[int],
+    *,
+    batch: int,
+    heads: int,
+    head_dim: int,
+    anchors: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    impls: Sequence[str] = OP_IMPLS,
+    modes: Sequence[str] = OP_MODES,
+    warmup: int = 1,
+    repeats: int = 5,
+    budget_s: float = 3.0,
+    sdpa_max_tokens: int = 65536,
+    compile_dynamic: bool = False,
+    check_tokens: int = 4096,
+) -> list[dict[str, Any]]:
+    """Time and peak memory of anchor attention (and softmax attention) against N.
+
+    Args:
+        tokens: the N to measure.
+        batch, heads, head_dim, anchors: B, H, D, M; one shared (M, D) anchor set.
+        dtype: of qk, v and the anchors.
+        impls: any of :data:`OP_IMPLS`; modes: any of :data:`OP_MODES` (``fwd`` runs without
+            autograd, ``fwd_bwd`` returns the gradients of qk, v and the anchors).
+
+    Returns:
+        One row per (N, impl, mode): ``status`` ("ok", "skipped: ..." or "error: ..."),
+        ``median_ms``, ``min_ms``, ``n_timed``, ``peak_bytes`` (allocated at the peak above what
+        existed before the inputs were made, inputs included), ``io_bytes`` (inputs and outputs:
+        qk, v, anchors, out; plus dO and the three gradients for ``fwd_bwd``), ``peak_over_io``,
+        ``traffic_bytes`` (minimum DRAM traffic: read qk and v, write out; backward: read qk, v,
+        dO, write dqk, dv), ``gbps`` (traffic / time); fused rows add ``kernel_traffic_bytes``
+        and ``kernel_gbps`` (what the two-pass kernels actually move: qk is read twice forward,
+        qk and dO twice backward) and ``max_abs_err`` against the reference for N <= ``check_tokens``.
+    """
+    from .ops.anchor_attention import anchor_attention
+    from .ops.anchor_attention.reference import anchor_attention_reference
+
+    bad = [i for i in impls if i not in OP_IMPLS] + [m for m in modes if m not in OP_MODES]
+    if bad:
+        raise ValueError(f"bench: unknown operator impls/modes {bad}; impls: {OP_IMPLS}, modes: {OP_MODES}")
+    compiled = (
+        torch.compile(anchor_attention_reference, dynamic=compile_dynamic) if "reference_compiled" in impls else None
+    )
+    B, H, D, M = batch, heads, head_dim, anchors
+    elem = torch.empty((), dtype=dtype).element_size()
+    rows: list[dict[str, Any]] = []
+    fused_skip = _fused_unavailable(device) if "fused" in impls else None
+
+    def op_for(impl: str) -> Callable[..., torch.Tensor]:
+        if impl == "fused":
+            return lambda qk, v, u: anchor_attention(qk, v, u, impl="triton")
+        if impl == "reference":
+            return anchor_attention_reference
+        if impl == "reference_compiled":
+            return compiled
+        return lambda qk, v, u: F.scaled_dot_product_attention(qk, qk, v)  # softmax(qk qk^T / sqrt(D)) v
+
+    with _recompile_limit(64):
+        for N in tokens:
+            g = torch.Generator(device=device).manual_seed(N)
+            qk = torch.randn(B, H, N, D, device=device, dtype=dtype, generator=g)
+            v = torch.randn(B, H, N, D, device=device, dtype=dtype, generator=g)
+            u = (torch.randn(M, D, device=device, generator=g) * D**-0.5).to(dtype)
+            dout = torch.randn(B, H, N, D, device=device, dtype=dtype, generator=g)
+            want = None
+            if N <= check_tokens and any(i in impls for i in ("fused", "reference_compiled")):
+                with torch.no_grad():
+                    want = anchor_attention_reference(qk, v, u).float()
+            for impl in impls:
+                for mode in modes:
+                    row: dict[str, Any] = {
+                        "impl": impl,
+                        "mode": mode,
+                        "tokens": N,
+                        "batch": B,
+                        "heads": H,
+                        "head_dim": D,
+                        "anchors": None if impl == "sdpa" else M,
+                        "dtype": str(dtype).removeprefix("torch."),
+                    }
+                    rows.append(row)
+                    if impl == "fused" and fused_skip:
+                        row["status"] = fused_skip
+                        continue
+                    if impl == "sdpa" and N > sdpa_max_tokens:
+                        row["status"] = f"skipped: N > sdpa_max_tokens={sdpa_max_tokens}"
+                        continue
+                    row.update(
+                        _measure_op(
+                            op_for(impl),
+                            impl,
+                            mode,
+                            qk,
+                            v,
+                            u,
+                            dout,
+                            device,
+                            want,
+                            elem,
+                            warmup=warmup,
+                            repeats=repeats,
+                            budget_s=budget_s,
+                        )
+                    )
+                    log.info(
+                        "operator %s %s N=%d: %s",
+                        impl,
+                        mode,
+                        N,
+                        f"{row['median_ms']:.3f} ms" if row["status"] == "ok" else row["status"],
+                    )
+            del qk, v, u, dout, want
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+def _measure_op(op, impl, mode, qk, v, u, dout, device, want, elem, *, warmup, repeats, budget_s):
+    """One operator row: time, memory, traffic and (fused, compiled) the check against the reference."""
+    B, H, N, D = qk.shape
+    inputs = [qk, v] if impl == "sdpa" else [qk, v, u]
+    if mode == "fwd":
+
+        def fn():
+            with torch.no_grad():
+                return op(qk, v, u)
+
+        io = _nbytes(*inputs) + _nbytes(qk)  # + out
+        traffic = 3 * B * H * N * D * elem
+        kernel_traffic = 4 * B * H * N * D * elem
+    else:
+        leaves = [t.detach().requires_grad_(True) for t in inputs]
+
+        def fn():
+            out = op(leaves[0], leaves[1], leaves[2] if len(leaves) > 2 else None)
+            return torch.autograd.grad(out, leaves, dout)
+
+        io = 2 * _nbytes(*inputs) + 2 * _nbytes(qk)  # inputs, out, dO, gradients
+        traffic = (3 + 5) * B * H * N * D * elem
+        kernel_traffic = (4 + 7) * B * H * N * D * elem
+    row: dict[str, Any] = {"status": "ok"}
+    try:
+        row.update(measure_time(fn, device, warmup=warmup, repeats=repeats, budget_s=budget_s))
+        extra = measure_peak_bytes(fn, device)
+    except torch.OutOfMemoryError:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return {"status": "error: out of memory"}
+    except RuntimeError as e:  # record and go on: one failing configuration should not lose the rest
+        log.exception("operator %s %s N=%d failed", impl, mode, N)
+        return {"status": f"error: {str(e).splitlines()[0][:300]}"}
+    # `extra` is on top of what existed before the call: add the call's inputs (and dO).
+    peak = extra + _nbytes(*inputs) + (_nbytes(dout) if mode == "fwd_bwd" else 0)
+    seconds = row["median_ms"] / 1e3
+    row.update(
+        peak_bytes=peak,
+        io_bytes=io,
+        peak_over_io=round(peak / io, 4),
+        traffic_bytes=traffic,
+        gbps=round(traffic / seconds / 1e9, 3),
+    )
+    if impl == "fused":
+        row.update(kernel_traffic_bytes=kernel_traffic, kernel_gbps=round(kernel_traffic / seconds / 1e9, 3))
+    if want is not None and impl in ("fused", "reference_compiled"):
+        with torch.no_grad():
+            err = (op(qk, v, u).float() - want).abs().max().item()
+        tol = CHECK_TOL.get(qk.dtype, 1e-4) * max(1.0, want.abs().max().item())
+        row.update(max_abs_err=err, check_ok=bool(err <= tol))
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole models
+# ---------------------------------------------------------------------------------------------
+
+
+def _batch_for(batch: int, img: int) -> int:
+    """``batch`` images at 224² and below, scaled by (224 / img)² above (about as many tokens per step), >= 1."""
+    return max(1, round(batch * min(1.0, (224 / img) ** 2)))
+
+
+def model_benchmark(
+    sizes: Sequence[str],
+    img_sizes: Sequence[int],
+    train_img_sizes: Sequence[int],
+    *,
+    batch: int,
+    anchors: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    warmup: int = 1,
+    repeats: int = 5,
+    budget_s: float = 3.0,
+) -> list[dict[str, Any]]:
+    """Images/s of DeiT and AnchorFormer (distilled, ``attn_impl="auto"``) at each size and side.
+
+    Inference runs under ``torch.inference_mode``; a training step is forward, cross-entropy on
+    both heads, backward and an AdamW step. On CUDA with a 16-bit ``dtype`` both run under
+    autocast to it. Rows: ``family``, ``size`` (T/S/B), ``img_size``, ``tokens``, ``batch``,
+    ``mode`` (``infer``/``train``), ``median_ms``, ``images_per_s``, ``peak_bytes`` (CUDA).
+    """
+    from .models import create_model
+
+    for s in sizes:
+        if s not in MODEL_SIZES:
+            raise ValueError(f"bench: unknown model size {s!r}; expected one of {MODEL_SIZES}")
+    autocast_on = device.type == "cuda" and dtype != torch.float32
+    autocast = torch.autocast("cuda", dtype=dtype) if autocast_on else contextlib.nullcontext()
+    families = (
+        ("DeiT", "deit_{}_distilled_patch16_224", {}),
+        ("AnchorFormer", "anchorformer_{}_distilled_patch16_224", {"num_anchors": anchors}),
+    )
+    rows: list[dict[str, Any]] = []
+    for size in sizes:
+        for img in sorted(set(img_sizes) | set(train_img_sizes)):
+            n_batch = _batch_for(batch, img)
+            models = {}
+            for family, name, kw in families:
+                torch.manual_seed(0)
+                models[family] = create_model(name.format(size), img_size=img, num_classes=1000, **kw).to(device)
+            x = torch.randn(n_batch, 3, img, img, device=device)
+            y = torch.randint(0, 1000, (n_batch,), device=device)
+            for mode in [m for m, sides in (("infer", img_sizes), ("train", train_img_sizes)) if img in sides]:
+                steps = {family: _model_step(model, mode, x, y, autocast) for family, model in models.items()}
+                try:  # both families timed in alternation, under the same machine conditions
+                    timings = measure_times(steps, device, warmup=warmup, repeats=repeats, budget_s=budget_s)
+                    status = "ok"
+                except torch.OutOfMemoryError:
+                    timings, status = {}, "error: out of memory"
+                    torch.cuda.empty_cache()
+                for family, name, _ in families:
+                    row: dict[str, Any] = {
+                        "family": family,
+                        "size": LETTER[size],
+                        "model": name.format(size),
+                        "img_size": img,
+                        "tokens": (img // 16) ** 2 + 2,
+                        "batch": n_batch,
+                        "mode": mode,
+                        "dtype": str(dtype).removeprefix("torch.") if autocast_on else "float32",
+                        "status": status,
+                        **timings.get(family, {}),
+                    }
+                    if status == "ok":
+                        row["images_per_s"] = round(n_batch / (row["median_ms"] / 1e3), 3)
+                        if device.type == "cuda":
+                            row["peak_bytes"] = measure_peak_bytes(steps[family], device)
+                    rows.append(row)
+                    log.info(
+                        "model %s-%s %d² %s: %s",
+                        family,
+                        LETTER[size],
+                        img,
+                        mode,
+                        f"{row['median_ms']:.1f} ms" if status == "ok" else status,
+                    )
+            del models, x, y
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+def _model_step(
+    model: torch.nn.Module, mode: str, x: torch.Tensor, y: torch.Tensor, autocast: Any
+) -> Callable[[], Any]:
+    """One inference call, or one training step (forward, cross-entropy on every head, backward, AdamW)."""
+    if mode == "infer":
+
+        def infer():
+            model.eval()
+            with torch.inference_mode(), autocast:
+                return model(x)
+
+        return infer
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def train():
+        model.train()
+        opt.zero_grad(set_to_none=True)
+        with autocast:
+            out = model(x)
+            outs = out if isinstance(out, (tuple, list)) else (out,)
+            loss = sum(F.cross_entropy(o.float(), y) for o in outs) / len(outs)
+        loss.backward()
+        opt.step()
+
+    return train
+
+
+# ---------------------------------------------------------------------------------------------
+# Targets, tables, figures
+# ---------------------------------------------------------------------------------------------
+
+
+def _find(rows: list[dict[str, Any]], **match: Any) -> dict[str, Any] | None:
+    for r in rows:
+        if r.get("status") == "ok" and all(r.get(k) == v for k, v in match.items()):
+            return r
+    return None
+
+
+def summarize_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's targets as measured values (``met`` is None when not measured in this run).
+
+    GPU (meant for one H100, bf16, B=8, H=6, D=64, M=30): fused forward+backward >= 2x faster than
+    the eager reference and >= 1.3x than the compiled reference at N=4096, >= 10x faster than
+    softmax attention at N=16384; the fused forward at >= 50% of peak bandwidth for N >= 16384;
+    peak memory at N=65536 within 1.2x of inputs plus outputs. CPU: AnchorFormer-T inference
+    >= 5x faster than DeiT-T at 1024² and not slower at 224².
+    """
+    op = results.get("operator", [])
+    models = results.get("models", [])
+    env = results.get("environment", {})
+    out: list[dict[str, Any]] = []
+
+    def add(name: str, value: float | None, threshold: float, higher_is_better: bool = True, note: str = "") -> None:
+        met = None if value is None else (value >= threshold if higher_is_better else value <= threshold)
+        out.append(
+            {
+                "target": name,
+                "measured": None if value is None else round(value, 3),
+                "threshold": threshold,
+                "met": met,
+                "device": env.get("device"),
+                "note": note,
+            }
+        )
+
+    def ratio(n: int, mode: str, slow: str, fast: str) -> float | None:
+        a, b = _find(op, impl=slow, mode=mode, tokens=n), _find(op, impl=fast, mode=mode, tokens=n)
+        return a["median_ms"] / b["median_ms"] if a and b else None
+
+    if env.get("device_type") == "cuda":
+        add("fused fwd+bwd speed-up over eager reference, N=4096", ratio(4096, "fwd_bwd", "reference", "fused"), 2.0)
+        add(
+            "fused fwd+bwd speed-up over compiled reference, N=4096",
+            ratio(4096, "fwd_bwd", "reference_compiled", "fused"),
+            1.3,
+        )
+        add(
+            "fused fwd+bwd speed-up over softmax attention (sdpa), N=16384",
+            ratio(16384, "fwd_bwd", "sdpa", "fused"),
+            10.0,
+        )
+        peak = env.get("peak_bandwidth_bytes_per_s")
+        fwd = [
+            r
+            for r in op
+            if r.get("status") == "ok" and r["impl"] == "fused" and r["mode"] == "fwd" and r["tokens"] >= 16384
+        ]
+        frac = min(r["kernel_gbps"] * 1e9 / peak for r in fwd) if fwd and peak else None
+        add(
+            "fused forward bandwidth / peak, N >= 16384 (worst N)",
+            frac,
+            0.5,
+            note=f"peak {peak / 1e9:.0f} GB/s" if peak else "peak bandwidth unknown",
+        )
+        for mode in OP_MODES:
+            r = _find(op, impl="fused", mode=mode, tokens=65536)
+            add(
+                f"fused {mode} peak memory / (inputs + outputs), N=65536",
+                r["peak_over_io"] if r else None,
+                1.2,
+                higher_is_better=False,
+            )
+    else:
+        for img, threshold in ((1024, 5.0), (224, 1.0)):
+            d = _find(models, family="DeiT", size="T", img_size=img, mode="infer")
+            a = _find(models, family="AnchorFormer", size="T", img_size=img, mode="infer")
+            add(
+                f"AnchorFormer-T inference speed-up over DeiT-T, {img}² (CPU)",
+                d["median_ms"] / a["median_ms"] if d and a else None,
+                threshold,
+                note=(
+                    f"median {a['median_ms']:.1f} ms vs {d['median_ms']:.1f} ms; fastest runs {a['min_ms']:.1f} ms vs "
+                    f"{d['min_ms']:.1f} ms (ratio {d['min_ms'] / a['min_ms']:.2f})"
+                    if d and a
+                    else ""
+                ),
+            )
+    return out
+
+
+def _fmt(x: Any, spec: str = ".3f") -> str:
+    return "—" if x is None else format(x, spec)
+
+
+def results_markdown(results: dict[str, Any]) -> str:
+    """Three markdown tables: operator rows, model rows, targets."""
+    env = results.get("environment", {})
+    lines = [
+        f"Device: {env.get('device')}; torch {env.get('torch')}, triton {env.get('triton')}, timm {env.get('timm')}.",
+        "",
+    ]
+    op = results.get("operator", [])
+    if op:
+        lines += [
+            "| impl | mode | N | dtype | ms (median) | peak MiB | peak / io | GB/s | status |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in op:
+            peak = r.get("peak_bytes")
+            lines.append(
+                f"| {r['impl']} | {r['mode']} | {r['tokens']} | {r['dtype']} | {_fmt(r.get('median_ms'))} | "
+                f"{_fmt(None if peak is None else peak / 2**20, '.1f')} | {_fmt(r.get('peak_over_io'), '.2f')} | "
+                f"{_fmt(r.get('kernel_gbps', r.get('gbps')), '.1f')} | {r['status']} |"
+            )
+        lines.append("")
+    models = results.get("models", [])
+    if models:
+        lines += ["| model | image | batch | mode | ms (median) | images/s | status |", "|---|---|---|---|---|---|---|"]
+        for r in models:
+            lines.append(
+                f"| {r['family']}-{r['size']} | {r['img_size']}² | {r['batch']} | {r['mode']} | "
+                f"{_fmt(r.get('median_ms'), '.1f')} | {_fmt(r.get('images_per_s'), '.2f')} | {r['status']} |"
+            )
+        lines.append("")
+    targets = results.get("targets", [])
+    if targets:
+        lines += ["| target | measured | threshold | met |", "|---|---|---|---|"]
+        for t in targets:
+            met = "—" if t["met"] is None else ("yes" if t["met"] else "no")
+            lines.append(f"| {t['target']} | {_fmt(t['measured'])} | {t['threshold']} | {met} |")
+    return "\n".join(lines)
+
+
+def plot_operator(rows: list[dict[str, Any]]) -> Any:
+    """Time (top) and peak memory (bottom) against N, forward and forward+backward, per impl."""
+    from .viz import plt
+
+    modes = [m for m in OP_MODES if any(r["mode"] == m for r in rows)]
+    fig, axes = plt.subplots(2, max(1, len(modes)), figsize=(5.5 * max(1, len(modes)), 7), squeeze=False)
+    for j, mode in enumerate(modes):
+        for i, impl in enumerate(OP_IMPLS):
+            pts = sorted(
+                (r["tokens"], r["median_ms"], r["peak_bytes"])
+                for r in rows
+                if r["impl"] == impl and r["mode"] == mode and r.get("status") == "ok"
+            )
+            if not pts:
+                continue
+            n, ms, peak = zip(*pts)
+            axes[0, j].plot(n, ms, "o-", color=f"C{i}", label=impl)
+            axes[1, j].plot(n, [p / 2**20 for p in peak], "o-", color=f"C{i}", label=impl)
+        axes[0, j].set_title(f"anchor attention, {'forward' if mode == 'fwd' else 'forward + backward'}")
+        axes[0, j].set_ylabel("time (ms)")
+        axes[1, j].set_ylabel("peak memory (MiB)")
+        for ax in axes[:, j]:
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("tokens N")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_models(rows: list[dict[str, Any]]) -> Any:
+    """Images/s against image side, DeiT (dashed) vs AnchorFormer (solid), per size and mode."""
+    from .viz import plt
+
+    modes = [m for m in ("infer", "train") if any(r["mode"] == m for r in rows)]
+    fig, axes = plt.subplots(1, max(1, len(modes)), figsize=(5.5 * max(1, len(modes)), 4), squeeze=False)
+    sizes = sorted({r["size"] for r in rows}, key="TSB".index)
+    for j, mode in enumerate(modes):
+        ax = axes[0, j]
+        for i, size in enumerate(sizes):
+            for family, style in (("DeiT", "s--"), ("AnchorFormer", "o-")):
+                pts = sorted(
+                    (r["img_size"], r["images_per_s"])
+                    for r in rows
+                    if r["mode"] == mode and r["size"] == size and r["family"] == family and r.get("status") == "ok"
+                )
+                if pts:
+                    ax.plot(*zip(*pts), style, color=f"C{i}", label=f"{family}-{size}")
+        ax.set_title("inference" if mode == "infer" else "training step")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("image side (pixels)")
+        ax.set_ylabel("images / s")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a preset
+# ---------------------------------------------------------------------------------------------
+
+
+def bench_config(profile: str, overrides: Sequence[str] | str | None = None) -> dict[str, Any]:
+    """The preset of ``profile`` from ``configs/bench.yaml`` with ``key=value`` overrides.
+
+    ``overrides`` may be one string of whitespace-separated items (shell quoting respected).
+    """
+    from .engine.config import apply_overrides, load_profile
+
+    if isinstance(overrides, str):
+        overrides = shlex.split(overrides)
+    cfg = apply_overrides(load_profile("bench", profile), overrides)
+    if cfg["dtype"] not in DTYPES:
+        raise ValueError(f"bench config: dtype must be one of {sorted(DTYPES)}; got {cfg['dtype']!r}")
+    for key in ("op_tokens", "op_impls", "op_modes", "model_sizes", "model_img_sizes", "model_train_img_sizes"):
+        if not isinstance(cfg[key], list):
+            raise ValueError(f"bench config: {key} must be a list, e.g. {key}=[a,b]; got {cfg[key]!r}")
+    return cfg
+
+
+def _slug(text: str) -> str:
+    keep = "".join(c.lower() if c.isalnum() else "_" for c in text.replace("²", "").replace(">=", "min"))
+    return "_".join(w for w in keep.split("_") if w)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write atomically: a temporary file in the same folder, then a rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def run_benchmarks(
+    out_dir: str | Path,
+    cfg: dict[str, Any],
+    *,
+    device: str = "auto",
+    parts: Sequence[str] = ("operator", "models"),
+    name: str = "bench",
+) -> dict[str, Any]:
+    """Run the benchmarks of ``cfg`` and write ``{name}.json``, ``{name}.md`` and the figures.
+
+    The JSON is rewritten (atomically) after each part with ``"complete": false`` until the
+    end, so an interrupted run leaves its finished measurements, marked as incomplete.
+
+    Args:
+        out_dir: created if missing.
+        cfg: from :func:`bench_config`.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        parts: ``operator`` and/or ``models``.
+        name: stem of the output files.
+
+    Returns:
+        ``{"environment", "config", "operator", "models", "targets", "summary", "complete"}``.
+    """
+    from .viz import save_figure
+
+    dev = resolve_device(device)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = DTYPES[cfg["dtype"]]
+    results: dict[str, Any] = {
+        "environment": environment(dev),
+        "config": dict(cfg),
+        "operator": [],
+        "models": [],
+        "targets": [],
+        "complete": False,
+    }
+    json_path = out / f"{name}.json"
+    _write_json(json_path, results)
+    t0 = time.perf_counter()
+    if "operator" in parts:
+        results["operator"] = operator_benchmark(
+            cfg["op_tokens"],
+            batch=cfg["op_batch"],
+            heads=cfg["op_heads"],
+            head_dim=cfg["op_head_dim"],
+            anchors=cfg["op_anchors"],
+            dtype=dtype,
+            device=dev,
+            impls=cfg["op_impls"],
+            modes=cfg["op_modes"],
+            warmup=cfg["warmup"],
+            repeats=cfg["repeats"],
+            budget_s=cfg["budget_s"],
+            sdpa_max_tokens=cfg["sdpa_max_tokens"],
+            compile_dynamic=cfg["compile_dynamic"],
+            check_tokens=cfg["check_tokens"],
+        )
+        results["operator_seconds"] = round(time.perf_counter() - t0, 1)
+        _write_json(json_path, results)
+        save_figure(plot_operator(results["operator"]), out / f"{name}_operator")
+    if "models" in parts:
+        t1 = time.perf_counter()
+        results["models"] = model_benchmark(
+            cfg["model_sizes"],
+            cfg["model_img_sizes"],
+            cfg["model_train_img_sizes"],
+            batch=cfg["model_batch"],
+            anchors=cfg["model_anchors"],
+            dtype=dtype,
+            device=dev,
+            warmup=cfg["warmup"],
+            repeats=cfg["repeats"],
+            budget_s=cfg["budget_s"],
+        )
+        results["models_seconds"] = round(time.perf_counter() - t1, 1)
+        _write_json(json_path, results)
+        save_figure(plot_models(results["models"]), out / f"{name}_models")
+    results["targets"] = summarize_targets(results)
+    # Flat numbers for `dvc metrics show`: each target's measured value by a short key.
+    results["summary"] = {_slug(t["target"]): t["measured"] for t in results["targets"]}
+    results["complete"] = True
+    (out / f"{name}.md").write_text(results_markdown(results) + "\n")
+    _write_json(json_path, results)
+    return results
+
+
+def _main(args: argparse.Namespace) -> int:
+    from .engine.config import default_profile
+
+    cfg = bench_config(args.profile or default_profile(), args.set)
+    parts = ("operator", "models") if args.only == "all" else (args.only,)
+    results = run_benchmarks(args.out_dir, cfg, device=args.device, parts=parts, name=args.name)
+    for t in results["targets"]:
+        log.info("target: %s = %s (threshold %s, met: %s)", t["target"], t["measured"], t["threshold"], t["met"])
+    log.info("wrote %s", Path(args.out_dir) / f"{args.name}.json")
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Add ``anchorformer bench`` to the command line."""
+    p = subparsers.add_parser(
+        "bench",
+        help="operator and whole-model benchmarks (E4): JSON, markdown and figures",
+        description="Time and peak memory of anchor attention (fused, reference, compiled reference, softmax "
+        "attention) against N, and images/s of AnchorFormer vs DeiT. Presets: anchorformer/configs/bench.yaml.",
+    )
+    p.add_argument("--profile", choices=("mini", "full"), default=None, help="preset (default: params.yaml's profile)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    p.add_argument("--out-dir", default="outputs/bench", help="folder for the JSON, markdown and figures")
+    p.add_argument("--name", default="bench", help="stem of the output files (NAME.json, NAME.md, NAME_*.png)")
+    p.add_argument("--only", choices=("all", "operator", "models"), default="all", help="run one part only")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a preset key")
+    p.set_defaults(func=_main)
