@@ -258,6 +258,7 @@ def operator_benchmark(
     sdpa_max_tokens: int = 65536,
     compile_dynamic: bool = False,
     check_tokens: int = 4096,
+    on_progress: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Time and peak memory of anchor attention (and softmax attention) against N.
 
@@ -356,6 +357,8 @@ def operator_benchmark(
                         f"{row['median_ms']:.3f} ms" if row["status"] == "ok" else row["status"],
                     )
             del qk, v, u, dout, want
+            if on_progress is not None:
+                on_progress(rows)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return rows
@@ -437,6 +440,7 @@ def model_benchmark(
     warmup: int = 1,
     repeats: int = 5,
     budget_s: float = 3.0,
+    on_progress: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Images/s of DeiT and AnchorFormer (distilled, ``attn_impl="auto"``) at each size and side.
 
@@ -501,6 +505,8 @@ def model_benchmark(
                         f"{row['median_ms']:.1f} ms" if status == "ok" else status,
                     )
             del models, x, y
+            if on_progress is not None:
+                on_progress(rows)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return rows
@@ -822,6 +828,7 @@ def run_benchmarks(
             sdpa_max_tokens=cfg["sdpa_max_tokens"],
             compile_dynamic=cfg["compile_dynamic"],
             check_tokens=cfg["check_tokens"],
+            on_progress=lambda rows: _write_json(json_path, {**results, "operator": rows}),
         )
         results["operator_seconds"] = round(time.perf_counter() - t0, 1)
         _write_json(json_path, results)
@@ -839,6 +846,7 @@ def run_benchmarks(
             warmup=cfg["warmup"],
             repeats=cfg["repeats"],
             budget_s=cfg["budget_s"],
+            on_progress=lambda rows: _write_json(json_path, {**results, "models": rows}),
         )
         results["models_seconds"] = round(time.perf_counter() - t1, 1)
         _write_json(json_path, results)
