@@ -199,3 +199,39 @@ def test_bad_input_fails_before_training(tiny_root, tmp_path, capsys):
         assert not out.exists()
     rc = main(["eval", "cls", "--data", str(tiny_root), "--checkpoint", str(tmp_path / "no.pth"), "--out", str(out)])
     assert rc == 2 and "no.pth" in capsys.readouterr().err
+
+
+def test_gradient_accumulation_equals_the_large_batch(tiny_root, tmp_path):
+    """Two accumulated batches of 4 take the step of one batch of 8 (SGD, no augmentation)."""
+    exact = TINY + ["no_aug=true", "opt=sgd", "weight_decay=0.0", "lr=0.5", "smoothing=0.0", "clip_grad=10.0"]
+    big = train_classification(
+        tiny_root, tmp_path / "big", MODEL, profile="mini", overrides=exact + ["batch_size=8"], epochs=1
+    )
+    acc = train_classification(
+        tiny_root,
+        tmp_path / "acc",
+        MODEL,
+        profile="mini",
+        overrides=exact + ["batch_size=4", "accum_steps=2"],
+        epochs=1,
+    )
+    a = torch.load(tmp_path / "big" / "model.pth", weights_only=True)["model"]
+    b = torch.load(tmp_path / "acc" / "model.pth", weights_only=True)["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5, msg=k)
+    assert abs(big["train_loss"] - acc["train_loss"]) < 1e-5
+
+
+def test_bf16_autocast_and_ema_on_the_cpu(tiny_root, tmp_path):
+    metrics = train_classification(
+        tiny_root,
+        tmp_path / "amp",
+        MODEL,
+        profile="mini",
+        overrides=TINY + ["amp=true", "ema=true", "ema_decay=0.5"],
+        epochs=2,
+    )
+    assert math.isfinite(metrics["train_loss"]) and "top1_ema" in metrics
+    state = torch.load(tmp_path / "amp" / "model.pth", weights_only=True)
+    assert set(state["model_ema"]) == set(state["model"])
+    assert any(not torch.equal(state["model_ema"][k], state["model"][k]) for k in state["model"])
