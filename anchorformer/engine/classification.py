@@ -491,7 +491,7 @@ def _train_one_epoch(
             num_updates += 1
             scheduler.step_update(num_updates=num_updates)
             if ema is not None:
-                ema.update(model, step=num_updates)
+                ema.update(unwrap_model(model), step=num_updates)
         loss_sum += loss_value
         steps += 1
         if cfg["log_every"] and (i + 1) % int(cfg["log_every"]) == 0:
