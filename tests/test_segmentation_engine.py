@@ -160,7 +160,9 @@ def test_epochs_are_converted_to_iterations() -> None:
 
 
 @pytest.mark.slow
-def test_resume_after_a_kill_ends_with_the_same_weights(ade: Path, tmp_path: Path) -> None:
+def test_resume_after_a_kill_ends_with_the_same_weights(
+    ade: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     cfg = resolve_config("mini", [*FAST, "checkpoint_every=2", "keep_checkpoints=5"])
     train_segmentation(ade, tmp_path / "a", cfg, iters=4, evaluate=False)
     # a run killed after its checkpoint at iteration 2 (and a temporary file cut mid-write)
@@ -175,10 +177,18 @@ def test_resume_after_a_kill_ends_with_the_same_weights(ade: Path, tmp_path: Pat
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    # a different model in the same folder is refused, not silently resumed
+    # another run's checkpoint: refused when named, skipped (fresh start) by resume="auto"
     other = resolve_config("mini", [*FAST, "pyramid_channels=8"])
+    ckpt = str(tmp_path / "b" / "checkpoints" / "checkpoint-000004.pth")
     with pytest.raises(ValueError, match="another model"):
-        train_segmentation(ade, tmp_path / "b", other, iters=6, evaluate=False)
+        train_segmentation(ade, tmp_path / "b", other, iters=4, evaluate=False, resume=ckpt)
+    with pytest.raises(ValueError, match="another length"):
+        train_segmentation(ade, tmp_path / "b", cfg, iters=6, evaluate=False, resume=ckpt)
+    with pytest.raises(ValueError, match="lr 0.001 vs 0.002"):
+        train_segmentation(ade, tmp_path / "b", {**cfg, "lr": 0.002}, iters=4, evaluate=False, resume=ckpt)
+    with caplog.at_level("WARNING", logger="anchorformer.engine.segmentation"):
+        train_segmentation(ade, tmp_path / "b", {**cfg, "lr": 0.002}, iters=2, evaluate=False)  # resume="auto"
+    assert "not resuming" in caplog.text
 
 
 def _copy_validation(ade: Path, dst: Path, n: int = 2) -> Path:

@@ -28,6 +28,8 @@ import os
 import random
 import re
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -40,6 +42,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from ..complexity import count_macs, count_params
+from ..models.anchorformer import AnchorAttention
 from ..models.factory import is_anchorformer
 from ..models.segmentation import HEADS, SegmentationModel, build_segmentation_model, segmentation_model_from_config
 from .checkpoint import (
@@ -67,6 +70,7 @@ __all__ = [
     "register_train",
     "resolve_config",
     "train_segmentation",
+    "train_segmentation_torchrun",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -156,6 +160,22 @@ def build_model(cfg: Mapping[str, Any], init_checkpoint: str | os.PathLike | Non
     if ckpt and not Path(ckpt).is_file():
         raise FileNotFoundError(f"init_checkpoint not found: {ckpt} (an E1 classification checkpoint)")
     return build_segmentation_model(name, checkpoint=ckpt or None, **kwargs)
+
+
+def run_description(cfg: Mapping[str, Any], model: nn.Module | None = None) -> dict[str, Any]:
+    """What a run is, for its ``metrics.json``: backbone, family, head, anchors M, crop size, profile."""
+    name = str(cfg["backbone"])
+    anchors = None
+    if model is not None:
+        anchors = next((int(m.num_anchors) for m in model.modules() if isinstance(m, AnchorAttention)), None)
+    return {
+        "backbone": name,
+        "family": "AnchorFormer" if is_anchorformer(name) else "DeiT",
+        "head": cfg["head"],
+        "num_anchors": anchors,
+        "crop_size": int(cfg["crop_size"]),
+        "profile": cfg.get("profile"),
+    }
 
 
 def model_complexity(model: nn.Module, img_size: int | tuple[int, int] = 512) -> dict[str, Any]:
@@ -324,6 +344,26 @@ def train_segmentation(
         ``{"iters", "train_time_s", "final_loss", "params_m", "gmacs", "checkpoint", "metrics"}``
         (``metrics``: those of :func:`evaluate_segmentation`, or ``None``).
     """
+    threads = torch.get_num_threads()
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg["threads"]))
+    try:
+        return _train(data_root, out_dir, cfg, iters, epochs, resume, evaluate, save_predictions, max_eval_images)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(
+    data_root: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    cfg: Mapping[str, Any],
+    iters: int | None,
+    epochs: float | None,
+    resume: str,
+    evaluate: bool | None,
+    save_predictions: bool,
+    max_eval_images: int | None,
+) -> dict[str, Any]:
     out = Path(out_dir)
     info = init_distributed(cfg.get("device"))
     device = info.device
@@ -352,11 +392,18 @@ def train_segmentation(
     ckpt_path = None if resume == "none" else (find_latest_checkpoint(out) if resume == "auto" else Path(resume))
     if ckpt_path is not None:
         state = load_training_checkpoint(ckpt_path)
-        if state.get("model_config") != model.config:
-            raise ValueError(
-                f"{ckpt_path}: checkpoint was written for another model ({state.get('model_config')}); "
-                f"this run builds {model.config}. Use another --out or --resume none."
+        differences = _resume_differences(state, model.config, cfg, total)
+        if differences and resume == "auto":
+            _logger.warning(
+                "not resuming from %s: it belongs to another run (%s); starting afresh", ckpt_path, differences
             )
+            ckpt_path = None
+        elif differences:
+            raise ValueError(
+                f"{ckpt_path}: checkpoint was written by another run ({differences}); "
+                "use another --out, or --resume none to start afresh"
+            )
+    if ckpt_path is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start = int(state["iteration"])
@@ -432,9 +479,47 @@ def train_segmentation(
             cfg,
             save_predictions=save_predictions,
             max_images=max_eval_images,
-            extra={"iters": total, "train_time_s": summary["train_time_s"], **complexity},
+            extra={
+                **run_description(cfg, model),
+                "iters": total,
+                "train_time_s": summary["train_time_s"],
+                **complexity,
+            },
         )
     return {**summary, "metrics": metrics}
+
+
+# Keys that do not change what a run computes: a checkpoint may be resumed whatever their values.
+_RESUME_FREE_KEYS = {
+    "log_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "num_workers",
+    "threads",
+    "eval_at_end",
+    "device",
+    "profile",
+    "recipes",
+    "test_mode",
+    "test_crop_size",
+    "test_stride",
+    "test_scale",
+    "test_scales",
+    "test_flip",
+}
+
+
+def _resume_differences(
+    state: Mapping[str, Any], model_config: Mapping[str, Any], cfg: Mapping[str, Any], total: int
+) -> str:
+    """Why a checkpoint cannot be resumed by this run ('' when it can)."""
+    if state.get("model_config") != model_config:
+        return f"another model: {state.get('model_config')} vs {dict(model_config)}"
+    if int(state.get("total_iters", -1)) != total:
+        return f"another length: {state.get('total_iters')} iterations vs {total}"
+    old = state.get("config") or {}
+    keys = sorted(k for k in set(old) | set(cfg) if k not in _RESUME_FREE_KEYS and old.get(k) != cfg.get(k))
+    return "other settings: " + ", ".join(f"{k} {old.get(k)!r} vs {cfg.get(k)!r}" for k in keys) if keys else ""
 
 
 def _save_training_state(
@@ -590,9 +675,43 @@ def evaluate_checkpoint(
     cfg = apply_overrides(state["config"], overrides)
     model = segmentation_model_from_config(state["model_config"])
     model.load_state_dict(state["model"])
-    extra = {"checkpoint": str(checkpoint), "iters": int(state.get("iteration", 0))}
+    extra = {**run_description(cfg, model), "checkpoint": str(checkpoint), "iters": int(state.get("iteration", 0))}
     extra.update(model_complexity(copy.deepcopy(model).to("meta")))
     return evaluate_segmentation(model, data_root, out_dir, cfg, extra={**extra, **kwargs.pop("extra", {})}, **kwargs)
+
+
+def train_segmentation_torchrun(
+    data_root: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    nproc_per_node: int = 1,
+    nnodes: int = 1,
+    profile: str | None = None,
+    overrides: Sequence[str] = (),
+    backbone: str | None = None,
+    head: str | None = None,
+    iters: int | None = None,
+    resume: str = "auto",
+    extra_torchrun_args: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Run ``train seg`` under ``torchrun`` (several processes or GPUs) and return ``metrics.json``.
+
+    The command is ``python -m torch.distributed.run --nproc_per_node N [--nnodes K ...] -m
+    anchorformer.cli train seg ...``: what a notebook uses to train on several GPUs.
+    """
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc_per_node}", f"--nnodes={nnodes}"]
+    if nnodes == 1 and not any(a.startswith(("--rdzv", "--master")) for a in extra_torchrun_args):
+        cmd.append("--standalone")
+    cmd += [*extra_torchrun_args, "-m", "anchorformer.cli", "train", "seg", "--data", str(data_root)]
+    cmd += ["--out", str(out_dir), "--resume", resume]
+    for flag, value in (("--profile", profile), ("--backbone", backbone), ("--head", head), ("--iters", iters)):
+        if value is not None:
+            cmd += [flag, str(value)]
+    if overrides:
+        cmd += ["--set", *overrides]
+    _logger.info("launching %s", " ".join(cmd))
+    subprocess.run(cmd, check=True)
+    return json.loads((Path(out_dir) / "metrics.json").read_text(encoding="utf-8"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -647,7 +766,7 @@ def register_train(subparsers: Any) -> None:
     n.add_argument("--epochs", type=float, help="passes over the training set, converted to iterations")
     p.add_argument("--resume", default="auto", help="auto (latest checkpoint in --out), none, or a checkpoint path")
     p.add_argument("--profile", choices=("mini", "full"), help="recipe preset (default: params.yaml's profile)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a preset key (repeatable)")
+    p.add_argument("--set", action="extend", nargs="+", metavar="KEY=VALUE", help="override preset keys")
     p.add_argument("--no-eval", action="store_true", help="do not evaluate at the end")
     p.add_argument("--no-predictions", action="store_true", help="do not write predicted label maps")
     p.set_defaults(func=_train_cli)
@@ -665,6 +784,8 @@ def register_eval(subparsers: Any) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--split", default="validation", choices=("validation", "training"))
     p.add_argument("--max-images", type=int, help="evaluate the first N images only")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a test setting, e.g. test_flip=true")
+    p.add_argument(
+        "--set", action="extend", nargs="+", metavar="KEY=VALUE", help="override test settings, e.g. test_flip=true"
+    )
     p.add_argument("--no-predictions", action="store_true", help="do not write predicted label maps")
     p.set_defaults(func=_eval_cli)

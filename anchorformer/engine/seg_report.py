@@ -1,0 +1,118 @@
+"""The E6 results table and the example label maps, from the run folders of ``train seg``.
+
+Each run folder holds the ``metrics.json`` written by
+:func:`anchorformer.engine.segmentation.evaluate_segmentation` (mIoU, mAcc, aAcc, backbone, head,
+params, GMACs at 512², iterations, times) and ``predictions/*.png``. The table has one row per run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+__all__ = ["COLUMNS", "load_examples", "load_runs", "results_markdown", "write_summary"]
+
+# (key in metrics.json, column header)
+COLUMNS = (
+    ("run", "run"),
+    ("family", "backbone"),
+    ("backbone", "model"),
+    ("head", "head"),
+    ("num_anchors", "M"),
+    ("params_m", "params (M)"),
+    ("gmacs", "GMACs @512²"),
+    ("mIoU", "mIoU"),
+    ("mAcc", "mAcc"),
+    ("aAcc", "aAcc"),
+    ("iters", "iters"),
+    ("train_time_s", "train (s)"),
+    ("eval_time_s", "eval (s)"),
+)
+
+
+def load_runs(seg_dir: str | os.PathLike, runs: Sequence[str]) -> list[dict[str, Any]]:
+    """``metrics.json`` of each run folder ``seg_dir/<run>``, with ``run`` added.
+
+    Raises:
+        FileNotFoundError: a run without ``metrics.json`` (named).
+    """
+    rows = []
+    for run in runs:
+        path = Path(seg_dir) / run / "metrics.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"run {run!r} has no metrics: {path} is missing (train and evaluate it first)")
+        rows.append({"run": run, **json.loads(path.read_text(encoding="utf-8"))})
+    return rows
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return f"{v:.2f}"
+    return str(v)
+
+
+def results_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """The E6 table as markdown: backbone, head, params, GMACs at 512², mIoU, mAcc, aAcc, ..."""
+    lines = ["| " + " | ".join(h for _, h in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(k)) for k, _ in COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(out_dir: str | os.PathLike, rows: Sequence[dict[str, Any]]) -> dict[str, Path]:
+    """Write ``summary.json`` (the rows) and ``summary.md`` (the table) into ``out_dir`` (created)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "summary.json", "markdown": out / "summary.md"}
+    texts = {"json": json.dumps({"runs": list(rows)}, indent=2) + "\n", "markdown": results_markdown(rows)}
+    for key, path in paths.items():
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(texts[key], encoding="utf-8")
+        os.replace(tmp, path)
+    return paths
+
+
+def load_examples(
+    data_root: str | os.PathLike, predictions: str | os.PathLike, n: int = 4, split: str = "validation"
+) -> dict[str, list[Any]]:
+    """The first ``n`` images of ``split`` with their ground truth and predicted label maps.
+
+    Args:
+        data_root: the ``ADEChallengeData2016`` folder.
+        predictions: the folder of predicted PNGs (named like the ground truth).
+        n: how many.
+        split: the split the predictions are of.
+
+    Returns:
+        ``{"images": [(H, W, 3) uint8], "ground_truths": [(H, W) uint8 0..150], "predictions":
+        [(H, W) uint8 1..150], "names": [file name]}``.
+
+    Raises:
+        FileNotFoundError: a prediction is missing; ValueError: its size differs from the ground truth's.
+    """
+    from ..data.ade20k import ADE20KSegmentation
+
+    dataset = ADE20KSegmentation(data_root, split, train=False)
+    out: dict[str, list[Any]] = {"images": [], "ground_truths": [], "predictions": [], "names": []}
+    for i in range(min(n, len(dataset))):
+        image, gt = dataset.load_raw(i)
+        name = dataset.samples[i][1].name
+        path = Path(predictions) / name
+        if not path.is_file():
+            raise FileNotFoundError(f"no prediction for {name}: {path} is missing")
+        pred = np.asarray(Image.open(path))
+        if pred.shape != gt.shape:
+            raise ValueError(f"{path}: prediction is {pred.shape} but the ground truth is {gt.shape}")
+        out["images"].append(np.asarray(image))
+        out["ground_truths"].append(gt)
+        out["predictions"].append(pred)
+        out["names"].append(name)
+    return out
