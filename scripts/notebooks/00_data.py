@@ -46,6 +46,7 @@ make_notebook(
         "    workers=int(workers),\n"
         ")\n"
         "display(Markdown(manifest_table(manifests)))",
+        "# NBVAL_CHECK_OUTPUT\n# counts, sizes and file-list hashes: the same seed writes the same bytes\nprint(manifest_table(manifests))",
         "roots = stage_roots(profile, mini_dir, imagenet_root=imagenet_root, coco_root=coco_root, ade20k_root=ade20k_root)\n"
         "figures = Path(out_dir) / 'figures'\n"
         "roots",

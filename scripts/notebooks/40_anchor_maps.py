@@ -25,9 +25,6 @@ make_notebook(
     "anchors_shown = 4  # anchors of largest degree per image and layer\n"
     'out_dir = "outputs/smoke/anchor_maps"',
     [
-        "import os\n\n"
-        "from anchorformer.paths import project_root\n\n"
-        "os.chdir(project_root())  # the paths above are relative to the repository root",
         "import json\nfrom pathlib import Path\n\nimport numpy as np\nfrom PIL import Image\n\n"
         "import anchorformer\n"
         "from anchorformer.models import model_from_checkpoint\n"
