@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export DVC_NO_ANALYTICS := 1
 export PYTHONHASHSEED := 0
 
-.PHONY: env repro test test-fast lint lab clean-venv
+.PHONY: env repro test test-fast test-notebooks lint lab clean-venv
 
 env: $(STAMP)
 
@@ -24,11 +24,18 @@ $(STAMP): pyproject.toml
 repro: env
 	$(BIN)/dvc repro
 
+# The tests, then every notebook top to bottom with its smoke defaults (nbval; cells marked
+# NBVAL_CHECK_OUTPUT are compared with their stored outputs).
+NBVAL := --nbval-lax --nbval-current-env --nbval-cell-timeout=900
+
 test: env
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest tests notebooks $(NBVAL)
 
 test-fast: env
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest tests -m "not slow"
+
+test-notebooks: env
+	$(BIN)/python -m pytest notebooks $(NBVAL)
 
 lint: env
 	$(BIN)/ruff check anchorformer tests
