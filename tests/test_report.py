@@ -44,3 +44,43 @@ def test_collect_metrics_and_report_files(tmp_path):
     (tmp_path / "bad" / "metrics.json").write_text("{")
     with pytest.raises(ValueError, match="bad/metrics.json"):
         collect_metrics(tmp_path)
+
+
+def test_build_report_from_stage_outputs(tmp_path):
+    """A small outputs tree in the stages' formats: the headline check and figures come through."""
+    from anchorformer.report import build_report
+
+    out = tmp_path / "outputs"
+    (out / "cls/results").mkdir(parents=True)
+    e1 = [
+        {"family": "AnchorFormer", "size": "T", "distilled": False, "top1": 66.0, "gmacs": 0.8},
+        {"family": "DeiT", "size": "T", "distilled": False, "top1": 60.0, "gmacs": 1.0},
+        {"family": "AnchorFormer", "size": "T", "distilled": True, "top1": 70.0, "gmacs": 0.8},
+    ]
+    (out / "cls/results/classification.json").write_text(json.dumps({"e1": e1, "e2": [], "e3": []}))
+    (out / "cls/results/classification.md").write_text("| E1 table |\n")
+    (out / "det/summary").mkdir(parents=True)
+    pairs = [
+        {
+            "anchorformer_run": "a",
+            "deit_run": "d",
+            "anchorformer_bbox_AP": 30.0,
+            "deit_bbox_AP": 15.0,
+            "anchorformer_gmacs": 10.0,
+            "deit_gmacs": 10.5,
+        }
+    ]
+    (out / "det/summary/summary.json").write_text(json.dumps({"runs": [], "comparable_flops": pairs}))
+    (out / "det/a").mkdir()
+    (out / "det/a/predictions.png").write_bytes(b"\x89PNG fake")
+    result = build_report(out, tmp_path / "reports" / "report.md")
+    acc, flops, mp = result["headline"]
+    assert acc["ours"] == pytest.approx(10.0) and acc["verdict"] == "supported"  # (66 - 60) / 60
+    assert flops["ours"] == pytest.approx(20.0)
+    assert mp["ours"] == pytest.approx(100.0) and mp["best_pair"] == "a vs d"
+    text = result["markdown"].read_text()
+    assert "| E1 table |" in text and "not public" in text
+    assert "(figures/det__a__predictions.png)" in text
+    assert (tmp_path / "reports/figures/det__a__predictions.png").is_file()
+    assert "_Not run yet: `dvc repro seg-summary`._" in text
+    assert result["sections"]["cls-results"] and not result["sections"]["seg-summary"]
