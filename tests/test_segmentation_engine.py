@@ -23,6 +23,7 @@ from anchorformer.engine.segmentation import (
     pad_collate,
     resolve_config,
     train_segmentation,
+    train_segmentation_torchrun,
 )
 
 # A model small enough for seconds-long tests: 2 blocks of 48 channels, 8x8 patches, 64² crops.
@@ -236,3 +237,38 @@ def test_evaluation_checks_sizes_itself(tmp_path: Path, monkeypatch: pytest.Monk
     cfg = resolve_config("mini", FAST)
     with pytest.raises(ValueError, match=r"ADE_val_00000007\.png.*\(64, 64\).*\(64, 80\)"):
         evaluate_segmentation(build_model(cfg), tmp_path, tmp_path / "out", cfg)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_takes_the_same_step_as_one_process(
+    ade: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """2 gloo processes x 1 crop == 1 process x 2 crops: the same weights after one step, same metrics."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    exact = [
+        *FAST,
+        "norm=gn",
+        "dropout=0.0",
+        "warmup_iters=0",
+        "checkpoint_every=1",
+        "threads=1",
+    ]  # no batch statistics
+    root = _copy_validation(ade, tmp_path, n=3)  # 3 validation images: shards of 2 and 1
+    for img in sorted((ade / "images" / "training").glob("*.jpg"))[:4]:
+        shutil.copy(img, root / "images" / "training")
+        shutil.copy(ade / "annotations" / "training" / f"{img.stem}.png", root / "annotations" / "training")
+    runs = {}
+    for n in (2, 1):
+        runs[n] = train_segmentation_torchrun(
+            root, tmp_path / f"ddp{n}", nproc_per_node=n, profile="mini", overrides=exact, iters=1
+        )
+    assert runs[1]["num_images"] == runs[2]["num_images"] == 3
+    for key in ("mIoU", "mAcc", "aAcc"):
+        assert runs[1][key] == pytest.approx(runs[2][key], abs=1e-3)
+    a = torch.load(tmp_path / "ddp2" / "model.pth", weights_only=True)["model"]
+    b = torch.load(tmp_path / "ddp1" / "model.pth", weights_only=True)["model"]
+    torch.manual_seed(0)
+    start = build_model(resolve_config("mini", exact)).state_dict()
+    assert max(float((b[k] - start[k]).abs().max()) for k in b) > 1e-4  # the step did something
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5, msg=k)

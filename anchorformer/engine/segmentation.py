@@ -437,8 +437,10 @@ def _train(
             g["lr"] = lr * g.get("lr_scale", 1.0)
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
+        # the mean labelled-pixel count per process: the loss is the mean over the global batch
+        normalizer = all_reduce_mean((labels != IGNORE_INDEX).sum().float())
         with _amp_context(cfg, device):
-            losses = train_model(images, labels)
+            losses = train_model(images, labels, normalizer)
         loss = losses["loss"]
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {loss.item()} at iteration {it + 1}; lower lr or check the data")
@@ -732,7 +734,7 @@ def _train_cli(args: argparse.Namespace) -> int:
         save_predictions=not args.no_predictions,
     )
     metrics = result["metrics"]
-    if metrics is not None:
+    if metrics is not None and int(os.environ.get("RANK", "0")) == 0:
         _logger.info("mIoU %.2f  mAcc %.2f  aAcc %.2f", metrics["mIoU"], metrics["mAcc"], metrics["aAcc"])
     return 0
 

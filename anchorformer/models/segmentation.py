@@ -224,12 +224,21 @@ class FCNHead(_ClassifierMixin, nn.Module):
         return self.cls_seg(self.convs(maps[self.level]))  # (B, K, H/s, W/s)
 
 
-def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+def segmentation_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    ignore_index: int = IGNORE_INDEX,
+    normalizer: torch.Tensor | float | None = None,
+) -> torch.Tensor:
     """Cross-entropy averaged over the labelled pixels; logits are upsampled to the labels' size.
 
     Args:
         logits: (B, K, h, w).
         target: (B, H, W) int64 in [0, K) or ``ignore_index``.
+        ignore_index: label of pixels left out.
+        normalizer: divide the summed loss by this instead of this batch's labelled-pixel count
+            (data parallel: the mean count per process, so that averaging the processes'
+            gradients gives the mean over the labelled pixels of the whole global batch).
 
     Returns:
         A scalar; 0 (with a gradient) when every pixel is ignored, instead of NaN.
@@ -242,8 +251,8 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: 
     logits = _resize(logits.float().contiguous(memory_format=torch.channels_last), target.shape[-2:])
     rows = logits.permute(0, 2, 3, 1).reshape(-1, k)  # (B*H*W, K)
     total = F.cross_entropy(rows, target.reshape(-1), ignore_index=ignore_index, reduction="sum")
-    count = (target != ignore_index).sum().clamp(min=1)
-    return total / count
+    count = (target != ignore_index).sum() if normalizer is None else torch.as_tensor(normalizer)
+    return total / count.to(total).clamp(min=1)
 
 
 class SegmentationModel(nn.Module):
@@ -300,31 +309,38 @@ class SegmentationModel(nn.Module):
         return self.pyramid(self._pad(images))
 
     def forward(
-        self, images: torch.Tensor, labels: torch.Tensor | None = None
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        normalizer: torch.Tensor | float | None = None,
     ) -> torch.Tensor | dict[str, torch.Tensor]:
         """Logits, or the losses when ``labels`` are given (so that DDP sees the training pass).
 
         Args:
             images: (B, 3, H, W), normalised.
             labels: optional (B, H, W) int64; see :meth:`forward_train`.
+            normalizer: see :meth:`forward_train`.
 
         Returns:
             (B, K, H, W) logits, or the dict of :meth:`forward_train`.
         """
         if labels is not None:
-            return self.forward_train(images, labels)
+            return self.forward_train(images, labels, normalizer)
         h, w = images.shape[-2:]
         logits = self.decode_head(self.features(images))  # (B, K, H'/4, W'/4)
         hp, wp = -(-h // self.size_divisor) * self.size_divisor, -(-w // self.size_divisor) * self.size_divisor
         logits = _resize(logits, (hp, wp))
         return logits[..., :h, :w]
 
-    def forward_train(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward_train(
+        self, images: torch.Tensor, labels: torch.Tensor, normalizer: torch.Tensor | float | None = None
+    ) -> dict[str, torch.Tensor]:
         """Losses of a batch.
 
         Args:
             images: (B, 3, H, W) normalised, H and W multiples of ``size_divisor`` (training crops).
             labels: (B, H, W) int64, ``ignore_index`` for unlabelled (and padded) pixels.
+            normalizer: see :func:`segmentation_loss` (default: this batch's labelled pixels).
 
         Returns:
             ``{"loss": total, "loss_decode": ..., "loss_aux": ...}`` (``loss_aux`` with an aux head).
@@ -336,10 +352,10 @@ class SegmentationModel(nn.Module):
             images = self._pad(images)
             labels = F.pad(labels, (0, images.shape[-1] - w, 0, images.shape[-2] - h), value=self.ignore_index)
         feats = self.pyramid(images)
-        losses = {"loss_decode": segmentation_loss(self.decode_head(feats), labels, self.ignore_index)}
+        losses = {"loss_decode": segmentation_loss(self.decode_head(feats), labels, self.ignore_index, normalizer)}
         total = losses["loss_decode"]
         if self.aux_head is not None:
-            losses["loss_aux"] = segmentation_loss(self.aux_head(feats), labels, self.ignore_index)
+            losses["loss_aux"] = segmentation_loss(self.aux_head(feats), labels, self.ignore_index, normalizer)
             total = total + self.aux_weight * losses["loss_aux"]
         losses["loss"] = total
         return losses
