@@ -16,7 +16,15 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-__all__ = ["COLUMNS", "load_examples", "load_runs", "results_markdown", "write_summary"]
+__all__ = [
+    "COLUMNS",
+    "complexity_rows",
+    "complexity_markdown",
+    "load_examples",
+    "load_runs",
+    "results_markdown",
+    "write_summary",
+]
 
 # (key in metrics.json, column header)
 COLUMNS = (
@@ -78,6 +86,34 @@ def write_summary(out_dir: str | os.PathLike, rows: Sequence[dict[str, Any]]) ->
         tmp.write_text(texts[key], encoding="utf-8")
         os.replace(tmp, path)
     return paths
+
+
+def complexity_rows(
+    runs: Sequence[tuple[str, str]], profile: str = "full", img_size: int = 512
+) -> list[dict[str, Any]]:
+    """Params and GMACs at ``img_size``² of backbone + pyramid + decode head, for (backbone, head) pairs.
+
+    Models are built with the profile's preset on the meta device (nothing is computed), so the
+    full-size models of the standard recipes are counted in seconds.
+    """
+    import torch
+
+    from .segmentation import build_model, model_complexity, resolve_config
+
+    rows = []
+    for backbone, head in runs:
+        cfg = resolve_config(profile, [], backbone=backbone, head=head)
+        with torch.device("meta"):
+            model = build_model(cfg, init_checkpoint="")
+        rows.append({"backbone": backbone, "head": head, "profile": profile, **model_complexity(model, img_size)})
+    return rows
+
+
+def complexity_markdown(rows: Sequence[dict[str, Any]], img_size: int = 512) -> str:
+    """The rows of :func:`complexity_rows` as a markdown table."""
+    lines = [f"| model | head | params (M) | GMACs @{img_size}² |", "|---|---|---|---|"]
+    lines += [f"| {r['backbone']} | {r['head']} | {r['params_m']:.2f} | {r['gmacs']:.2f} |" for r in rows]
+    return "\n".join(lines) + "\n"
 
 
 def load_examples(
