@@ -275,9 +275,12 @@ def test_kernels_under_interpreter(tmp_path):
 
 
 @pytest.mark.skipif(INTERPRETED, reason="checks the error raised without the interpreter")
-def test_triton_on_cpu_without_interpreter_is_a_clear_error():
+def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     qk = torch.randn(1, 2, 5, 16)
-    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1 in the environment before triton"):
+        anchor_attention(qk, qk, torch.randn(3, 16), impl="triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # too late: the kernels are already compiled ones
+    with pytest.raises(ValueError, match="is set now, but was not when the kernels were imported"):
         anchor_attention(qk, qk, torch.randn(3, 16), impl="triton")
 
 

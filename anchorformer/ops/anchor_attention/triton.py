@@ -909,11 +909,16 @@ def check_triton_device(device: torch.device) -> None:
     """Raise a ``ValueError`` if the kernels cannot run on ``device`` in this process."""
     if device.type == "cuda" or INTERPRETED:
         return
+    late = (
+        " (TRITON_INTERPRET=1 is set now, but was not when the kernels were imported)"
+        if os.environ.get("TRITON_INTERPRET") == "1"
+        else ""
+    )
     raise ValueError(
         f"anchor_attention impl='triton' got {device.type} tensors: the Triton kernels run on CUDA "
         "tensors, or on the CPU under the Triton interpreter, which needs TRITON_INTERPRET=1 in the "
-        "environment before triton and anchorformer are imported. Use impl='reference' (or 'auto') "
-        "on the CPU."
+        f"environment before triton and anchorformer are imported{late}. Use impl='reference' (or "
+        "'auto') on the CPU."
     )
 
 
