@@ -55,7 +55,6 @@ def test_train_then_eval_saved_model(mini_data, tmp_path) -> None:
     assert state["cat_ids"] == [1, 3, 7] and state["detector_config"]["num_classes"] == 3
 
 
-@pytest.mark.slow
 def test_resume_gives_the_same_model(mini_data, tmp_path, caplog) -> None:
     """A run killed after its first epoch and resumed ends with the same weights and numbers."""
     cfg = _cfg("epochs=2", "lr_steps=[2]", "keep_checkpoints=2")
