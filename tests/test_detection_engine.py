@@ -96,8 +96,20 @@ def test_presets_and_comparable_flops() -> None:
     assert "num_anchors" not in dcfg.backbone_kwargs
     assert dinfo["matched_to"] == "anchorformer_tiny_patch16_224"
     assert dinfo["input_scale"] < 1.0 and dcfg.min_size < 128
-    assert abs(dinfo["backbone_gmacs"] - info["backbone_gmacs"]) / info["backbone_gmacs"] < 0.05
+    # matched at the size the mini runs train on (128x160), not at 1333x800
+    assert dinfo["match_size"] == info["match_size"] == [128, 160]
+    assert abs(dinfo["backbone_gmacs_match"] - info["backbone_gmacs_match"]) / info["backbone_gmacs_match"] < 0.05
+    assert 0.5 < dinfo["input_scale"] < 1.0
     assert dinfo["backbone_gmacs_full"] > 5 * info["backbone_gmacs"]
+    # the full recipe matches at 1333x800
+    fdeit = apply_overrides(
+        load_profile("det", "full"), ["backbone=deit_tiny_patch16_224", "match_macs_of=anchorformer_tiny_patch16_224"]
+    )
+    fanchor = apply_overrides(load_profile("det", "full"), ["backbone=anchorformer_tiny_patch16_224"])
+    _, fd = detector_config(fdeit, 80)
+    _, fa = detector_config(fanchor, 80)
+    assert fd["match_size"] == [800, 1333]
+    assert abs(fd["backbone_gmacs"] - fa["backbone_gmacs"]) / fa["backbone_gmacs"] < 0.05
 
 
 def test_command_line_errors(mini_data, tmp_path, capsys) -> None:

@@ -121,11 +121,20 @@ def detector_config(cfg: Mapping[str, Any], num_classes: int) -> tuple[DetectorC
     info: dict[str, Any] = {"backbone": name, "backbone_gmacs_full": full_macs / 1e9}
     if cfg.get("match_macs_of"):
         other = str(cfg["match_macs_of"])
-        target = backbone_macs(_meta_pyramid(other, backbone_kwargs(cfg, other)), COCO_SIZE)
-        scale, _ = comparable_input_scale(pyr, target, COCO_SIZE)
+        # Match at the input size the recipe actually trains on (1333x800 in full; the mini sets'
+        # small images in mini, where 1333x800 would be far outside the regime the runs see).
+        match_size = tuple(int(v) for v in (cfg.get("match_size") or COCO_SIZE))
+        target = backbone_macs(_meta_pyramid(other, backbone_kwargs(cfg, other)), match_size)
+        scale, _ = comparable_input_scale(pyr, target, match_size)
         info.update(matched_to=other, matched_gmacs=target / 1e9)
     size = (round(COCO_SIZE[0] * scale), round(COCO_SIZE[1] * scale))
     info.update(input_scale=scale, backbone_gmacs=backbone_macs(pyr, size) / 1e9)
+    # GMACs at the size the comparable-FLOPs pairing uses (the size the runs train on), x scale
+    ms = tuple(int(v) for v in (cfg.get("match_size") or COCO_SIZE))
+    info.update(
+        match_size=list(ms),
+        backbone_gmacs_match=backbone_macs(pyr, (max(1, round(ms[0] * scale)), max(1, round(ms[1] * scale)))) / 1e9,
+    )
     det = DetectorConfig.from_dict(
         dict(
             backbone=name,
@@ -629,6 +638,8 @@ def _train(
         **metrics,
         "backbone_gmacs": round(macs_info["backbone_gmacs"], 4),
         "backbone_gmacs_full": round(macs_info["backbone_gmacs_full"], 4),
+        "backbone_gmacs_match": round(macs_info["backbone_gmacs_match"], 4),
+        "match_size": "x".join(str(v) for v in macs_info["match_size"]),  # (H)x(W)
         "input_scale": round(macs_info["input_scale"], 4),
         "min_size": det_cfg.min_size,
         "epochs": epochs,

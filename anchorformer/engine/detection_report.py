@@ -27,7 +27,7 @@ __all__ = ["comparable_flops_pairs", "load_runs", "relative_gain", "results_mark
 _ROW_KEYS = (
     "bbox_AP", "bbox_AP50", "bbox_AP75", "bbox_APs", "bbox_APm", "bbox_APl",
     "segm_AP", "segm_AP50", "segm_AP75", "segm_APs", "segm_APm", "segm_APl",
-    "backbone_gmacs", "backbone_gmacs_full", "input_scale", "min_size", "epochs", "train_seconds", "total_seconds",
+    "backbone_gmacs", "backbone_gmacs_full", "backbone_gmacs_match", "match_size", "input_scale", "min_size", "epochs", "train_seconds", "total_seconds",
 )  # fmt: skip
 
 
@@ -93,6 +93,10 @@ def comparable_flops_pairs(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any
                 "deit_run": d["run"],
                 "anchorformer_gmacs": a["backbone_gmacs"],
                 "deit_gmacs": d["backbone_gmacs"],
+                # the GMACs the pairing matched: at the size the runs train on (x scale)
+                "match_size": d.get("match_size"),
+                "anchorformer_gmacs_match": a.get("backbone_gmacs_match"),
+                "deit_gmacs_match": d.get("backbone_gmacs_match"),
                 "deit_input_scale": d["input_scale"],
             }
             for kind in ("bbox", "segm"):
@@ -129,16 +133,19 @@ def results_markdown(rows: Sequence[dict[str, Any]], pairs: Sequence[dict[str, A
             "",
             "Comparable FLOPs: relative gain = (AP_AnchorFormer - AP_DeiT) / AP_DeiT (the abstract's form).",
             "",
-            "| AnchorFormer run | GMACs | DeiT run (scale) | GMACs | box AP A / D | box AP gain | mask AP A / D | mask AP gain |",
-            "|---|---|---|---|---|---|---|---|",
+            "GMACs: the backbones' at the size the pairing matched (the size the runs train on, x scale).",
+            "",
+            "| AnchorFormer run | GMACs | DeiT run (scale) | GMACs | matched at | box AP A / D | box AP gain | mask AP A / D | mask AP gain |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for p in pairs:
             box = f"{_fmt(p.get('anchorformer_bbox_AP'))} / {_fmt(p.get('deit_bbox_AP'))}"
             mask = f"{_fmt(p.get('anchorformer_segm_AP'))} / {_fmt(p.get('deit_segm_AP'))}"
             gain_b, gain_m = p.get("bbox_AP_gain_pct"), p.get("segm_AP_gain_pct")
             lines.append(
-                f"| {p['anchorformer_run']} | {_fmt(p['anchorformer_gmacs'], 2)} | {p['deit_run']} "
-                f"({_fmt(p['deit_input_scale'], 3)}) | {_fmt(p['deit_gmacs'], 2)} | {box} | "
+                f"| {p['anchorformer_run']} | {_fmt(p.get('anchorformer_gmacs_match', p['anchorformer_gmacs']), 3)} | {p['deit_run']} "
+                f"({_fmt(p['deit_input_scale'], 3)}) | {_fmt(p.get('deit_gmacs_match', p['deit_gmacs']), 3)} | "
+                f"{p.get('match_size') or '800x1333'} | {box} | "
                 f"{'n/a' if gain_b is None else f'{gain_b:+.1f}%'} | {mask} | {'n/a' if gain_m is None else f'{gain_m:+.1f}%'} |"
             )
     return "\n".join(lines) + "\n"
