@@ -343,7 +343,9 @@ def plot_segmentation(
 
     palette = segmentation_palette(len(class_names))
     n = len(images)
-    fig, axes = plt.subplots(n, 3, figsize=(7.5, 2.3 * n + 0.8), squeeze=False)
+    present = {int(v) for lab in (*ground_truths, *predictions) for v in np.unique(np.asarray(lab)) if v > 0}
+    legend_h = 0.25 * -(-(len(present) + 1) // 5) + 0.1  # inches: rows of 5 entries
+    fig, axes = plt.subplots(n, 3, figsize=(7.5, 2.3 * n + legend_h), squeeze=False)
     shown: set[int] = set()
     for r, (img, gt, pred) in enumerate(zip(images, ground_truths, predictions)):
         img = np.asarray(img)
@@ -362,5 +364,5 @@ def plot_segmentation(
     handles = [Patch(color=palette[0], label="other (ignored)")]
     handles += [Patch(color=palette[k], label=class_names[k - 1]) for k in sorted(shown)]
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 5), fontsize=7, frameon=False)
-    fig.tight_layout(rect=(0, 0.06 + 0.02 * (len(handles) // 5), 1, 1))
+    fig.tight_layout(rect=(0, legend_h / fig.get_figheight(), 1, 1))
     return fig

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -160,3 +161,18 @@ def test_bad_input() -> None:
         build_segmentation_model("deit_tiny_patch16_224", backbone_kwargs=TINY)(
             torch.randn(1, 3, 32, 32), torch.zeros(1, 32, 16, dtype=torch.long)
         )
+
+
+def test_label_map_figure_has_a_legend_of_the_classes_shown() -> None:
+    from anchorformer.data.ade20k import ADE20K_CLASSES
+    from anchorformer.viz import plot_segmentation
+
+    img = np.zeros((20, 30, 3), dtype=np.uint8)
+    gt = np.zeros((20, 30), dtype=np.uint8)
+    gt[:10] = 3  # sky
+    pred = np.full((20, 30), 3, dtype=np.uint8)
+    pred[15:] = 21  # car
+    fig = plot_segmentation([img, img], [gt, gt], [pred, pred], ADE20K_CLASSES, titles=["a", "b"])
+    assert len(fig.axes) == 6
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert labels == ["other (ignored)", "sky", "car"]
