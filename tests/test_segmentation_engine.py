@@ -160,7 +160,6 @@ def test_epochs_are_converted_to_iterations() -> None:
         _resolve_iters(cfg, 200, 2, 1.0)
 
 
-@pytest.mark.slow
 def test_resume_after_a_kill_ends_with_the_same_weights(
     ade: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
