@@ -77,6 +77,15 @@ def test_build_report_from_stage_outputs(tmp_path):
     acc, flops, mp = result["headline"]
     assert acc["ours"] == pytest.approx(10.0) and acc["verdict"] == "supported"  # (66 - 60) / 60
     assert flops["ours"] == pytest.approx(20.0)
+    # the counted standard models at ImageNet resolutions join the FLOPs claim (1024² does not)
+    (out / "complexity").mkdir()
+    rows = [
+        {"size": "T", "img_size": 384, "num_anchors": 30, "anchorformer_gmacs": 3.0, "deit_gmacs": 4.5},
+        {"size": "T", "img_size": 1024, "num_anchors": 30, "anchorformer_gmacs": 20.0, "deit_gmacs": 100.0},
+    ]
+    (out / "complexity/complexity.json").write_text(json.dumps({"models": [], "resolution": rows}))
+    flops = build_report(out, tmp_path / "reports" / "report.md")["headline"][1]
+    assert flops["ours"] == pytest.approx(100 / 3, abs=0.01) and flops["best_pair"].startswith("T@384²")
     assert mp["ours"] == pytest.approx(100.0) and mp["best_pair"] == "a vs d"
     text = result["markdown"].read_text()
     assert "| E1 table |" in text and "not public" in text
