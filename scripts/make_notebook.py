@@ -12,7 +12,6 @@ from pathlib import Path
 
 import nbformat
 
-
 CHECK = "# NBVAL_CHECK_OUTPUT"
 CHDIR = (
     "import os\n\n"
