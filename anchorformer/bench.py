@@ -36,6 +36,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .io import write_json_atomic
+
 __all__ = [
     "OP_IMPLS",
     "OP_MODES",
@@ -764,13 +766,6 @@ def _slug(text: str) -> str:
     return "_".join(w for w in keep.split("_") if w)
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write atomically: a temporary file in the same folder, then a rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def run_benchmarks(
     out_dir: str | Path,
     cfg: dict[str, Any],
@@ -809,7 +804,7 @@ def run_benchmarks(
         "complete": False,
     }
     json_path = out / f"{name}.json"
-    _write_json(json_path, results)
+    write_json_atomic(json_path, results)
     t0 = time.perf_counter()
     if "operator" in parts:
         results["operator"] = operator_benchmark(
@@ -828,10 +823,10 @@ def run_benchmarks(
             sdpa_max_tokens=cfg["sdpa_max_tokens"],
             compile_dynamic=cfg["compile_dynamic"],
             check_tokens=cfg["check_tokens"],
-            on_progress=lambda rows: _write_json(json_path, {**results, "operator": rows}),
+            on_progress=lambda rows: write_json_atomic(json_path, {**results, "operator": rows}),
         )
         results["operator_seconds"] = round(time.perf_counter() - t0, 1)
-        _write_json(json_path, results)
+        write_json_atomic(json_path, results)
         save_figure(plot_operator(results["operator"]), out / f"{name}_operator")
     if "models" in parts:
         t1 = time.perf_counter()
@@ -846,17 +841,17 @@ def run_benchmarks(
             warmup=cfg["warmup"],
             repeats=cfg["repeats"],
             budget_s=cfg["budget_s"],
-            on_progress=lambda rows: _write_json(json_path, {**results, "models": rows}),
+            on_progress=lambda rows: write_json_atomic(json_path, {**results, "models": rows}),
         )
         results["models_seconds"] = round(time.perf_counter() - t1, 1)
-        _write_json(json_path, results)
+        write_json_atomic(json_path, results)
         save_figure(plot_models(results["models"]), out / f"{name}_models")
     results["targets"] = summarize_targets(results)
     # Flat numbers for `dvc metrics show`: each target's measured value by a short key.
     results["summary"] = {_slug(t["target"]): t["measured"] for t in results["targets"]}
     results["complete"] = True
     (out / f"{name}.md").write_text(results_markdown(results) + "\n")
-    _write_json(json_path, results)
+    write_json_atomic(json_path, results)
     return results
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .complexity import model_complexity
+from .io import atomic_write_text, write_json_atomic
 
 __all__ = ["complexity_tables", "register", "tables_markdown", "write_complexity"]
 
@@ -98,10 +99,8 @@ def write_complexity(out_dir: str | Path, tables: dict[str, list[dict[str, Any]]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "complexity.json", "markdown": out / "complexity.md"}
-    for key, text in (("json", json.dumps(tables, indent=2) + "\n"), ("markdown", tables_markdown(tables))):
-        tmp = paths[key].with_suffix(paths[key].suffix + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(paths[key])
+    write_json_atomic(paths["json"], tables)
+    atomic_write_text(paths["markdown"], tables_markdown(tables))
     return paths
 
 

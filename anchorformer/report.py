@@ -17,6 +17,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .io import atomic_write_text
+
 __all__ = [
     "CLAIMS",
     "build_report",
@@ -46,10 +48,7 @@ def collect_metrics(root: str | Path, filename: str = "metrics.json") -> list[di
     rows = []
     root = Path(root)
     for path in sorted(root.rglob(filename)):
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from e
+        data = _read_json(path)
         if isinstance(data, dict):
             rows.append({"run": str(path.parent.relative_to(root)), **data})
     return rows
@@ -187,10 +186,8 @@ def write_report(out_md: str | Path, markdown: str, title: str = "AnchorFormer r
         "img{max-width:100%}</style></head><body>\n" + markdown2html(markdown) + "\n</body></html>\n"
     )
     out_html = out_md.with_suffix(".html")
-    for path, text in ((out_md, markdown), (out_html, html)):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+    atomic_write_text(out_md, markdown)
+    atomic_write_text(out_html, html)
     return {"markdown": out_md, "html": out_html}
 
 

@@ -33,6 +33,7 @@ from typing import Any
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..io import write_json_atomic
 from .files import ADE20K_LAYOUT, COCO_LAYOUT, IMAGENET_LAYOUT, BadFileError, check_on_bad, load_label_map
 from .synthetic import read_mini_manifest
 
@@ -363,12 +364,4 @@ def verify_dataset(
 
 def write_manifest(manifest: dict[str, Any], path: str | Path) -> Path:
     """Write ``manifest`` as JSON, atomically (temporary file, then rename); the folder is created."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    return write_json_atomic(path, manifest, sort_keys=True)

@@ -48,6 +48,7 @@ from timm.utils import ModelEmaV3, accuracy
 from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler, Subset
 
 from ..complexity import count_macs, count_params
+from ..io import write_json_atomic
 from ..models import ANCHOR_MODES, create_model, load_checkpoint
 from ..models.checkpoint import CheckpointMismatchError
 from ..models.factory import is_anchorformer
@@ -515,12 +516,6 @@ def _base_criterion(cfg: dict[str, Any], mixup_active: bool) -> nn.Module:
     return nn.CrossEntropyLoss()
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     keys = (set(old) | set(new)) - _EXECUTION_KEYS
     return sorted(f"{k}: checkpoint {old.get(k)!r} vs now {new.get(k)!r}" for k in keys if old.get(k) != new.get(k))
@@ -824,10 +819,10 @@ def _train(
         if ema is not None:
             final_state["model_ema"] = ema.module.state_dict()
         save_checkpoint(out_dir / "model.pth", final_state)
-        _write_json(out_dir / "history.json", history)
+        write_json_atomic(out_dir / "history.json", history)
         logger.summary({k: v for k, v in metrics.items() if k not in ("config", "model")})
         logger.close()
-        _write_json(out_dir / "metrics.json", metrics)  # last: its presence means the run finished
+        write_json_atomic(out_dir / "metrics.json", metrics)  # last: its presence means the run finished
         _logger.info("done: top1 %.2f top5 %.2f (%s)", metrics["top1"], metrics["top5"], out_dir / "metrics.json")
     barrier()
     return metrics
@@ -965,7 +960,7 @@ def evaluate_checkpoint(
                 "config": _plain_config(cfg),
             }
             out_dir.mkdir(parents=True, exist_ok=True)
-            _write_json(out_dir / "metrics.json", metrics)
+            write_json_atomic(out_dir / "metrics.json", metrics)
         return metrics
     finally:
         torch.set_num_threads(threads)

@@ -30,6 +30,8 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from ..io import write_json_atomic as _write_json_atomic
+
 __all__ = [
     "IOU_TYPES",
     "METRIC_NAMES",
@@ -189,21 +191,8 @@ def evaluate_coco(
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: int | None = 2) -> Path:
-    """Write JSON to ``path`` through a temporary file and ``os.replace`` (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with tmp.open("w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=indent, allow_nan=False, default=_json_default)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    """Write JSON to ``path`` atomically (never half-written); numpy scalars become numbers."""
+    return _write_json_atomic(path, obj, indent=indent, allow_nan=False, default=_json_default)
 
 
 def _json_default(o: Any) -> Any:

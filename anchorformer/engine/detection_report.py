@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..io import atomic_write_text
 from .coco_eval import write_json_atomic
 
 __all__ = ["comparable_flops_pairs", "load_runs", "relative_gain", "results_markdown", "write_summary"]
@@ -157,9 +158,6 @@ def write_summary(
     """Write ``summary.json`` (rows and pairs) and ``summary.md`` into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    md = out / "summary.md"
-    tmp = md.with_name(".summary.md.tmp")
-    tmp.write_text(results_markdown(rows, pairs))
-    os.replace(tmp, md)
+    md = atomic_write_text(out / "summary.md", results_markdown(rows, pairs))
     js = write_json_atomic(out / "summary.json", {"runs": list(rows), "comparable_flops": list(pairs)})
     return {"json": js, "markdown": md}

@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..io import atomic_write_text, write_json_atomic
+
 __all__ = [
     "COLUMNS",
     "complexity_rows",
@@ -80,11 +82,8 @@ def write_summary(out_dir: str | os.PathLike, rows: Sequence[dict[str, Any]]) ->
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "summary.json", "markdown": out / "summary.md"}
-    texts = {"json": json.dumps({"runs": list(rows)}, indent=2) + "\n", "markdown": results_markdown(rows)}
-    for key, path in paths.items():
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(texts[key], encoding="utf-8")
-        os.replace(tmp, path)
+    write_json_atomic(paths["json"], {"runs": list(rows)})
+    atomic_write_text(paths["markdown"], results_markdown(rows))
     return paths
 
 

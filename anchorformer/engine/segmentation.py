@@ -42,6 +42,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from ..complexity import count_macs, count_params
+from ..io import write_json_atomic
 from ..models.anchorformer import AnchorAttention
 from ..models.factory import is_anchorformer
 from ..models.segmentation import HEADS, SegmentationModel, build_segmentation_model, segmentation_model_from_config
@@ -306,12 +307,6 @@ def _resolve_iters(cfg: Mapping[str, Any], n_train: int, iters: int | None, epoc
     if total < 1:
         raise ValueError(f"iters must be >= 1; got {total}")
     return total
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def train_segmentation(
@@ -650,8 +645,8 @@ def evaluate_segmentation(
         if save_predictions:
             shutil.rmtree(out / "predictions", ignore_errors=True)
             os.replace(pred_tmp, out / "predictions")
-        _write_json(out / "per_class.json", [r for r in per_class if r["gt_pixels"] or r["pred_pixels"]])
-        _write_json(out / "metrics.json", summary)
+        write_json_atomic(out / "per_class.json", [r for r in per_class if r["gt_pixels"] or r["pred_pixels"]])
+        write_json_atomic(out / "metrics.json", summary)
         _logger.info("%s: mIoU %.2f  mAcc %.2f  aAcc %.2f", split, summary["mIoU"], summary["mAcc"], summary["aAcc"])
     return summary
 
