@@ -158,13 +158,9 @@ def compute_anchor_maps(model: Any, images: Any, layers: Sequence[int] | None = 
             n_prefix = int(getattr(model, "num_prefix_tokens", 1))
             out: dict[Any, Any] = {}
             for i in layers:
-                attn = blocks[i].attn
-                x = captured[i]  # (B, N, C): the block's normalised input
-                B, N, C = x.shape
-                qkv = attn.in_proj(x).reshape(B, N, 2, attn.num_heads, attn.head_dim)
-                qk = qkv.permute(2, 0, 3, 1, 4)[0]  # (B, H, N, D)
-                anchors = attn.anchors if attn.anchors is not None else attn.pooled_anchors(qk)
-                a = anchor_probabilities(qk, anchors.to(qk.dtype))  # (B, H, N, M)
+                qk, _, anchors = blocks[i].attn.embed(captured[i])  # from the block's normalised input
+                B = qk.shape[0]
+                a = anchor_probabilities(qk, anchors)  # (B, H, N, M)
                 deg = a.sum(dim=2, keepdim=True)  # (B, H, 1, M)
                 p_token = torch.where(deg > 0, a / deg.clamp_min(1e-30), torch.zeros_like(a))
                 p_patch = p_token[:, :, n_prefix:].mean(dim=1)  # (B, N - prefix, M)

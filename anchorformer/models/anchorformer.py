@@ -106,15 +106,21 @@ class AnchorAttention(nn.Module):
         pooled = F.adaptive_avg_pool1d(qk.detach().reshape(B * H, N, D).transpose(1, 2), self.num_anchors)
         return pooled.transpose(1, 2).reshape(B, H, self.num_anchors, D)  # (B, H, M, D)
 
+    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The operator's inputs for tokens ``x`` (B, N, C): ``qk``, ``v`` (B, H, N, D) and the
+        anchors in ``qk``'s dtype: (M, D), (H, M, D), or (B, H, M, D) when pooled."""
+        B, N, _ = x.shape
+        qkv = self.in_proj(x).reshape(B, N, 2, self.num_heads, self.head_dim)  # (B, N, 2, H, D)
+        qk, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (B, H, N, D)
+        anchors = self.anchors if self.anchors is not None else self.pooled_anchors(qk)
+        return qk, v, anchors.to(qk.dtype)
+
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, **_: Any) -> torch.Tensor:
         """Args: x (B, N, C). Returns (B, N, C)."""
         if attn_mask is not None:
             raise ValueError("AnchorAttention does not support attn_mask")
         B, N, C = x.shape
-        qkv = self.in_proj(x).reshape(B, N, 2, self.num_heads, self.head_dim)  # (B, N, 2, H, D)
-        qk, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (B, H, N, D)
-        anchors = self.anchors if self.anchors is not None else self.pooled_anchors(qk)
-        anchors = anchors.to(qk.dtype)
+        qk, v, anchors = self.embed(x)
         out = anchor_attention(qk, v, anchors, normalize=self.normalize, impl=self.attn_impl)  # (B, H, N, D)
         out = out.transpose(1, 2).reshape(B, N, C)  # (B, N, C)
         return self.proj_drop(self.proj(out))
