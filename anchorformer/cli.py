@@ -6,8 +6,20 @@ Subcommands are contributed by the modules that implement them, each through a
     anchorformer complexity ...          params / GMACs tables           (anchorformer.complexity)
     anchorformer data make-mini|verify   the datasets                    (anchorformer.data.cli)
     anchorformer bench ...               kernel and model benchmarks     (anchorformer.bench)
-    anchorformer train cls|det|seg ...   training                        (anchorformer.engine.*)
-    anchorformer eval cls|det|seg ...    evaluation                      (anchorformer.engine.*)
+    anchorformer train cls|det|seg ...   training                        (anchorformer.tasks.*)
+    anchorformer eval cls|det|seg ...    evaluation                      (anchorformer.tasks.*)
+
+``train`` and ``eval`` have one set of flags for every task (this module); a task adds its own
+through ``add_train_arguments(parser)`` / ``add_eval_arguments(parser)`` and runs through
+``cli_train(args)`` / ``cli_eval(args)``:
+
+    anchorformer train {cls,det,seg} --data ROOT --out DIR [--model NAME] [--profile mini|full]
+                                     [--set KEY=VALUE]... [--resume auto|never|PATH] [--overwrite]
+                                     [--epochs N]
+    anchorformer eval  {cls,det,seg} --data ROOT --checkpoint PATH --out DIR [--set KEY=VALUE]...
+
+Errors a user can act on (a bad recipe value, a missing file, a folder in use) print one line
+and exit with status 2; ``--debug`` (or ``ANCHORFORMER_DEBUG=1``) shows the traceback.
 """
 
 from __future__ import annotations
@@ -15,8 +27,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 __all__ = ["build_parser", "main"]
 
@@ -25,12 +39,6 @@ _TOP_LEVEL = [
     ("anchorformer.complexity_cli", "register"),
     ("anchorformer.data.cli", "register"),
     ("anchorformer.bench", "register"),
-]
-# Tasks of `train` and `eval`: each module has register_train(subparsers) and register_eval(subparsers).
-_TASKS = [
-    "anchorformer.engine.classification",
-    "anchorformer.engine.detection",
-    "anchorformer.engine.segmentation",
 ]
 
 
@@ -44,12 +52,58 @@ def _import_optional(name: str):
         raise
 
 
+def _number(text: str) -> int | float:
+    """``--epochs``: an integer, or a number the task's recipe judges (``1.5`` is refused by cls)."""
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def _add_task_parsers(train: Any, evaluate: Any) -> None:
+    from .engine.recipe import PROFILES
+    from .tasks import TASKS
+
+    for task, module_name in TASKS.items():
+        module = importlib.import_module(module_name + ".train")
+        p = train.add_parser(task, help=module.TRAIN_HELP, description=module.TRAIN_HELP)
+        p.add_argument("--data", required=True, help="dataset root (the mini set or the full dataset)")
+        p.add_argument("--out", required=True, help="the run folder (checkpoints/, dvclive/, model.pth, metrics.json)")
+        p.add_argument("--model", default=None, help="the backbone's timm name (default: the profile's)")
+        p.add_argument("--profile", choices=PROFILES, default="mini", help="recipe preset (default: mini)")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help=f"override a recipe key (value parsed as YAML; see anchorformer/configs/{task}.yaml); repeatable")  # fmt: skip
+        p.add_argument("--resume", default="auto", metavar="auto|never|PATH",
+                       help="auto (default): continue from the newest checkpoint in --out; never: a fresh start; or a checkpoint")  # fmt: skip
+        p.add_argument("--overwrite", action="store_true",
+                       help="with --resume never: move an earlier run's files to --out/previous-<timestamp>/")  # fmt: skip
+        p.add_argument("--epochs", type=_number, default=None, help="training epochs (default: the profile's)")
+        if hasattr(module, "add_train_arguments"):
+            module.add_train_arguments(p)
+        p.set_defaults(func=module.cli_train)
+        e = evaluate.add_parser(task, help=module.EVAL_HELP, description=module.EVAL_HELP)
+        e.add_argument("--data", required=True, help="dataset root")
+        e.add_argument("--checkpoint", required=True, help="model.pth or a training checkpoint (or other weights)")
+        e.add_argument("--out", required=True, help="folder for metrics.json")
+        e.add_argument("--model", default=None, help="the backbone's timm name, for weights that do not name it")
+        e.add_argument("--profile", choices=PROFILES, default="mini", help="recipe preset for such weights")
+        e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a recipe key (e.g. eval batch size, test settings); repeatable")  # fmt: skip
+        if hasattr(module, "add_eval_arguments"):
+            module.add_eval_arguments(e)
+        e.set_defaults(func=module.cli_eval)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="anchorformer",
         description="AnchorFormer: models, datasets, training, evaluation and benchmarks.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module_name, fn in _TOP_LEVEL:
         module = _import_optional(module_name)
@@ -61,11 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("eval", help="evaluate a checkpoint: cls, det or seg").add_subparsers(
         dest="task", metavar="TASK", required=True
     )
-    for module_name in _TASKS:
-        module = _import_optional(module_name)
-        if module is not None:
-            module.register_train(train)
-            module.register_eval(evaluate)
+    _add_task_parsers(train, evaluate)
     return parser
 
 
@@ -76,13 +126,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    debug = args.debug or os.environ.get("ANCHORFORMER_DEBUG", "") not in ("", "0")
     try:
         rc = args.func(args)
     except (ValueError, FileNotFoundError, KeyError) as e:
         # Bad input: one clear line, no traceback from deep inside a library.
-        print(f"anchorformer {args.command}: error: {e}", file=sys.stderr)
+        if debug:
+            raise
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"anchorformer {args.command}: error: {msg}", file=sys.stderr)
         return 2
-    return int(rc or 0)
+    return 0 if rc is None or isinstance(rc, dict) else int(rc)
 
 
 if __name__ == "__main__":  # pragma: no cover

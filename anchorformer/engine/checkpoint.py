@@ -16,6 +16,7 @@ is the number of completed epochs (classification) or iterations (detection, seg
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import random
@@ -30,12 +31,15 @@ import torch
 
 __all__ = [
     "capture_rng_state",
+    "checkpoint_candidates",
     "checkpoint_path",
+    "code_version",
     "find_latest_checkpoint",
     "load_training_checkpoint",
     "prune_checkpoints",
     "restore_rng_state",
     "save_checkpoint",
+    "save_training_state",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -116,7 +120,9 @@ def _is_complete(path: Path) -> bool:
         return False
 
 
-def _candidates(out_dir: Path) -> list[tuple[int, Path]]:
+def checkpoint_candidates(out_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Every `checkpoint-N.pth` under `out_dir` (or its `checkpoints/`), as (N, path) sorted by N."""
+    out_dir = Path(out_dir)
     found = []
     for folder in (out_dir / CHECKPOINT_DIR, out_dir):
         if not folder.is_dir():
@@ -126,6 +132,31 @@ def _candidates(out_dir: Path) -> list[tuple[int, Path]]:
             if m and p.is_file():
                 found.append((int(m.group(1)), p))
     return sorted(found)
+
+
+_PACKAGE = Path(__file__).resolve().parents[1]
+_CODE_VERSION: str | None = None
+
+
+def code_version() -> str:
+    """A hash of the package's source and preset files: which code wrote a checkpoint."""
+    global _CODE_VERSION
+    if _CODE_VERSION is None:
+        h = hashlib.sha256()
+        for p in sorted(list(_PACKAGE.rglob("*.py")) + list(_PACKAGE.rglob("*.yaml"))):
+            h.update(str(p.relative_to(_PACKAGE)).encode())
+            h.update(p.read_bytes())
+        _CODE_VERSION = h.hexdigest()[:16]
+    return _CODE_VERSION
+
+
+def save_training_state(out_dir: str | os.PathLike, step: int, state: dict[str, Any], keep: int) -> Path:
+    """Write the training state after ``step`` epochs/iterations atomically (with the code version), then
+    keep the newest ``keep`` checkpoints. Returns the checkpoint's path."""
+    path = checkpoint_path(out_dir, step)
+    save_checkpoint(path, {**state, "code_version": code_version()})
+    prune_checkpoints(out_dir, keep)
+    return path
 
 
 def find_latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
@@ -138,7 +169,7 @@ def find_latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
         The path, or ``None`` when there is no complete checkpoint.
     """
     out_dir = Path(out_dir)
-    for step, p in reversed(_candidates(out_dir)):
+    for step, p in reversed(checkpoint_candidates(out_dir)):
         if _is_complete(p):
             return p
         _logger.warning("skipping incomplete checkpoint %s (step %d)", p, step)
@@ -149,7 +180,7 @@ def prune_checkpoints(out_dir: str | os.PathLike, keep: int) -> list[Path]:
     """Delete all but the ``keep`` newest ``checkpoint-N.pth`` files; return the deleted paths."""
     if keep < 1:
         raise ValueError(f"keep must be >= 1; got {keep}")
-    cands = _candidates(Path(out_dir))
+    cands = checkpoint_candidates(Path(out_dir))
     removed = []
     for _, p in cands[: max(0, len(cands) - keep)]:
         p.unlink(missing_ok=True)

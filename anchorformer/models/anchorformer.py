@@ -28,6 +28,8 @@ from ..ops.anchor_attention import IMPLS, anchor_attention
 
 __all__ = [
     "ANCHOR_MODES",
+    "DEFAULT_NUM_ANCHORS",
+    "check_num_anchors",
     "AnchorAttention",
     "AnchorBlock",
     "AnchorFormer",
@@ -36,6 +38,14 @@ __all__ = [
 ]
 
 ANCHOR_MODES = ("learned", "pooled")
+DEFAULT_NUM_ANCHORS = 30  # M of the official code; the one place this default is set
+
+
+def check_num_anchors(num_anchors: Any) -> int:
+    """``num_anchors`` if it is an integer >= 1, else ValueError (one message for every caller)."""
+    if isinstance(num_anchors, bool) or not isinstance(num_anchors, int) or num_anchors < 1:
+        raise ValueError(f"num_anchors must be an integer >= 1; got {num_anchors!r}")
+    return num_anchors
 
 
 class AnchorAttention(nn.Module):
@@ -50,7 +60,7 @@ class AnchorAttention(nn.Module):
         self,
         dim: int,
         num_heads: int = 8,
-        num_anchors: int = 30,
+        num_anchors: int = DEFAULT_NUM_ANCHORS,
         qkv_bias: bool = False,  # the official projection has no bias
         proj_bias: bool = True,
         proj_drop: float = 0.0,
@@ -63,8 +73,7 @@ class AnchorAttention(nn.Module):
         super().__init__()
         if dim % num_heads != 0:
             raise ValueError(f"AnchorAttention: dim={dim} must be divisible by num_heads={num_heads}")
-        if not isinstance(num_anchors, int) or num_anchors < 1:
-            raise ValueError(f"AnchorAttention: num_anchors must be an integer >= 1; got {num_anchors!r}")
+        check_num_anchors(num_anchors)
         if anchor_mode not in ANCHOR_MODES:
             raise ValueError(f"AnchorAttention: anchor_mode must be one of {ANCHOR_MODES}; got {anchor_mode!r}")
         if attn_impl not in IMPLS:
@@ -151,7 +160,7 @@ class AnchorBlock(nn.Module):
         act_layer: type[nn.Module] = nn.GELU,
         norm_layer: type[nn.Module] = nn.LayerNorm,
         mlp_layer: type[nn.Module] = Mlp,
-        num_anchors: int = 30,
+        num_anchors: int = DEFAULT_NUM_ANCHORS,
         normalize: bool = True,
         per_head_anchors: bool = False,
         anchor_mode: str = "learned",

@@ -5,13 +5,15 @@ The DeiT recipe (Touvron et al., ICML 2021; REFERENCE §5 E1) on timm's parts: A
 and anchors), cosine schedule with warm-up per update (``timm.scheduler.create_scheduler_v2``),
 Mixup/CutMix with label smoothing (``timm.data.Mixup``, soft-target cross-entropy), RandAugment and
 random erasing (``timm.data.create_transform``), repeated augmentation (``RepeatAugSampler``),
-EMA (``timm.utils.ModelEmaV3``) and DeiT distillation (:mod:`.distillation`). Evaluation reports
+EMA (``timm.utils.ModelEmaV3``) and DeiT distillation (:mod:`.distillation`). The recipe is the
+typed :class:`.recipe.ClsRecipe`; the run folder, resume protocol, seeding and torchrun launch are
+the shared engine's (:mod:`anchorformer.engine`). Evaluation reports
 top-1/top-5 after resize-then-centre-crop, plus params, GMACs (:func:`anchorformer.count_macs`)
 and measured throughput.
 
 Runs as one process or under ``torchrun`` (DDP; gloo on the CPU). Every epoch writes an atomic
-checkpoint (model, optimizer, scheduler, scaler, EMA, RNG states, epoch); ``resume="auto"``
-continues from the latest one. Each epoch reseeds Python, NumPy and torch from (seed, epoch, rank)
+checkpoint (model, optimizer, scheduler, scaler, EMA, RNG states, epoch); ``resume="auto"`` (the
+default) continues from the latest one. Each epoch reseeds Python, NumPy and torch from (seed, epoch, rank)
 and the sampler from (seed, epoch), so on the CPU a resumed run ends with the same metrics as an
 uninterrupted one.
 
@@ -22,21 +24,16 @@ Outputs in ``out_dir``: ``metrics.json`` (written last: its presence means the r
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
 import os
-import random
-import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import timm
 import torch
 import torch.nn as nn
@@ -47,32 +44,20 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, accuracy
 from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler, Subset
 
-from ..complexity import count_macs, count_params
-from ..io import write_json_atomic
-from ..models import ANCHOR_MODES, create_model, load_checkpoint
-from ..models.checkpoint import CheckpointMismatchError
-from ..models.factory import is_anchorformer
-from .checkpoint import (
-    capture_rng_state,
-    checkpoint_path,
-    find_latest_checkpoint,
-    load_training_checkpoint,
-    prune_checkpoints,
-    restore_rng_state,
-    save_checkpoint,
-)
-from .config import PROFILES, apply_overrides, default_profile, load_profile
-from .distillation import DISTILLATION_KINDS, DistillationLoss
-from .distributed import (
-    DistInfo,
-    all_reduce_mean,
-    all_reduce_sum,
-    barrier,
-    cleanup_distributed,
-    init_distributed,
-    unwrap_model,
-)
-from .logging import MetricLogger, progress
+from ...complexity import count_macs, count_params
+from ...engine.checkpoint import capture_rng_state, load_training_checkpoint, restore_rng_state, save_training_state
+from ...engine.distributed import DistInfo, all_reduce_mean, all_reduce_sum, barrier, unwrap_model
+from ...engine.launch import cli_arguments, launch
+from ...engine.logging import MetricLogger, progress
+from ...engine.recipe import load_recipe
+from ...engine.seeding import epoch_seed, seed_everything, seed_worker
+from ...engine.trainer import TrainingRun, finish_run, training_run
+from ...io import write_json_atomic
+from ...models import create_model, load_checkpoint
+from ...models.checkpoint import CheckpointMismatchError
+from ...models.factory import backbone_kwargs, is_anchorformer
+from .distillation import DistillationLoss
+from .recipe import ClsRecipe
 
 __all__ = [
     "build_classifier",
@@ -80,30 +65,14 @@ __all__ = [
     "evaluate",
     "evaluate_checkpoint",
     "measure_throughput",
-    "register_eval",
-    "register_train",
-    "resolve_config",
-    "train_classification",
-    "train_classification_torchrun",
+    "resolve_recipe",
+    "train",
 ]
 
 _logger = logging.getLogger(__name__)
 
 TASK = "cls"
-# Keys that change how a run executes but not what it computes: a resumed run may differ in them.
-_EXECUTION_KEYS = {
-    "num_workers",
-    "pin_memory",
-    "eval_batch_size",
-    "throughput_batch_size",
-    "throughput_iters",
-    "log_every",
-    "keep_checkpoints",
-    "device",
-    "attn_impl",
-    "compile",
-}
-_SIZES = ("tiny", "small", "base")
+RESULTS = ("metrics.json", "model.pth", "model.safetensors", "history.json")  # a finished run's files
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,104 +80,37 @@ _SIZES = ("tiny", "small", "base")
 # ---------------------------------------------------------------------------------------------
 
 
-def resolve_config(
+def resolve_recipe(
     *,
-    profile: str | None = None,
+    profile: str = "mini",
     overrides: Sequence[str] = (),
     model: str | None = None,
-    epochs: int | None = None,
-) -> dict[str, Any]:
-    """The recipe: the ``profile`` preset (default: params.yaml's), then ``overrides``, then ``model``/``epochs``.
+    epochs: Any = None,
+    source: str = "argument",
+) -> ClsRecipe:
+    """The recipe: the ``profile`` preset, then ``overrides`` (``--set``), then ``model``/``epochs``.
+
+    Args:
+        source: how ``model``/``epochs`` arrived, for errors (the CLI passes the flags;
+            the pipeline's notebooks pass ``"params.yaml"``).
 
     Raises:
-        KeyError: an override names an unknown key.
-        ValueError: a value out of range (the message names the key and what is expected).
+        RecipeError: an unknown key, a value of the wrong type or out of range (naming the key
+            and where it came from).
     """
-    profile = profile or default_profile()
-    if profile not in PROFILES:
-        raise ValueError(f"profile must be one of {PROFILES}; got {profile!r}")
-    cfg = apply_overrides(load_profile(TASK, profile), overrides)
-    if model is not None:
-        cfg["model"] = model
-    if epochs is not None:
-        cfg["epochs"] = int(epochs)
-    cfg["profile"] = profile
-    _check_config(cfg)
-    return cfg
+    explicit = {"model": (model, _flag(source, "--model")), "epochs": (epochs, _flag(source, "--epochs"))}
+    return load_recipe(ClsRecipe, profile, overrides=overrides, explicit=explicit)
 
 
-def _check_config(cfg: dict[str, Any]) -> None:
-    problems = []
-
-    def need(ok: bool, key: str, expected: str) -> None:
-        if not ok:
-            problems.append(f"{key}={cfg.get(key)!r} (expected {expected})")
-
-    for key in ("epochs", "batch_size", "accum_steps", "lr_batch", "img_size", "eval_batch_size", "eval_every"):
-        need(isinstance(cfg[key], int) and cfg[key] >= 1, key, "an integer >= 1")
-    need(isinstance(cfg["model"], str) and bool(cfg["model"]), "model", "a model name")
-    need(cfg["distillation"] in ("auto",) + DISTILLATION_KINDS, "distillation", f"auto or one of {DISTILLATION_KINDS}")
-    need(cfg["anchor_mode"] in ANCHOR_MODES, "anchor_mode", f"one of {ANCHOR_MODES}")
-    need(cfg["amp_dtype"] in ("bfloat16", "float16"), "amp_dtype", "bfloat16 or float16")
-    need(cfg["device"] in (None, "cpu", "cuda"), "device", "null, cpu or cuda")
-    need(
-        cfg["num_anchors"] is None or (isinstance(cfg["num_anchors"], int) and cfg["num_anchors"] >= 1),
-        "num_anchors",
-        "null or an integer >= 1",
-    )
-    need(
-        cfg["patch_size"] is None or (isinstance(cfg["patch_size"], int) and cfg["img_size"] % cfg["patch_size"] == 0),
-        "patch_size",
-        "null or a divisor of img_size",
-    )
-    need(float(cfg["lr"]) > 0, "lr", "a positive number")
-    need(
-        cfg["threads"] is None or (isinstance(cfg["threads"], int) and cfg["threads"] >= 1),
-        "threads",
-        "null or an integer >= 1",
-    )
-    need(0.0 <= float(cfg["distillation_alpha"]) <= 1.0, "distillation_alpha", "a number in [0, 1]")
-    need(
-        isinstance(cfg["model_sizes"], dict) and set(cfg["model_sizes"]) <= set(_SIZES),
-        "model_sizes",
-        f"a mapping with keys among {_SIZES}",
-    )
-    need(isinstance(cfg["scale"], (list, tuple)) and len(cfg["scale"]) == 2, "scale", "[min, max]")
-    if (cfg["mixup"] > 0 or cfg["cutmix"] > 0) and cfg["batch_size"] % 2:
-        problems.append(f"batch_size={cfg['batch_size']} must be even with mixup/cutmix")
-    if problems:
-        raise ValueError("invalid classification config: " + "; ".join(problems))
+def _flag(source: str, flag: str) -> str:
+    return flag if source == "cli" else f"{source}: {flag.lstrip('-')}"
 
 
-def _is_vit(name: str) -> bool:
-    return is_anchorformer(name) or name.startswith(("deit_", "vit_"))
-
-
-def _size_of(name: str) -> str | None:
-    parts = name.split("_")
-    return next((s for s in _SIZES if s in parts), None)
-
-
-def classifier_kwargs(name: str, cfg: dict[str, Any], num_classes: int) -> dict[str, Any]:
-    """The ``create_model`` arguments of ``name`` under recipe ``cfg``.
-
-    ViTs (AnchorFormer, ``deit_*``, ``vit_*``) get ``img_size``, ``patch_size`` and their size's
-    entry of ``model_sizes``; AnchorFormer models also the anchor settings (baselines have none);
-    every model gets ``num_classes``, ``drop_path_rate`` and ``model_kwargs``.
-    """
-    kw: dict[str, Any] = {"num_classes": num_classes, "drop_path_rate": float(cfg["drop_path"])}
-    if _is_vit(name):
-        kw["img_size"] = cfg["img_size"]
-        if cfg["patch_size"] is not None:
-            kw["patch_size"] = cfg["patch_size"]
-        size = _size_of(name)
-        if size is not None:
-            kw.update(cfg["model_sizes"].get(size, {}))
-    if is_anchorformer(name):
-        for key in ("num_anchors", "anchor_mode", "normalize", "per_head_anchors", "attn_impl"):
-            if cfg[key] is not None:
-                kw[key] = cfg[key]
-    kw.update(cfg["model_kwargs"] or {})
+def classifier_kwargs(name: str, recipe: ClsRecipe, num_classes: int) -> dict[str, Any]:
+    """The ``create_model`` arguments of ``name`` under ``recipe``: the backbone's
+    (:func:`anchorformer.models.backbone_kwargs`), ``num_classes`` and ``drop_path_rate``."""
+    kw: dict[str, Any] = {"num_classes": num_classes, "drop_path_rate": float(recipe.drop_path)}
+    kw.update(backbone_kwargs(name, recipe))
     return kw
 
 
@@ -290,7 +192,7 @@ def _load_weights(model: nn.Module, source: Any, where: str) -> None:
 
 
 def _transforms(cfg: dict[str, Any]) -> tuple[Any, Any]:
-    from ..data.imagenet import build_imagenet_transform
+    from ...data.imagenet import build_imagenet_transform
 
     train_tf = build_imagenet_transform(
         True,
@@ -312,12 +214,6 @@ def _transforms(cfg: dict[str, Any]) -> tuple[Any, Any]:
     return train_tf, eval_tf
 
 
-def _seed_worker(worker_id: int) -> None:
-    seed = torch.initial_seed() % 2**32  # base_seed + worker_id, drawn from the reseeded main RNG
-    random.seed(seed)
-    np.random.seed(seed)
-
-
 def _loader(dataset: Dataset, batch_size: int, sampler: Any, cfg: dict[str, Any], drop_last: bool) -> DataLoader:
     return DataLoader(
         dataset,
@@ -326,7 +222,7 @@ def _loader(dataset: Dataset, batch_size: int, sampler: Any, cfg: dict[str, Any]
         num_workers=int(cfg["num_workers"]),
         pin_memory=bool(cfg["pin_memory"]) and torch.cuda.is_available(),
         drop_last=drop_last,
-        worker_init_fn=_seed_worker,
+        worker_init_fn=seed_worker,
         persistent_workers=False,
     )
 
@@ -342,16 +238,6 @@ def _set_sampler_epoch(sampler: Any, epoch: int, seed: int) -> None:
         sampler.set_epoch(epoch)
     elif isinstance(sampler, RandomSampler) and sampler.generator is not None:
         sampler.generator.manual_seed(seed + epoch)  # the order DistributedSampler would give
-
-
-def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    return ((seed * 1_000_003 + epoch) * 1_009 + rank) % 2**31
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -516,32 +402,29 @@ def _base_criterion(cfg: dict[str, Any], mixup_active: bool) -> nn.Module:
     return nn.CrossEntropyLoss()
 
 
-def _config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    keys = (set(old) | set(new)) - _EXECUTION_KEYS
-    return sorted(f"{k}: checkpoint {old.get(k)!r} vs now {new.get(k)!r}" for k in keys if old.get(k) != new.get(k))
-
-
-def _plain_config(cfg: dict[str, Any]) -> dict[str, Any]:
-    return json.loads(json.dumps(cfg))  # tuples -> lists, as stored in checkpoints and metrics
-
-
 def _check_data_root(data: Path) -> list[str]:
-    from ..data.imagenet import find_imagenet_classes
+    from ...data.imagenet import find_imagenet_classes
 
     classes = find_imagenet_classes(data, "train")
     find_imagenet_classes(data, "val")
     return classes
 
 
-def train_classification(
+def train(
     data: str | os.PathLike,
     out_dir: str | os.PathLike,
     model: str | None = None,
     *,
-    profile: str | None = None,
+    profile: str = "mini",
     overrides: Sequence[str] = (),
-    epochs: int | None = None,
-    resume: str | None = None,
+    epochs: Any = None,
+    resume: str = "auto",
+    overwrite: bool = False,
+    if_different: str = "refuse",
+    nproc_per_node: int = 1,
+    nnodes: int = 1,
+    torchrun_args: Sequence[str] = (),
+    source: str = "argument",
 ) -> dict[str, Any]:
     """Train a classifier on the ImageFolder set ``data`` and evaluate it; write ``out_dir``.
 
@@ -549,61 +432,51 @@ def train_classification(
         data: folder with ``train/`` and ``val/`` (ImageNet or the mini set).
         out_dir: the run's folder (created).
         model: model name; default the profile's ``model``.
-        profile: ``"mini"`` or ``"full"``; default params.yaml's ``profile``.
+        profile: ``"mini"`` or ``"full"``.
         overrides: ``"key=value"`` strings (see ``anchorformer/configs/cls.yaml``).
         epochs: shorthand for ``epochs=N``.
-        resume: ``None`` (start afresh; earlier checkpoints in ``out_dir`` are removed),
-            ``"auto"`` (the latest checkpoint in ``out_dir`` if any) or a checkpoint path.
+        resume: ``"auto"`` (the latest checkpoint in ``out_dir``, if any), ``"never"`` (a fresh
+            start; a folder holding an earlier run is refused unless ``overwrite``) or a path.
+        overwrite: with ``resume="never"``, move an earlier run's files to ``previous-<time>/``.
+        if_different: ``"refuse"`` or ``"restart"``: what ``resume="auto"`` does with a checkpoint
+            of another recipe or code version (:func:`anchorformer.engine.run.open_run`).
+        nproc_per_node, nnodes, torchrun_args: more than one process runs the same training
+            under ``torchrun`` (``anchorformer train cls`` in each process).
+        source: where ``model``/``epochs`` came from, named in errors.
 
     Returns:
         The metrics written to ``out_dir/metrics.json`` (``top1``, ``top5``, ``loss``,
         ``train_loss``, ``params``, ``gmacs``, ``throughput``, ..., ``config``).
 
     Raises:
-        KeyError, ValueError, FileNotFoundError: bad configuration, model name or data layout,
-            raised before any training starts.
+        RecipeError, ValueError, FileNotFoundError: bad recipe, model name or data layout,
+            raised before any training starts. RunFolderError: the folder is in use or holds
+            another run.
     """
-    cfg = resolve_config(profile=profile, overrides=overrides, model=model, epochs=epochs)
+    recipe = resolve_recipe(profile=profile, overrides=overrides, model=model, epochs=epochs, source=source)
     data, out_dir = Path(data), Path(out_dir)
     classes = _check_data_root(data)
-    num_classes = len(classes)
-    model_kwargs = classifier_kwargs(cfg["model"], cfg, num_classes)
-    resume_state = None
-    if resume is not None:
-        ckpt = find_latest_checkpoint(out_dir) if resume == "auto" else Path(resume)
-        if ckpt is not None:
-            resume_state = load_training_checkpoint(ckpt)
-            diff = _config_diff(resume_state.get("config", {}), _plain_config(cfg))
-            if diff:
-                raise ValueError(f"cannot resume from {ckpt}: its recipe differs: " + "; ".join(diff))
-            _logger.info("resuming from %s (epoch %d)", ckpt, resume_state["epoch"])
-
-    dist_info = init_distributed(cfg["device"])
-    threads = torch.get_num_threads()
-    if cfg["threads"]:
-        torch.set_num_threads(int(cfg["threads"]))
-    try:
-        return _train(cfg, data, out_dir, classes, model_kwargs, resume_state, dist_info)
-    finally:
-        torch.set_num_threads(threads)
-        cleanup_distributed()
+    if int(nproc_per_node) * int(nnodes) > 1 and "WORLD_SIZE" not in os.environ:
+        argv = cli_arguments(
+            data, out_dir, model=model, profile=profile, overrides=list(overrides), epochs=epochs, resume=resume,
+            overwrite=overwrite, if_different=if_different if if_different != "refuse" else None,
+        )  # fmt: skip
+        return launch(TASK, argv, nproc_per_node=nproc_per_node, nnodes=nnodes, torchrun_args=torchrun_args)
+    model_kwargs = classifier_kwargs(recipe.model, recipe, len(classes))
+    with training_run(
+        recipe, out_dir, resume=resume, overwrite=overwrite, if_different=if_different, results=RESULTS
+    ) as run:
+        return _train(run, data, classes, model_kwargs)
 
 
-def _train(
-    cfg: dict[str, Any],
-    data: Path,
-    out_dir: Path,
-    classes: list[str],
-    model_kwargs: dict[str, Any],
-    resume_state: dict[str, Any] | None,
-    dist_info: DistInfo,
-) -> dict[str, Any]:
-    from ..data.imagenet import build_imagenet_dataset, build_imagenet_sampler, build_mixup
+def _train(run: TrainingRun, data: Path, classes: list[str], model_kwargs: dict[str, Any]) -> dict[str, Any]:
+    from ...data.imagenet import build_imagenet_dataset, build_imagenet_sampler, build_mixup
 
+    cfg, dist_info, out_dir, resume_state = run.recipe, run.dist, run.out, run.state
     device = dist_info.device
     num_classes = len(classes)
     seed = int(cfg["seed"])
-    _seed_everything(seed)
+    seed_everything(seed)
     net = build_classifier(cfg["model"], model_kwargs)
     kind = _resolve_distillation(cfg, net)
     teacher = build_teacher(cfg, num_classes).to(device) if kind != "none" else None
@@ -690,15 +563,6 @@ def _train(
             train_model, device_ids=[device] if device.type == "cuda" else None
         )
 
-    if dist_info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for stale in ("metrics.json", "model.pth", "history.json"):
-            (out_dir / stale).unlink(missing_ok=True)
-        if resume_state is None:
-            for p in (out_dir / "checkpoints").glob("checkpoint-*.pth"):
-                _logger.warning("starting afresh: removing earlier checkpoint %s", p)
-                p.unlink()
-    barrier()
     logger = MetricLogger(out_dir, enabled=dist_info.is_main, resume_step=start_epoch if resume_state else None)
     _logger.info(
         "training %s (%s) on %d images, %d classes, %d epochs, global batch %d, lr %.3g, distillation %s, %d process(es)",
@@ -715,7 +579,7 @@ def _train(
     t_start = time.perf_counter()
     val: dict[str, float] = {}
     for epoch in range(start_epoch, cfg["epochs"]):
-        _seed_everything(_epoch_seed(seed, epoch, dist_info.rank))
+        seed_everything(epoch_seed(seed, epoch, dist_info.rank))
         _set_sampler_epoch(sampler, epoch, seed)
         t0 = time.perf_counter()
         stats, num_updates = _train_one_epoch(
@@ -758,15 +622,14 @@ def _train(
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "rng": capture_rng_state(),
                 "history": history,
-                "config": _plain_config(cfg),
+                "config": cfg.to_dict(),
                 "model_name": cfg["model"],
                 "model_kwargs": model_kwargs,
                 "classes": classes,
             }
             if ema is not None:
                 state["model_ema"] = ema.module.state_dict()
-            save_checkpoint(checkpoint_path(out_dir, epoch + 1), state)
-            prune_checkpoints(out_dir, int(cfg["keep_checkpoints"]))
+            save_training_state(out_dir, epoch + 1, state, int(cfg["keep_checkpoints"]))
         barrier()
 
     if not val:  # resumed a finished run: evaluate the final weights
@@ -804,7 +667,7 @@ def _train(
             "distillation": kind,
             "train_time_s": round(time.perf_counter() - t_start, 2),
             "world_size": dist_info.world_size,
-            "config": _plain_config(cfg),
+            "config": cfg.to_dict(),
         }
         if "top1_ema" in final:
             metrics["top1_ema"] = final["top1_ema"]
@@ -814,62 +677,23 @@ def _train(
             "model_kwargs": model_kwargs,
             "classes": classes,
             "epoch": cfg["epochs"],
-            "config": _plain_config(cfg),
+            "config": cfg.to_dict(),
         }
         if ema is not None:
             final_state["model_ema"] = ema.module.state_dict()
-        save_checkpoint(out_dir / "model.pth", final_state)
         write_json_atomic(out_dir / "history.json", history)
         logger.summary({k: v for k, v in metrics.items() if k not in ("config", "model")})
         logger.close()
-        write_json_atomic(out_dir / "metrics.json", metrics)  # last: its presence means the run finished
+    finish_run(run, metrics, final_state if dist_info.is_main else None)
+    if dist_info.is_main:
         _logger.info("done: top1 %.2f top5 %.2f (%s)", metrics["top1"], metrics["top5"], out_dir / "metrics.json")
-    barrier()
     return metrics
 
 
 def _first_anchor_attention(model: nn.Module) -> Any:
-    from ..models import AnchorAttention
+    from ...models import AnchorAttention
 
     return next((m for m in model.modules() if isinstance(m, AnchorAttention)), None)
-
-
-def train_classification_torchrun(
-    data: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    model: str | None = None,
-    *,
-    nproc_per_node: int = 1,
-    nnodes: int = 1,
-    profile: str | None = None,
-    overrides: Sequence[str] = (),
-    epochs: int | None = None,
-    resume: str | None = None,
-    extra_torchrun_args: Sequence[str] = (),
-) -> dict[str, Any]:
-    """Run :func:`train_classification` under ``torchrun`` (several processes) and return its metrics.
-
-    The command is ``python -m torch.distributed.run --nproc_per_node N [--nnodes K ...] -m
-    anchorformer.cli train cls ...``: what a notebook uses to train on several GPUs.
-    """
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc_per_node}", f"--nnodes={nnodes}"]
-    if nnodes == 1 and not any(a.startswith("--rdzv") or a.startswith("--master") for a in extra_torchrun_args):
-        cmd.append("--standalone")
-    cmd += list(extra_torchrun_args)
-    cmd += ["-m", "anchorformer.cli", "train", "cls", "--data", str(data), "--out", str(out_dir)]
-    if model:
-        cmd += ["--model", model]
-    if profile:
-        cmd += ["--profile", profile]
-    if epochs is not None:
-        cmd += ["--epochs", str(epochs)]
-    if resume:
-        cmd += ["--resume", resume]
-    if overrides:
-        cmd += ["--set", *overrides]
-    _logger.info("launching %s", " ".join(cmd))
-    subprocess.run(cmd, check=True)
-    return json.loads((Path(out_dir) / "metrics.json").read_text(encoding="utf-8"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -883,14 +707,14 @@ def evaluate_checkpoint(
     out_dir: str | os.PathLike,
     *,
     model: str | None = None,
-    profile: str | None = None,
+    profile: str = "mini",
     overrides: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Evaluate a checkpoint on ``data/val``; write ``out_dir/metrics.json``.
 
-    A ``model.pth`` or training checkpoint written by :func:`train_classification` carries its
-    model and recipe (``--set`` still applies, e.g. ``eval_batch_size``); other weights (timm,
-    the official AnchorFormer code) need ``model`` and use the profile's recipe.
+    A ``model.pth`` or training checkpoint written by :func:`train` carries its model and recipe
+    (``--set`` still applies, e.g. ``eval_batch_size``); other weights (timm, the official
+    AnchorFormer code) need ``model`` and use the profile's recipe.
 
     Raises:
         FileNotFoundError: missing checkpoint or data folder.
@@ -902,8 +726,8 @@ def evaluate_checkpoint(
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
     state = load_training_checkpoint(checkpoint) if checkpoint.suffix != ".safetensors" else {}
     if "model_name" in state and model in (None, state["model_name"]):
-        cfg = apply_overrides(dict(state["config"]), overrides)
-        _check_config(cfg)
+        stored = {k: v for k, v in dict(state["config"]).items() if k != "profile"}
+        cfg = load_recipe(ClsRecipe, profile, overrides=overrides, preset=(stored, f"{checkpoint} (its recipe)"))
         if state.get("classes") and list(state["classes"]) != classes:
             raise ValueError(
                 f"{checkpoint} was trained on classes {state['classes'][:5]}...; {data / 'val'} has {classes[:5]}..."
@@ -912,10 +736,12 @@ def evaluate_checkpoint(
     else:
         if model is None:
             raise ValueError(f"{checkpoint} does not name its model: pass --model")
-        cfg = resolve_config(profile=profile, overrides=overrides, model=model)
+        cfg = resolve_recipe(profile=profile, overrides=overrides, model=model)
         name = model
         kwargs = classifier_kwargs(name, cfg, len(classes))
         weights = state if state else checkpoint
+    from ...engine.distributed import cleanup_distributed, init_distributed
+
     dist_info = init_distributed(cfg["device"])
     threads = torch.get_num_threads()
     if cfg["threads"]:
@@ -925,7 +751,7 @@ def evaluate_checkpoint(
         _load_weights(net, weights, str(checkpoint))
         net.to(dist_info.device)
         _, eval_tf = _transforms(cfg)
-        from ..data.imagenet import build_imagenet_dataset
+        from ...data.imagenet import build_imagenet_dataset
 
         val_ds = build_imagenet_dataset(data, "val", transform=eval_tf)
         val = evaluate(net, _eval_loader(val_ds, cfg, dist_info), dist_info.device, cfg)
@@ -957,7 +783,7 @@ def evaluate_checkpoint(
                 "img_size": cfg["img_size"],
                 "num_classes": len(classes),
                 "val_images": val["n"],
-                "config": _plain_config(cfg),
+                "config": cfg.to_dict(),
             }
             out_dir.mkdir(parents=True, exist_ok=True)
             write_json_atomic(out_dir / "metrics.json", metrics)
@@ -968,71 +794,26 @@ def evaluate_checkpoint(
 
 
 # ---------------------------------------------------------------------------------------------
-# Command line
+# Command line (the common flags are anchorformer.cli's)
 # ---------------------------------------------------------------------------------------------
 
-
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, help="ImageFolder root with train/ and val/ (e.g. data/mini/imagenet)")
-    p.add_argument("--out", required=True, help="output folder (metrics.json, model.pth, dvclive/, checkpoints/)")
-    p.add_argument(
-        "--profile", choices=PROFILES, default=None, help="recipe preset (default: params.yaml's profile, else mini)"
-    )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        nargs="+",
-        action="extend",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a recipe key (see anchorformer/configs/cls.yaml)",
-    )
+TRAIN_HELP = "train an image classifier (DeiT recipe; E1-E3)"
+EVAL_HELP = "evaluate a classifier checkpoint (top-1, top-5, GMACs, throughput)"
 
 
-def register_train(subparsers: Any) -> None:
-    """Add ``cls`` to ``anchorformer train``."""
-    p = subparsers.add_parser(
-        "cls", help="train an image classifier (DeiT recipe)", description=__doc__.split("\n\n")[0]
-    )
-    _common(p)
-    p.add_argument(
-        "--model", default=None, help="model name (default: the profile's), e.g. anchorformer_tiny_patch16_224"
-    )
-    p.add_argument("--epochs", type=int, default=None, help="number of epochs (default: the profile's)")
-    p.add_argument("--resume", default=None, help="'auto' (latest checkpoint in --out) or a checkpoint path")
-    p.set_defaults(func=_train_cli)
+def cli_train(args: Any) -> dict[str, Any]:
+    """``anchorformer train cls``."""
+    return train(
+        args.data, args.out, args.model, profile=args.profile, overrides=args.overrides, epochs=args.epochs,
+        resume=args.resume, overwrite=args.overwrite, source="cli",
+    )  # fmt: skip
 
 
-def register_eval(subparsers: Any) -> None:
-    """Add ``cls`` to ``anchorformer eval``."""
-    p = subparsers.add_parser("cls", help="evaluate a classifier checkpoint (top-1, top-5, GMACs, throughput)")
-    _common(p)
-    p.add_argument(
-        "--checkpoint",
-        required=True,
-        help="model.pth or checkpoint written by `train cls`, or other weights with --model",
-    )
-    p.add_argument("--model", default=None, help="model name, for checkpoints that do not name theirs")
-    p.set_defaults(func=_eval_cli)
-
-
-def _train_cli(args: argparse.Namespace) -> int:
-    train_classification(
-        args.data,
-        args.out,
-        args.model,
-        profile=args.profile,
-        overrides=args.overrides,
-        epochs=args.epochs,
-        resume=args.resume,
-    )
-    return 0
-
-
-def _eval_cli(args: argparse.Namespace) -> int:
+def cli_eval(args: Any) -> dict[str, Any]:
+    """``anchorformer eval cls``."""
     m = evaluate_checkpoint(
         args.data, args.checkpoint, args.out, model=args.model, profile=args.profile, overrides=args.overrides
     )
     if m:
         print(json.dumps({k: m[k] for k in ("model", "top1", "top5", "loss", "params", "gmacs", "throughput")}))
-    return 0
+    return m

@@ -1,0 +1,84 @@
+"""One ``torchrun`` launcher for every task.
+
+``launch("cls", ["--data", ..., "--out", OUT, ...], nproc_per_node=8)`` runs
+``python -m torch.distributed.run --nproc_per_node 8 [--standalone] -m anchorformer.cli train cls ...``
+and returns ``OUT/metrics.json``. Several nodes: pass ``nnodes`` and the rendezvous arguments
+(``--rdzv-backend=c10d --rdzv-endpoint=HOST:PORT --rdzv-id=JOB``) in ``torchrun_args``.
+:func:`cli_arguments` turns a task function's keyword arguments into the same command line, so a
+notebook calls one function (:func:`anchorformer.tasks.run_training`) whatever the process count.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["cli_arguments", "launch", "torchrun_command"]
+
+_logger = logging.getLogger(__name__)
+
+
+def cli_arguments(data: str | os.PathLike, out_dir: str | os.PathLike, **options: Any) -> list[str]:
+    """``--data D --out O`` plus one flag per option (``None``/``False`` skipped, ``True`` a bare flag,
+    lists repeated: ``overrides=["a=1", "b=2"]`` -> ``--set a=1 --set b=2``)."""
+    argv = ["--data", str(data), "--out", str(out_dir)]
+    for key, value in options.items():
+        if value is None or value is False:
+            continue
+        flag = "--set" if key == "overrides" else "--" + key.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                argv += [flag, str(v)]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def torchrun_command(
+    command: str,
+    task: str,
+    argv: Sequence[str],
+    *,
+    nproc_per_node: int,
+    nnodes: int = 1,
+    torchrun_args: Sequence[str] = (),
+) -> list[str]:
+    """The ``torchrun`` command line of ``anchorformer COMMAND TASK ARGV``."""
+    if int(nproc_per_node) < 1 or int(nnodes) < 1:
+        raise ValueError(f"nproc_per_node and nnodes must be >= 1; got {nproc_per_node}, {nnodes}")
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={int(nproc_per_node)}"]
+    cmd.append(f"--nnodes={int(nnodes)}")
+    if int(nnodes) == 1 and not any(a.startswith(("--rdzv", "--master")) for a in torchrun_args):
+        cmd.append("--standalone")
+    return [*cmd, *torchrun_args, "-m", "anchorformer.cli", command, task, *argv]
+
+
+def launch(
+    task: str,
+    argv: Sequence[str],
+    *,
+    nproc_per_node: int,
+    nnodes: int = 1,
+    torchrun_args: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """Run ``anchorformer train TASK ARGV`` under torchrun and return the run's ``metrics.json``.
+
+    Raises:
+        RuntimeError: the job failed (its exit status; the processes' errors are in the log above).
+    """
+    cmd = torchrun_command("train", task, argv, nproc_per_node=nproc_per_node, nnodes=nnodes, torchrun_args=torchrun_args)
+    _logger.info("launching %s", " ".join(cmd))
+    done = subprocess.run(cmd, env={**os.environ, **(env or {})}, check=False)
+    if done.returncode:
+        raise RuntimeError(f"torchrun job `anchorformer train {task}` failed with exit status {done.returncode}")
+    out = Path(argv[list(argv).index("--out") + 1])
+    return json.loads((out / "metrics.json").read_text(encoding="utf-8"))
