@@ -12,60 +12,52 @@ chosen so that its backbone's MACs at 1333x800 x scale equal that backbone's at 
 (:func:`anchorformer.models.detection.comparable_input_scale`); the scale multiplies
 ``min_size`` and ``max_size``.
 
-Command line: ``anchorformer train det --data ROOT --out DIR [--profile mini|full] [--set k=v]``
-and ``anchorformer eval det --data ROOT --checkpoint PATH --out DIR``; both run under torchrun.
+The recipe is the typed :class:`.recipe.DetRecipe`; run folder, resume protocol, seeding and
+torchrun launch are the shared engine's. Command line: ``anchorformer train det --data ROOT --out
+DIR [--model NAME] [--profile mini|full] [--set k=v]...`` and ``anchorformer eval det --data ROOT
+--checkpoint PATH --out DIR``; both run under torchrun.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
-import random
-import subprocess
-import sys
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from ..data.coco import CocoDetection, RandomHorizontalFlip, detection_collate
-from ..models.detection import DetectorConfig, build_detector, comparable_input_scale, sanitize_targets
-from ..models.pyramid import SimpleFeaturePyramid, backbone_macs, param_groups_layer_decay
-from .checkpoint import (
-    capture_rng_state,
-    checkpoint_path,
-    find_latest_checkpoint,
-    load_training_checkpoint,
-    prune_checkpoints,
-    restore_rng_state,
-    save_checkpoint,
-)
-from .coco_eval import detections_to_coco, evaluate_coco, metric_keys, write_json_atomic
-from .config import apply_overrides, default_profile, load_profile
-from .distributed import DistInfo, barrier, cleanup_distributed, init_distributed, unwrap_model
-from .logging import MetricLogger, progress
+from ...data.coco import CocoDetection, RandomHorizontalFlip, detection_collate
+from ...engine.checkpoint import capture_rng_state, load_training_checkpoint, restore_rng_state, save_training_state
+from ...engine.distributed import DistInfo, barrier, cleanup_distributed, init_distributed, unwrap_model
+from ...engine.launch import cli_arguments, launch
+from ...engine.logging import MetricLogger, progress
+from ...engine.recipe import load_recipe
+from ...engine.seeding import seed_everything, seed_worker
+from ...engine.trainer import TrainingRun, finish_run, training_run
+from ...io import write_json_atomic
+from ...models.detection import DetectorConfig, build_detector, comparable_input_scale, sanitize_targets
+from ...models.factory import backbone_kwargs
+from ...models.pyramid import SimpleFeaturePyramid, backbone_macs, param_groups_layer_decay
+from .coco_eval import detections_to_coco, evaluate_coco, metric_keys
+from .recipe import DetRecipe
 
 __all__ = [
     "COCO_SIZE",
-    "backbone_kwargs",
     "detector_config",
     "evaluate_checkpoint",
     "evaluate_detector",
     "load_detector",
     "predict",
-    "register_eval",
-    "register_train",
-    "train_detection",
-    "train_detection_torchrun",
+    "resolve_recipe",
+    "train",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -78,26 +70,28 @@ COCO_SIZE = (800, 1333)  # (H, W) at which backbone GMACs are reported
 # ---------------------------------------------------------------------------------------------
 
 
-def backbone_kwargs(cfg: Mapping[str, Any], name: str) -> dict[str, Any]:
-    """``create_model`` arguments of backbone ``name`` under the recipe ``cfg``.
+def resolve_recipe(
+    *,
+    profile: str = "mini",
+    overrides: Sequence[str] = (),
+    model: str | None = None,
+    epochs: Any = None,
+    source: str = "argument",
+) -> DetRecipe:
+    """The recipe: the ``profile`` preset, then ``overrides`` (``--set``), then ``model``/``epochs``.
 
-    ``img_size`` (the pre-training size the position embeddings belong to), ``patch_size``,
-    the shape of ``model_sizes[size]`` for the size word (tiny/small/base) in ``name``,
-    ``num_anchors`` (AnchorFormer only) and ``model_kwargs``.
+    ``epochs`` shorter than the preset's schedule keeps the lr steps that fit (or one at the end).
+
+    Raises:
+        RecipeError: an unknown key, a value of the wrong type or out of range.
     """
-    kw: dict[str, Any] = {"img_size": int(cfg["img_size"])}
-    if cfg.get("patch_size"):
-        kw["patch_size"] = int(cfg["patch_size"])
-    for size, shape in (cfg.get("model_sizes") or {}).items():
-        if f"_{size}_" in f"_{name}_":
-            kw.update(shape)
-    if name.startswith("anchor"):
-        if cfg.get("num_anchors"):
-            kw["num_anchors"] = int(cfg["num_anchors"])
-        if cfg.get("attn_impl"):
-            kw["attn_impl"] = cfg["attn_impl"]
-    kw.update(cfg.get("model_kwargs") or {})
-    return kw
+    flag = (lambda f: f) if source == "cli" else (lambda f: f"{source}: {f.lstrip('-')}")
+    explicit: dict[str, tuple[Any, str]] = {"model": (model, flag("--model")), "epochs": (epochs, flag("--epochs"))}
+    recipe = load_recipe(DetRecipe, profile, overrides=overrides, explicit={"model": explicit["model"]})
+    if epochs is not None:
+        steps = [s for s in recipe.lr_steps if isinstance(epochs, int) and s <= epochs] or [epochs]
+        recipe = recipe.replace(flag("--epochs"), epochs=epochs, lr_steps=steps)
+    return recipe
 
 
 def _meta_pyramid(name: str, kwargs: Mapping[str, Any]) -> SimpleFeaturePyramid:
@@ -113,8 +107,8 @@ def detector_config(cfg: Mapping[str, Any], num_classes: int) -> tuple[DetectorC
         1333x800 x scale), ``backbone_gmacs_full`` (at 1333x800) and, when matching,
         ``matched_to`` and ``matched_gmacs``.
     """
-    name = cfg["backbone"]
-    kw = backbone_kwargs(cfg, name)
+    name = cfg["model"]
+    kw = backbone_kwargs(name, cfg)
     pyr = _meta_pyramid(name, kw)
     full_macs = backbone_macs(pyr, COCO_SIZE)
     scale = float(cfg.get("input_scale") or 1.0)
@@ -124,7 +118,7 @@ def detector_config(cfg: Mapping[str, Any], num_classes: int) -> tuple[DetectorC
         # Match at the input size the recipe actually trains on (1333x800 in full; the mini sets'
         # small images in mini, where 1333x800 would be far outside the regime the runs see).
         match_size = tuple(int(v) for v in (cfg.get("match_size") or COCO_SIZE))
-        target = backbone_macs(_meta_pyramid(other, backbone_kwargs(cfg, other)), match_size)
+        target = backbone_macs(_meta_pyramid(other, backbone_kwargs(other, cfg)), match_size)
         scale, _ = comparable_input_scale(pyr, target, match_size)
         info.update(matched_to=other, matched_gmacs=target / 1e9)
     size = (round(COCO_SIZE[0] * scale), round(COCO_SIZE[1] * scale))
@@ -179,18 +173,6 @@ def _coco_dataset(root: str | os.PathLike, split: str, transforms: Any = None) -
 def _collate(batch: Sequence[tuple[torch.Tensor, dict[str, Any]]]) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
     images, targets = detection_collate(batch)
     return list(images), list(targets)
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _worker_init(worker_id: int) -> None:
-    seed = torch.initial_seed() % 2**32
-    random.seed(seed)
-    np.random.seed(seed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,8 +284,8 @@ def load_detector(path: str | os.PathLike, device: torch.device | str = "cpu") -
 
 
 def evaluate_checkpoint(
-    checkpoint: str | os.PathLike,
     data_root: str | os.PathLike,
+    checkpoint: str | os.PathLike,
     out_dir: str | os.PathLike,
     *,
     split: str = "val",
@@ -357,103 +339,71 @@ def _lr_lambda(warmup_iters: int, warmup_factor: float, milestones: Sequence[int
     return f
 
 
-def _check_cfg(cfg: Mapping[str, Any]) -> None:
-    required = [
-        "backbone", "img_size", "detector", "epochs", "batch_size", "lr", "lr_batch", "weight_decay",
-        "layer_decay", "warmup_iters", "warmup_factor", "lr_steps", "lr_gamma", "min_size", "max_size", "seed",
-    ]  # fmt: skip
-    missing = [k for k in required if k not in cfg]
-    if missing:
-        raise KeyError(f"detection config lacks {missing}; see anchorformer/configs/det.yaml")
-    if int(cfg["epochs"]) < 1 or int(cfg["batch_size"]) < 1:
-        raise ValueError(f"epochs and batch_size must be >= 1; got {cfg['epochs']}, {cfg['batch_size']}")
-    if any(not 0 < int(s) <= int(cfg["epochs"]) for s in cfg["lr_steps"]):
-        raise ValueError(f"lr_steps {cfg['lr_steps']} must be epochs in 1..{cfg['epochs']}")
+def _check_data_root(data: Path) -> None:
+    if not (data / "annotations").is_dir():
+        raise FileNotFoundError(
+            f"{data}: no annotations/ folder; expected annotations/instances_{{train,val}}2017.json and {{train,val}}2017/"
+        )
 
 
-def train_detection(
-    cfg: Mapping[str, Any],
-    data_root: str | os.PathLike,
+RESULTS = ("metrics.json", "model.pth", "model.safetensors", "detections.json", "run.json")  # a finished run's files
+
+
+def train(
+    data: str | os.PathLike,
     out_dir: str | os.PathLike,
+    model: str | None = None,
     *,
+    profile: str = "mini",
+    overrides: Sequence[str] = (),
+    epochs: Any = None,
     backbone_checkpoint: str | os.PathLike | None = None,
-    resume: bool = True,
+    resume: str = "auto",
+    overwrite: bool = False,
+    if_different: str = "refuse",
+    nproc_per_node: int = 1,
+    nnodes: int = 1,
+    torchrun_args: Sequence[str] = (),
+    source: str = "argument",
 ) -> dict[str, Any]:
-    """Train a detector on COCO ``train2017`` of ``data_root``, then evaluate on ``val2017``.
+    """Train a detector on COCO ``train2017`` of ``data``, then evaluate on ``val2017``.
 
     Args:
-        cfg: a recipe (``anchorformer/configs/det.yaml`` section, after overrides).
-        data_root: the COCO folder (``annotations/``, ``train2017/``, ``val2017/``).
+        data: the COCO folder (``annotations/``, ``train2017/``, ``val2017/``).
         out_dir: run folder: ``checkpoints/`` (per epoch, resumable), ``dvclive/``,
             ``model.pth`` (final weights + config), ``detections.json``, ``metrics.json``
-            (AP numbers in percent, backbone GMACs, times) and ``run.json`` (the config).
-        backbone_checkpoint: classification weights (E1) for the backbone; overrides
-            ``cfg["backbone_checkpoint"]``. Ignored when resuming.
-        resume: continue from the newest complete checkpoint in ``out_dir`` when it was written
-            by the same recipe (execution settings, ``epochs`` and ``lr_steps`` may differ);
-            otherwise, or with ``resume=False``, the folder's checkpoints are removed and the
-            run starts afresh.
+            (AP numbers in percent, backbone GMACs, times) and ``run.json`` (the recipe).
+        model: the backbone's name; default the profile's.
+        profile, overrides, epochs, resume, overwrite, if_different, nproc_per_node, nnodes,
+            torchrun_args, source: as for :func:`anchorformer.tasks.classification.train`. A
+            resumed run may have more epochs (and lr steps) than the checkpoint's.
+        backbone_checkpoint: classification weights (E1) for the backbone; overrides the
+            recipe's ``backbone_checkpoint``. Ignored when resuming.
 
     Returns:
         The final metrics (empty on processes other than rank 0).
     """
-    _check_cfg(cfg)
-    out = Path(out_dir)
-    info = init_distributed(cfg.get("device"))
-    threads = torch.get_num_threads()
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg["threads"]))
-    try:
-        return _train(
-            dict(cfg), Path(data_root), out, backbone_checkpoint or cfg.get("backbone_checkpoint"), resume, info
-        )
-    finally:
-        torch.set_num_threads(threads)
-        cleanup_distributed()
+    recipe = resolve_recipe(profile=profile, overrides=overrides, model=model, epochs=epochs, source=source)
+    if backbone_checkpoint is not None:
+        recipe = recipe.replace("backbone_checkpoint", backbone_checkpoint=str(backbone_checkpoint))
+    data = Path(data)
+    _check_data_root(data)
+    if int(nproc_per_node) * int(nnodes) > 1 and "WORLD_SIZE" not in os.environ:
+        argv = cli_arguments(
+            data, out_dir, model=model, profile=profile, overrides=list(overrides), epochs=epochs, resume=resume,
+            overwrite=overwrite, backbone_checkpoint=backbone_checkpoint,
+        )  # fmt: skip
+        return launch(TASK, argv, nproc_per_node=nproc_per_node, nnodes=nnodes, torchrun_args=torchrun_args)
+    _, _, base = _datasets(recipe, data)  # both splits readable before anything starts
+    det_cfg, _ = detector_config(recipe, int(base.num_classes))
+    with training_run(
+        recipe, out_dir, resume=resume, overwrite=overwrite, if_different=if_different, results=RESULTS,
+        differences=differences(recipe, det_cfg),
+    ) as run:  # fmt: skip
+        return _train(run, data, recipe.backbone_checkpoint)
 
 
-def train_detection_torchrun(
-    data_root: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    *,
-    nproc_per_node: int,
-    profile: str | None = None,
-    overrides: Sequence[str] = (),
-    nnodes: int = 1,
-    extra_torchrun_args: Sequence[str] = (),
-) -> dict[str, Any]:
-    """Run ``train det`` under ``torchrun`` (one process per GPU) and return its metrics.
-
-    The command is ``python -m torch.distributed.run --nproc_per_node N [--standalone] -m
-    anchorformer.cli train det --data ROOT --out DIR [--profile P] --set k=v ...``.
-    """
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={int(nproc_per_node)}",
-        f"--nnodes={int(nnodes)}",
-    ]
-    if int(nnodes) == 1 and not any(a.startswith(("--rdzv", "--master")) for a in extra_torchrun_args):
-        cmd.append("--standalone")
-    cmd += [
-        *extra_torchrun_args,
-        "-m",
-        "anchorformer.cli",
-        "train",
-        "det",
-        "--data",
-        str(data_root),
-        "--out",
-        str(out_dir),
-    ]
-    if profile:
-        cmd += ["--profile", profile]
-    for item in overrides:
-        cmd += ["--set", item]
-    _logger.info("launching %s", " ".join(cmd))
-    subprocess.run(cmd, check=True)
-    return json.loads((Path(out_dir) / "metrics.json").read_text(encoding="utf-8"))
+TASK = "det"
 
 
 def _check_backbone_checkpoint(path: Any, backbone: str) -> None:
@@ -466,36 +416,32 @@ def _check_backbone_checkpoint(path: Any, backbone: str) -> None:
         raise ValueError(f"backbone checkpoint {path} holds a {name}, but the detector's backbone is {backbone}")
 
 
-def _train(
-    cfg: dict[str, Any], data_root: Path, out: Path, backbone_ckpt: Any, resume: bool, info: DistInfo
-) -> dict[str, Any]:
-    t_start = time.perf_counter()
-    seed = int(cfg["seed"])
-    _seed_everything(seed + info.rank)
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        for stale in ("metrics.json", "detections.json", "model.pth"):
-            (out / stale).unlink(missing_ok=True)  # never leave a previous run's results looking current
-    barrier()
-    device = info.device
-    hflip = float(cfg.get("hflip", 0.5))
+def _datasets(cfg: DetRecipe, data_root: Path) -> tuple[Any, Any, Any]:
+    """(train set, val set, the train set's CocoDetection); both splits are read before training."""
+    hflip = float(cfg.hflip)
     train_set = _coco_dataset(data_root, "train", transforms=RandomHorizontalFlip(hflip) if hflip > 0 else None)
-    val_set = _coco_dataset(data_root, str(cfg.get("eval_split", "val")))
+    val_set = _coco_dataset(data_root, str(cfg.eval_split))
     if list(train_set.cat_ids) != list(val_set.cat_ids):
         raise ValueError(f"{data_root}: train and val categories differ: {train_set.cat_ids} vs {val_set.cat_ids}")
-    if cfg.get("max_train_images"):
-        train_set = Subset(train_set, range(min(int(cfg["max_train_images"]), len(train_set))))
-    if cfg.get("max_eval_images"):
-        val_set = Subset(val_set, range(min(int(cfg["max_eval_images"]), len(val_set))))
+    if cfg.max_train_images:
+        train_set = Subset(train_set, range(min(int(cfg.max_train_images), len(train_set))))
+    if cfg.max_eval_images:
+        val_set = Subset(val_set, range(min(int(cfg.max_eval_images), len(val_set))))
     base = train_set.dataset if isinstance(train_set, Subset) else train_set
-    num_classes = int(base.num_classes)
+    return train_set, val_set, base
 
+
+def _train(run: TrainingRun, data_root: Path, backbone_ckpt: Any) -> dict[str, Any]:
+    cfg, out, info = run.recipe, run.out, run.dist
+    t_start = time.perf_counter()
+    seed = int(cfg["seed"])
+    seed_everything(seed + info.rank)
+    device = info.device
+    train_set, val_set, base = _datasets(cfg, data_root)
+    num_classes = int(base.num_classes)
     det_cfg, macs_info = detector_config(cfg, num_classes)
     _check_backbone_checkpoint(backbone_ckpt, det_cfg.backbone)
-    latest = _resumable_checkpoint(out, cfg, det_cfg, info) if resume else None
-    if latest is None and info.is_main:
-        _clear_checkpoints(out)
-    barrier()
+    latest = run.state
     model = build_detector(det_cfg, checkpoint=None if latest else backbone_ckpt).to(device)
     _logger.info(
         "%s %s: backbone %.2f GMACs at 1333x800 x %.3f (%.2f at full size); min_size %d, max_size %d",
@@ -525,7 +471,7 @@ def _train(
         collate_fn=_collate,
         drop_last=False,
         generator=gen,
-        worker_init_fn=_worker_init,
+        worker_init_fn=seed_worker,
         pin_memory=bool(cfg.get("pin_memory", False)) and device.type == "cuda",
         persistent_workers=False,
     )
@@ -537,7 +483,7 @@ def _train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
     start_epoch, it = 0, 0
     if latest is not None:
-        state = load_training_checkpoint(latest)
+        state = latest
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -545,7 +491,7 @@ def _train(
         for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
             group["lr"] = base_lr * lr_at(it)  # this run's schedule (it may have more epochs)
         restore_rng_state(state["rng"])
-        _logger.info("resumed from %s (epoch %d, iteration %d)", latest, start_epoch, it)
+        _logger.info("resumed from %s (epoch %d, iteration %d)", run.start.checkpoint, start_epoch, it)
     train_model: nn.Module = model
     if info.is_distributed:
         train_model = nn.parallel.DistributedDataParallel(
@@ -559,7 +505,7 @@ def _train(
     logger = MetricLogger(out, enabled=info.is_main, resume_step=it if latest is not None else None)
     with_masks = det_cfg.detector == "mask_rcnn"
     if info.is_main:
-        write_json_atomic(out / "run.json", {"config": cfg, "detector_config": det_cfg.to_dict(), **macs_info})
+        write_json_atomic(out / "run.json", {"config": cfg.to_dict(), "detector_config": det_cfg.to_dict(), **macs_info})
 
     t_train = time.perf_counter()
     for epoch in range(start_epoch, epochs):
@@ -598,8 +544,9 @@ def _train(
                 _logger.info("epoch %d it %d/%d loss %.4f", epoch + 1, it, total_iters, sums["loss"] / count)
         logger.log({"epoch": epoch + 1, "train/epoch_loss": sums["loss"] / max(1, count)}, step=it)
         if info.is_main:
-            save_checkpoint(
-                checkpoint_path(out, it),
+            save_training_state(
+                out,
+                it,
                 {
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
@@ -609,10 +556,10 @@ def _train(
                     "rng": capture_rng_state(),
                     "detector_config": det_cfg.to_dict(),
                     "cat_ids": list(base.cat_ids),
-                    "config": _plain(cfg),
+                    "config": cfg.to_dict(),
                 },
+                int(cfg.keep_checkpoints),
             )
-            prune_checkpoints(out, int(cfg.get("keep_checkpoints", 1)))
         barrier()
     train_seconds = time.perf_counter() - t_train
 
@@ -629,11 +576,9 @@ def _train(
     )
     eval_seconds = time.perf_counter() - t_eval
     if not info.is_main:
+        finish_run(run, {})
         return {}
-    save_checkpoint(
-        out / "model.pth",
-        {"model": model.state_dict(), "detector_config": det_cfg.to_dict(), "cat_ids": list(base.cat_ids)},
-    )
+    weights = {"model": model.state_dict(), "detector_config": det_cfg.to_dict(), "cat_ids": list(base.cat_ids)}
     metrics_all: dict[str, Any] = {
         **metrics,
         "backbone_gmacs": round(macs_info["backbone_gmacs"], 4),
@@ -650,117 +595,61 @@ def _train(
     }
     logger.summary(metrics_all)
     logger.close()
-    write_json_atomic(out / "metrics.json", metrics_all)
+    finish_run(run, metrics_all, weights)
     return metrics_all
 
 
-# Recipe keys that may differ between a run and its resumption (execution, and a longer schedule).
-_RESUME_FREE = {
-    "device", "threads", "num_workers", "pin_memory", "log_every", "keep_checkpoints", "eval_batch_size",
-    "max_eval_images", "eval_split", "epochs", "lr_steps", "backbone_checkpoint",
-}  # fmt: skip
+def differences(recipe: DetRecipe, det_cfg: DetectorConfig) -> Any:
+    """Why a checkpoint cannot be resumed by a run of ``recipe`` building ``det_cfg`` (none: it can)."""
 
+    def why(state: Mapping[str, Any]) -> list[str]:
+        found = recipe.differences(state.get("config") or {})
+        if state.get("detector_config") != det_cfg.to_dict():
+            found.append("another detector")
+        return found
 
-def _resumable_checkpoint(out: Path, cfg: Mapping[str, Any], det_cfg: DetectorConfig, info: DistInfo) -> Path | None:
-    """The newest checkpoint in ``out`` if it was written by the same recipe, else None (with a warning)."""
-    latest = find_latest_checkpoint(out)
-    if latest is None:
-        return None
-    state = load_training_checkpoint(latest)
-    old = {k: v for k, v in (state.get("config") or {}).items() if k not in _RESUME_FREE}
-    new = {k: v for k, v in _plain(cfg).items() if k not in _RESUME_FREE}
-    if state.get("detector_config") == det_cfg.to_dict() and old == new:
-        return latest
-    if info.is_main:
-        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        _logger.warning(
-            "%s was written by another configuration (differs in %s); starting afresh", latest, diff or ["detector"]
-        )
-    return None
-
-
-def _clear_checkpoints(out: Path) -> None:
-    """Remove the checkpoints of an earlier run in ``out`` (a fresh start must not resume from them later)."""
-    folder = out / "checkpoints"
-    if folder.is_dir():
-        for p in folder.glob("checkpoint-*.pth"):
-            p.unlink()
-
-
-def _plain(obj: Any) -> Any:
-    """Config values as checkpoint-safe primitives (tuples -> lists)."""
-    if isinstance(obj, Mapping):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    return obj
+    return why
 
 
 # ---------------------------------------------------------------------------------------------
-# command line
+# command line (the common flags are anchorformer.cli's)
 # ---------------------------------------------------------------------------------------------
 
+TRAIN_HELP = "train Mask R-CNN / RetinaNet on COCO (E5)"
+EVAL_HELP = "evaluate a detector on COCO (box and mask AP)"
 
-def register_train(subparsers: Any) -> None:
-    """Add ``train det`` to the ``train`` subcommands."""
-    p = subparsers.add_parser("det", help="train Mask R-CNN / RetinaNet on COCO (E5)", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--data", required=True, help="COCO root (annotations/, train2017/, val2017/)")
-    p.add_argument("--out", required=True, help="run folder")
-    p.add_argument(
-        "--profile", choices=("mini", "full"), default=None, help="recipe preset (default: params.yaml's profile)"
-    )
-    p.add_argument("--backbone", default=None, help="backbone model name (overrides the preset)")
+
+def add_train_arguments(p: Any) -> None:
     p.add_argument("--backbone-checkpoint", default=None, help="E1 classification checkpoint for the backbone")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--no-resume", action="store_true", help="start afresh even if OUT has checkpoints")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a preset key (value parsed as YAML); repeatable")  # fmt: skip
-    p.set_defaults(func=_cmd_train)
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
-    cfg = load_profile("det", args.profile or default_profile())
-    cfg = apply_overrides(cfg, args.overrides)
-    if args.backbone:
-        cfg["backbone"] = args.backbone
-    if args.epochs:
-        cfg["epochs"] = args.epochs
-        cfg["lr_steps"] = [s for s in cfg["lr_steps"] if s <= args.epochs] or [args.epochs]
-    data = Path(args.data)
-    if not (data / "annotations").is_dir():
-        raise FileNotFoundError(
-            f"{data}: no annotations/ folder; expected annotations/instances_{{train,val}}2017.json and {{train,val}}2017/"
-        )
-    metrics = train_detection(
-        cfg, data, args.out, backbone_checkpoint=args.backbone_checkpoint, resume=not args.no_resume
-    )
-    if metrics:
-        print(json.dumps({k: metrics[k] for k in metrics if k in metric_keys()}, indent=2))
-    return 0
-
-
-def register_eval(subparsers: Any) -> None:
-    """Add ``eval det`` to the ``eval`` subcommands."""
-    p = subparsers.add_parser("det", help="evaluate a detector on COCO (box and mask AP)")
-    p.add_argument("--data", required=True, help="COCO root")
-    p.add_argument("--checkpoint", required=True, help="model.pth or a training checkpoint of `train det`")
-    p.add_argument("--out", required=True, help="folder for metrics.json and detections.json")
+def add_eval_arguments(p: Any) -> None:
     p.add_argument("--split", default="val", help="split (default: val -> val2017)")
-    p.add_argument(
-        "--batch-size", type=int, default=1, help="images per forward pass (1: independent of batch padding)"
-    )
+    p.add_argument("--batch-size", type=int, default=1, help="images per forward pass (1: independent of padding)")
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--max-images", type=int, default=None, help="evaluate the first N images only")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None)
-    p.set_defaults(func=_cmd_eval)
 
 
-def _cmd_eval(args: argparse.Namespace) -> int:
+def cli_train(args: Any) -> dict[str, Any]:
+    """``anchorformer train det``."""
+    metrics = train(
+        args.data, args.out, args.model, profile=args.profile, overrides=args.overrides, epochs=args.epochs,
+        backbone_checkpoint=args.backbone_checkpoint, resume=args.resume, overwrite=args.overwrite, source="cli",
+    )  # fmt: skip
+    if metrics:
+        print(json.dumps({k: metrics[k] for k in metrics if k in metric_keys()}, indent=2))
+    return metrics
+
+
+def cli_eval(args: Any) -> dict[str, Any]:
+    """``anchorformer eval det``."""
+    if args.overrides:
+        raise ValueError("eval det takes no --set; the detector's settings come from its checkpoint")
     metrics = evaluate_checkpoint(
-        args.checkpoint, args.data, args.out, split=args.split, batch_size=args.batch_size,
+        args.data, args.checkpoint, args.out, split=args.split, batch_size=args.batch_size,
         num_workers=args.workers, max_images=args.max_images, device=args.device,
     )  # fmt: skip
     if metrics:
         print(json.dumps(metrics, indent=2))
-    return 0
+    return metrics

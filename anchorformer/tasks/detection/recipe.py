@@ -1,0 +1,77 @@
+"""The detection recipe (``anchorformer/configs/det.yaml``): Mask R-CNN 1x over a plain backbone, typed.
+
+full: Mask R-CNN 1x (12 epochs, AdamW 1e-4 at batch 16, weight decay 0.05, steps at 8 and 11) with
+ViTDet's simple feature pyramid. mini: the same code on the embedded COCO-format set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+from ...engine.recipe import TaskRecipe, setting
+
+__all__ = ["DetRecipe"]
+
+
+@dataclasses.dataclass
+class DetRecipe(TaskRecipe):
+    """COCO detection and instance segmentation (``anchorformer train det``)."""
+
+    task: ClassVar[str] = "det"
+
+    # --- backbone input and the comparable-FLOPs pairing ----------------------------------------
+    backbone_checkpoint: str | None = setting(resumable=True)  # E1 classification model.pth; null: random init
+    grad_checkpointing: bool = setting()  # recompute the backbone's blocks in backward (saves memory)
+    input_scale: float = setting(gt=0.0)  # multiplies min_size and max_size (ignored with match_macs_of)
+    match_macs_of: str | None = setting()  # a backbone name: pick input_scale for comparable backbone GMACs
+    match_size: list[int] = setting()  # (H, W) at which match_macs_of compares backbone GMACs
+    # --- detector -------------------------------------------------------------------------------
+    detector: str = setting(choices=("mask_rcnn", "retinanet"))
+    out_channels: int = setting(ge=1)
+    norm: str = setting(choices=("LN", "GN", "BN", ""))
+    min_size: int = setting(ge=1)
+    max_size: int = setting(ge=1)
+    anchor_sizes: list[int] = setting()
+    aspect_ratios: list[float] = setting()
+    rpn_conv_depth: int = setting(ge=1)
+    rpn_pre_nms_top_n_train: int = setting(ge=1)
+    rpn_post_nms_top_n_train: int = setting(ge=1)
+    rpn_pre_nms_top_n_test: int = setting(ge=1)
+    rpn_post_nms_top_n_test: int = setting(ge=1)
+    rpn_batch_size_per_image: int = setting(ge=1)
+    box_head: str = setting(choices=("4conv1fc", "2fc"))
+    representation_size: int = setting(ge=1)
+    box_batch_size_per_image: int = setting(ge=1)
+    box_score_thresh: float = setting(ge=0.0, le=1.0)
+    box_detections_per_img: int = setting(ge=1)
+    mask_head_layers: int = setting(ge=1)
+    mask_head_channels: int = setting(ge=1)
+    # --- optimisation ---------------------------------------------------------------------------
+    epochs: int = setting(ge=1, resumable=True)  # a longer schedule may resume a shorter one
+    batch_size: int = setting(ge=1)  # per process
+    lr: float = setting(gt=0.0)  # at a global batch of lr_batch
+    lr_batch: int = setting(ge=1)
+    weight_decay: float = setting(ge=0.0)  # not on biases, norms, position embeddings, tokens, anchors
+    layer_decay: float = setting(gt=0.0, le=1.0)
+    warmup_iters: int = setting(ge=0)
+    warmup_factor: float = setting(gt=0.0, le=1.0)
+    lr_steps: list[int] = setting(resumable=True)  # epochs after which the lr is multiplied by lr_gamma
+    lr_gamma: float = setting(gt=0.0)
+    clip_grad: float | None = setting(gt=0.0)
+    hflip: float = setting(ge=0.0, le=1.0)
+    # --- execution and evaluation ---------------------------------------------------------------
+    find_unused_parameters: bool = setting()
+    pin_memory: bool = setting(resumable=True)
+    eval_split: str = setting(resumable=True)
+    eval_batch_size: int = setting(ge=1, resumable=True)  # 1: results independent of batch padding
+    max_train_images: int | None = setting(ge=1)  # null: all
+    max_eval_images: int | None = setting(ge=1, resumable=True)
+
+    def check(self) -> list[str]:
+        problems = super().check()
+        if any(not 0 < s <= self.epochs for s in self.lr_steps):
+            problems.append(f"lr_steps={self.lr_steps}: expected epochs in 1..{self.epochs}")
+        if len(self.match_size) != 2 or min(self.match_size) < 1:
+            problems.append(f"match_size={self.match_size}: expected [height, width]")
+        return problems
