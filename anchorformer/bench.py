@@ -748,11 +748,12 @@ def bench_config(profile: str, overrides: Sequence[str] | str | None = None) -> 
 
     ``overrides`` may be one string of whitespace-separated items (shell quoting respected).
     """
-    from .engine.config import apply_overrides, load_profile
+    from .engine.recipe import apply_overrides, load_preset
 
     if isinstance(overrides, str):
         overrides = shlex.split(overrides)
-    cfg = apply_overrides(load_profile("bench", profile), overrides)
+    cfg, _ = load_preset("bench", profile)
+    apply_overrides(cfg, {}, overrides, list(cfg))
     if cfg["dtype"] not in DTYPES:
         raise ValueError(f"bench config: dtype must be one of {sorted(DTYPES)}; got {cfg['dtype']!r}")
     for key in ("op_tokens", "op_impls", "op_modes", "model_sizes", "model_img_sizes", "model_train_img_sizes"):
@@ -856,9 +857,7 @@ def run_benchmarks(
 
 
 def _main(args: argparse.Namespace) -> int:
-    from .engine.config import default_profile
-
-    cfg = bench_config(args.profile or default_profile(), args.set)
+    cfg = bench_config(args.profile, args.set)
     parts = ("operator", "models") if args.only == "all" else (args.only,)
     results = run_benchmarks(args.out_dir, cfg, device=args.device, parts=parts, name=args.name)
     for t in results["targets"]:
@@ -875,7 +874,7 @@ def register(subparsers: Any) -> None:
         description="Time and peak memory of anchor attention (fused, reference, compiled reference, softmax "
         "attention) against N, and images/s of AnchorFormer vs DeiT. Presets: anchorformer/configs/bench.yaml.",
     )
-    p.add_argument("--profile", choices=("mini", "full"), default=None, help="preset (default: params.yaml's profile)")
+    p.add_argument("--profile", choices=("mini", "full"), default="mini", help="preset (default: mini)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     p.add_argument("--out-dir", default="outputs/bench", help="folder for the JSON, markdown and figures")
     p.add_argument("--name", default="bench", help="stem of the output files (NAME.json, NAME.md, NAME_*.png)")

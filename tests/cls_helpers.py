@@ -25,7 +25,7 @@ TINY = [
     "throughput_iters=1",
     "device=cpu",
     "num_workers=0",
-    "log_every=0",
+    "log_every=1000",
 ]
 
 

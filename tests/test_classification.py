@@ -12,8 +12,8 @@ from cls_helpers import TINY, make_tiny_imagefolder
 
 from anchorformer.cli import main
 from anchorformer.engine.checkpoint import checkpoint_path, load_training_checkpoint
-from anchorformer.engine.classification import classifier_kwargs, resolve_config, train_classification
-from anchorformer.engine.distillation import DistillationLoss, distillation_term
+from anchorformer.tasks.classification.train import classifier_kwargs, resolve_recipe, train
+from anchorformer.tasks.classification.distillation import DistillationLoss, distillation_term
 
 MODEL = "anchorformer_tiny_patch16_224"
 REQUIRED_KEYS = {"top1", "top5", "loss", "train_loss", "params", "gmacs", "throughput", "config"}
@@ -37,7 +37,7 @@ def tiny_root(tmp_path_factory):
 def trained(tiny_root, tmp_path_factory):
     """Three epochs of the tiny model (3 steps each), kept for the tests that read its outputs."""
     out = tmp_path_factory.mktemp("run") / "t"
-    metrics = train_classification(
+    metrics = train(
         tiny_root, out, MODEL, profile="mini", overrides=TINY + ["keep_checkpoints=5"], epochs=3
     )
     return out, metrics
@@ -67,7 +67,7 @@ def test_training_lowers_the_loss_and_writes_outputs(trained):
 
 def test_same_seed_same_metrics_and_resume_matches(trained, tiny_root, tmp_path):
     out, metrics = trained
-    again = train_classification(tiny_root, tmp_path / "a", MODEL, profile="mini", overrides=TINY, epochs=3)
+    again = train(tiny_root, tmp_path / "a", MODEL, profile="mini", overrides=TINY, epochs=3)
     for key in ("top1", "top5", "loss", "train_loss"):
         assert again[key] == metrics[key], key
     ref = _comparable(json.loads((out / "history.json").read_text()))
@@ -75,10 +75,10 @@ def test_same_seed_same_metrics_and_resume_matches(trained, tiny_root, tmp_path)
 
     # a run stopped after epoch 1 (later checkpoints and outputs gone), resumed
     run = tmp_path / "b"
-    train_classification(tiny_root, run, MODEL, profile="mini", overrides=TINY + ["keep_checkpoints=5"], epochs=3)
+    train(tiny_root, run, MODEL, profile="mini", overrides=TINY + ["keep_checkpoints=5"], epochs=3)
     for p in (checkpoint_path(run, 2), checkpoint_path(run, 3), run / "metrics.json", run / "model.pth"):
         p.unlink()
-    resumed = train_classification(tiny_root, run, MODEL, profile="mini", overrides=TINY, epochs=3, resume="auto")
+    resumed = train(tiny_root, run, MODEL, profile="mini", overrides=TINY, epochs=3, resume="auto")
     for key in ("top1", "top5", "loss", "train_loss"):
         assert resumed[key] == metrics[key], key
     assert _comparable(json.loads((run / "history.json").read_text())) == ref
@@ -86,7 +86,7 @@ def test_same_seed_same_metrics_and_resume_matches(trained, tiny_root, tmp_path)
     b = torch.load(run / "model.pth", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
-    other = train_classification(
+    other = train(
         tiny_root, tmp_path / "c", MODEL, profile="mini", overrides=TINY + ["seed=1"], epochs=3
     )
     assert other["train_loss"] != metrics["train_loss"]
@@ -95,7 +95,7 @@ def test_same_seed_same_metrics_and_resume_matches(trained, tiny_root, tmp_path)
 def test_resume_refuses_another_recipe(trained, tiny_root):
     out, _ = trained
     with pytest.raises(ValueError, match="lr: checkpoint 0.003 vs now 0.001"):
-        train_classification(
+        train(
             tiny_root, out, MODEL, profile="mini", overrides=TINY + ["lr=1e-3"], epochs=3, resume="auto"
         )
 
@@ -115,7 +115,7 @@ def test_eval_cli_reproduces_the_training_metrics(trained, tiny_root, tmp_path, 
 
 def test_distilled_student_with_a_checkpoint_teacher(trained, tiny_root, tmp_path):
     out, _ = trained
-    metrics = train_classification(
+    metrics = train(
         tiny_root,
         tmp_path / "d",
         "anchorformer_tiny_distilled_patch16_224",
@@ -125,7 +125,7 @@ def test_distilled_student_with_a_checkpoint_teacher(trained, tiny_root, tmp_pat
     )
     assert metrics["distillation"] == "soft" and metrics["top5"] == 100.0
     with pytest.raises(ValueError, match="needs a distilled model"):
-        train_classification(
+        train(
             tiny_root, tmp_path / "x", MODEL, profile="mini", overrides=TINY + ["distillation=hard"], epochs=1
         )
 
@@ -172,7 +172,7 @@ def test_distillation_loss_equals_its_formula():
 
 
 def test_model_kwargs_by_family():
-    cfg = resolve_config(profile="mini")
+    cfg = resolve_recipe(profile="mini")
     af = classifier_kwargs(MODEL, cfg, 10)
     assert af["embed_dim"] == cfg["model_sizes"]["tiny"]["embed_dim"] and af["num_anchors"] == cfg["num_anchors"]
     deit = classifier_kwargs("deit_small_patch16_224", cfg, 10)
@@ -186,8 +186,8 @@ def test_bad_input_fails_before_training(tiny_root, tmp_path, capsys):
     cases = [
         (["--data", str(tiny_root), "--model", "anchorformer_huge_thing"], "unknown model 'anchorformer_huge_thing'"),
         (["--data", str(tmp_path / "empty"), "--model", MODEL], "expected layout"),
-        (["--data", str(tiny_root), "--model", MODEL, "--set", "epoch=3"], "unknown config key 'epoch'"),
-        (["--data", str(tiny_root), "--model", MODEL, "--set", "distillation=maybe"], "distillation='maybe'"),
+        (["--data", str(tiny_root), "--model", MODEL, "--set", "epoch=3"], "unknown recipe key 'epoch'"),
+        (["--data", str(tiny_root), "--model", MODEL, "--set", "distillation=maybe"], "distillation='maybe' (--set distillation=maybe)"),
     ]
     (tmp_path / "empty").mkdir()
     for args, message in cases:
@@ -204,10 +204,10 @@ def test_bad_input_fails_before_training(tiny_root, tmp_path, capsys):
 def test_gradient_accumulation_equals_the_large_batch(tiny_root, tmp_path):
     """Two accumulated batches of 4 take the step of one batch of 8 (SGD, no augmentation)."""
     exact = TINY + ["no_aug=true", "opt=sgd", "weight_decay=0.0", "lr=0.5", "smoothing=0.0", "clip_grad=10.0"]
-    big = train_classification(
+    big = train(
         tiny_root, tmp_path / "big", MODEL, profile="mini", overrides=exact + ["batch_size=8"], epochs=1
     )
-    acc = train_classification(
+    acc = train(
         tiny_root,
         tmp_path / "acc",
         MODEL,
@@ -223,7 +223,7 @@ def test_gradient_accumulation_equals_the_large_batch(tiny_root, tmp_path):
 
 
 def test_bf16_autocast_and_ema_on_the_cpu(tiny_root, tmp_path):
-    metrics = train_classification(
+    metrics = train(
         tiny_root,
         tmp_path / "amp",
         MODEL,

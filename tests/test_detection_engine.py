@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from anchorformer.cli import main
-from anchorformer.engine.coco_eval import metric_keys
-from anchorformer.engine.config import apply_overrides, load_profile
-from anchorformer.engine.detection import detector_config, evaluate_checkpoint, load_detector, train_detection
+from anchorformer.engine.run import RunFolderError
+from anchorformer.tasks.detection.coco_eval import metric_keys
+from anchorformer.tasks.detection.train import detector_config, evaluate_checkpoint, load_detector, resolve_recipe, train
 
 TINY_RUN = [
     "model_sizes.tiny.embed_dim=48",
@@ -32,13 +32,17 @@ TINY_RUN = [
 ]
 
 
-def _cfg(*extra: str) -> dict:
-    return apply_overrides(load_profile("det", "mini"), [*TINY_RUN, *extra])
+def _cfg(*extra: str) -> list[str]:
+    return [*TINY_RUN, *extra]
+
+
+def _preset(profile: str, *overrides: str):
+    return resolve_recipe(profile=profile, overrides=overrides)
 
 
 def test_train_then_eval_saved_model(mini_data, tmp_path) -> None:
     out = tmp_path / "run"
-    metrics = train_detection(_cfg("epochs=1", "lr_steps=[1]"), mini_data / "coco", out)
+    metrics = train(mini_data / "coco", out, overrides=_cfg("epochs=1", "lr_steps=[1]"))
     for name in ("metrics.json", "detections.json", "model.pth", "run.json"):
         assert (out / name).is_file(), name
     assert list((out / "checkpoints").glob("checkpoint-*.pth"))
@@ -48,7 +52,7 @@ def test_train_then_eval_saved_model(mini_data, tmp_path) -> None:
     assert (out / "dvclive" / "metrics.json").is_file()
 
     # the saved model evaluates to the same detections and numbers
-    ev = evaluate_checkpoint(out / "model.pth", mini_data / "coco", tmp_path / "eval", max_images=4)
+    ev = evaluate_checkpoint(mini_data / "coco", out / "model.pth", tmp_path / "eval", max_images=4)
     assert (tmp_path / "eval" / "detections.json").read_bytes() == (out / "detections.json").read_bytes()
     assert ev == pytest.approx({k: saved[k] for k in metric_keys()})
     model, state = load_detector(out / "model.pth")
@@ -59,13 +63,13 @@ def test_resume_gives_the_same_model(mini_data, tmp_path, caplog) -> None:
     """A run killed after its first epoch and resumed ends with the same weights and numbers."""
     cfg = _cfg("epochs=2", "lr_steps=[2]", "keep_checkpoints=2")
     straight = tmp_path / "straight"
-    train_detection(cfg, mini_data / "coco", straight)
+    train(mini_data / "coco", straight, overrides=cfg)
     first = straight / "checkpoints" / "checkpoint-000002.pth"
     assert first.is_file()
     killed = tmp_path / "killed"
     (killed / "checkpoints").mkdir(parents=True)
     shutil.copy(first, killed / "checkpoints" / first.name)
-    resumed = train_detection(cfg, mini_data / "coco", killed)
+    resumed = train(mini_data / "coco", killed, overrides=cfg)
     a = torch.load(straight / "model.pth", weights_only=True)["model"]
     b = torch.load(killed / "model.pth", weights_only=True)["model"]
     for k in a:
@@ -74,24 +78,31 @@ def test_resume_gives_the_same_model(mini_data, tmp_path, caplog) -> None:
     before = json.loads((straight / "metrics.json").read_text())
     assert {k: before[k] for k in metric_keys()} == {k: resumed[k] for k in metric_keys()}
 
-    # another recipe in the same folder does not resume from these checkpoints: it starts afresh
-    with caplog.at_level(logging.WARNING, logger="anchorformer.engine.detection"):
-        train_detection(_cfg("epochs=1", "lr_steps=[1]", "lr=1e-5"), mini_data / "coco", killed)
+    # another recipe in the same folder is refused: nothing of the earlier run is touched
+    before_files = sorted(p.name for p in (killed / "checkpoints").iterdir())
+    with pytest.raises(RunFolderError, match=r"lr: checkpoint 0.0004 vs now 1e-05"):
+        train(mini_data / "coco", killed, overrides=_cfg("epochs=2", "lr_steps=[2]", "lr=1e-5"))
+    assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == before_files
+    # ... unless told to start afresh, which moves the earlier run aside
+    with caplog.at_level(logging.WARNING, logger="anchorformer.engine.run"):
+        train(mini_data / "coco", killed, overrides=_cfg("epochs=1", "lr_steps=[1]", "lr=1e-5"), resume="never",
+              overwrite=True)  # fmt: skip
     assert "starting afresh" in caplog.text
-    assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["checkpoint-000002.pth"]
+    aside = [p for p in killed.iterdir() if p.name.startswith("previous-")]
+    assert len(aside) == 1 and (aside[0] / "metrics.json").is_file()
+    assert (aside[0] / "checkpoints" / "checkpoint-000004.pth").is_file()
 
 
 def test_presets_and_comparable_flops() -> None:
-    full, _ = detector_config(load_profile("det", "full"), 80)
+    full, _ = detector_config(_preset("full"), 80)
     assert (full.min_size, full.max_size, full.num_classes) == (800, 1333, 80)
-    cfg, info = detector_config(load_profile("det", "mini"), 3)
+    cfg, info = detector_config(_preset("mini"), 3)
     assert info["input_scale"] == 1.0 and cfg.min_size == 128
     assert cfg.backbone_kwargs == dict(
-        img_size=64, patch_size=8, embed_dim=96, depth=4, num_heads=3, num_anchors=16, attn_impl="auto"
-    )
-    deit = apply_overrides(
-        load_profile("det", "mini"), ["backbone=deit_tiny_patch16_224", "match_macs_of=anchorformer_tiny_patch16_224"]
-    )
+        img_size=64, patch_size=8, embed_dim=96, depth=4, num_heads=3, num_anchors=16, attn_impl="auto",
+        anchor_mode="learned", normalize=True, per_head_anchors=False,
+    )  # fmt: skip
+    deit = _preset("mini", "model=deit_tiny_patch16_224", "match_macs_of=anchorformer_tiny_patch16_224")
     dcfg, dinfo = detector_config(deit, 3)
     assert "num_anchors" not in dcfg.backbone_kwargs
     assert dinfo["matched_to"] == "anchorformer_tiny_patch16_224"
@@ -102,10 +113,8 @@ def test_presets_and_comparable_flops() -> None:
     assert 0.5 < dinfo["input_scale"] < 1.0
     assert dinfo["backbone_gmacs_full"] > 5 * info["backbone_gmacs"]
     # the full recipe matches at 1333x800
-    fdeit = apply_overrides(
-        load_profile("det", "full"), ["backbone=deit_tiny_patch16_224", "match_macs_of=anchorformer_tiny_patch16_224"]
-    )
-    fanchor = apply_overrides(load_profile("det", "full"), ["backbone=anchorformer_tiny_patch16_224"])
+    fdeit = _preset("full", "model=deit_tiny_patch16_224", "match_macs_of=anchorformer_tiny_patch16_224")
+    fanchor = _preset("full", "model=anchorformer_tiny_patch16_224")
     _, fd = detector_config(fdeit, 80)
     _, fa = detector_config(fanchor, 80)
     assert fd["match_size"] == [800, 1333]
@@ -114,7 +123,12 @@ def test_presets_and_comparable_flops() -> None:
 
 def test_command_line_errors(mini_data, tmp_path, capsys) -> None:
     assert main(["train", "det", "--data", str(mini_data / "coco"), "--out", str(tmp_path), "--set", "bogus=1"]) == 2
-    assert "unknown config key 'bogus'" in capsys.readouterr().err
+    assert "unknown recipe key 'bogus'" in capsys.readouterr().err
+    # M <= 0 is refused as by train cls, and so is a fractional epoch count, naming the flag
+    assert main(["train", "det", "--data", str(mini_data / "coco"), "--out", str(tmp_path), "--set", "num_anchors=0"]) == 2
+    assert "num_anchors must be an integer >= 1; got 0" in capsys.readouterr().err
+    assert main(["train", "det", "--data", str(mini_data / "coco"), "--out", str(tmp_path), "--epochs", "1.5"]) == 2
+    assert "epochs=1.5 (--epochs): expected an integer" in capsys.readouterr().err
     assert main(["eval", "det", "--data", str(tmp_path / "nope"), "--checkpoint", "x.pth", "--out", str(tmp_path)]) == 2
     assert "x.pth" in capsys.readouterr().err
     assert (

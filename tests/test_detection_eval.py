@@ -15,7 +15,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from anchorformer.data.coco import CocoDetection
-from anchorformer.engine.coco_eval import METRIC_NAMES, detections_to_coco, evaluate_coco, metric_keys
+from anchorformer.tasks.detection.coco_eval import METRIC_NAMES, detections_to_coco, evaluate_coco, metric_keys
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from anchorformer.engine.coco_eval import metric_keys
+from anchorformer.tasks.detection.coco_eval import metric_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,7 @@ protocol as MMSegmentation runs it for Semantic FPN / UperNet:
   normalisation; padding to ``crop_size``² (image 0, label 255);
 - evaluation: the image at its own size, normalised, and its full-resolution label; the test-time
   resize, sliding windows and resizing back are the inference's job
-  (:mod:`anchorformer.engine.seg_inference`), so the metric is computed at the labels' size.
+  (:mod:`anchorformer.tasks.segmentation.inference`), so the metric is computed at the labels' size.
 
 Layout: ``root/images/{training,validation}/*.jpg`` and ``root/annotations/{...}/<stem>.png``.
 """

@@ -9,7 +9,7 @@ level by max pooling, as torchvision's FPN gives them.
 The COCO training protocol for targets lives here too (:func:`sanitize_targets`): crowd regions
 and degenerate boxes are removed from the training targets (torchvision's detectors have no
 notion of ``iscrowd``), images without objects stay as negatives. Evaluation keeps the crowd
-regions in the ground truth (:mod:`anchorformer.engine.coco_eval`).
+regions in the ground truth (:mod:`anchorformer.tasks.detection.coco_eval`).
 
 "Comparable FLOPs" (the abstract's detection claim) is made concrete by
 :func:`comparable_input_scale`: the input scale at which a backbone's MACs at 1333x800 match a

@@ -114,15 +114,19 @@ def classifier_kwargs(name: str, recipe: ClsRecipe, num_classes: int) -> dict[st
     return kw
 
 
+def _check_model_name(name: str) -> None:
+    if not (is_anchorformer(name) or timm.is_model(name)):
+        close = sorted(n for n in timm.list_models(f"*{name.split('_')[0]}*"))[:8] if name else []
+        raise ValueError(f"unknown model {name!r}: not an AnchorFormer variant nor a timm model (similar: {close})")
+
+
 def build_classifier(name: str, model_kwargs: dict[str, Any]) -> nn.Module:
     """``create_model(name, **model_kwargs)`` with the name checked first.
 
     Raises:
         ValueError: an unknown model name, or arguments the model does not take.
     """
-    if not (is_anchorformer(name) or timm.is_model(name)):
-        close = sorted(n for n in timm.list_models(f"*{name.split('_')[0]}*"))[:8] if name else []
-        raise ValueError(f"unknown model {name!r}: not an AnchorFormer variant nor a timm model (similar: {close})")
+    _check_model_name(name)
     try:
         return create_model(name, **model_kwargs)
     except TypeError as e:
@@ -463,6 +467,7 @@ def train(
         )  # fmt: skip
         return launch(TASK, argv, nproc_per_node=nproc_per_node, nnodes=nnodes, torchrun_args=torchrun_args)
     model_kwargs = classifier_kwargs(recipe.model, recipe, len(classes))
+    _check_model_name(recipe.model)  # before the run folder is made
     with training_run(
         recipe, out_dir, resume=resume, overwrite=overwrite, if_different=if_different, results=RESULTS
     ) as run:
