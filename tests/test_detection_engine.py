@@ -12,7 +12,13 @@ import torch
 from anchorformer.cli import main
 from anchorformer.engine.run import RunFolderError
 from anchorformer.tasks.detection.coco_eval import metric_keys
-from anchorformer.tasks.detection.train import detector_config, evaluate_checkpoint, load_detector, resolve_recipe, train
+from anchorformer.tasks.detection.train import (
+    detector_config,
+    evaluate_checkpoint,
+    load_detector,
+    resolve_recipe,
+    train,
+)
 
 TINY_RUN = [
     "model_sizes.tiny.embed_dim=48",
@@ -125,7 +131,9 @@ def test_command_line_errors(mini_data, tmp_path, capsys) -> None:
     assert main(["train", "det", "--data", str(mini_data / "coco"), "--out", str(tmp_path), "--set", "bogus=1"]) == 2
     assert "unknown recipe key 'bogus'" in capsys.readouterr().err
     # M <= 0 is refused as by train cls, and so is a fractional epoch count, naming the flag
-    assert main(["train", "det", "--data", str(mini_data / "coco"), "--out", str(tmp_path), "--set", "num_anchors=0"]) == 2
+    assert (
+        main(["train", "det", "--data", str(mini_data / "coco"), "--out", str(tmp_path), "--set", "num_anchors=0"]) == 2
+    )
     assert "num_anchors must be an integer >= 1; got 0" in capsys.readouterr().err
     assert main(["train", "det", "--data", str(mini_data / "coco"), "--out", str(tmp_path), "--epochs", "1.5"]) == 2
     assert "epochs=1.5 (--epochs): expected an integer" in capsys.readouterr().err

@@ -75,7 +75,9 @@ def launch(
     Raises:
         RuntimeError: the job failed (its exit status; the processes' errors are in the log above).
     """
-    cmd = torchrun_command("train", task, argv, nproc_per_node=nproc_per_node, nnodes=nnodes, torchrun_args=torchrun_args)
+    cmd = torchrun_command(
+        "train", task, argv, nproc_per_node=nproc_per_node, nnodes=nnodes, torchrun_args=torchrun_args
+    )
     _logger.info("launching %s", " ".join(cmd))
     done = subprocess.run(cmd, env={**os.environ, **(env or {})}, check=False)
     if done.returncode:

@@ -184,9 +184,7 @@ def _build(cls: type[R], data: Mapping[str, Any], sources: Mapping[str, str]) ->
     unknown = sorted(set(data) - set(fields))
     if unknown:
         where = sorted({sources.get(k, "?") for k in unknown})
-        raise RecipeError(
-            f"unknown recipe key(s) {unknown} ({'; '.join(where)}); valid keys: {', '.join(fields)}"
-        )
+        raise RecipeError(f"unknown recipe key(s) {unknown} ({'; '.join(where)}); valid keys: {', '.join(fields)}")
     missing = [k for k in fields if k not in data]
     if missing:
         where = sorted(set(sources.values())) or ["the recipe"]
@@ -298,9 +296,7 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any, item: str, valid: li
     node[parts[-1]] = value
 
 
-def apply_overrides(
-    data: dict[str, Any], sources: dict[str, str], overrides: Iterable[str], valid: list[str]
-) -> None:
+def apply_overrides(data: dict[str, Any], sources: dict[str, str], overrides: Iterable[str], valid: list[str]) -> None:
     """Apply ``key=value`` strings to ``data`` in place, recording each key's source."""
     for item in overrides or ():
         key, value = parse_override(item)

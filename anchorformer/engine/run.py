@@ -283,7 +283,9 @@ def open_run(
             reason = "; ".join(why) if why else "another version of the code"
             if is_main:
                 dest = _move_aside(out)
-                _logger.warning("%s cannot be resumed (%s): starting afresh; its files are now in %s", path, reason, dest)
+                _logger.warning(
+                    "%s cannot be resumed (%s): starting afresh; its files are now in %s", path, reason, dest
+                )
             return start
         if not same_code:
             _logger.warning("%s was written by another version of the code; resuming all the same", path)

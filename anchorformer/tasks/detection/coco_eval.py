@@ -30,7 +30,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from ..io import write_json_atomic as _write_json_atomic
+from ...io import write_json_atomic as _write_json_atomic
 
 __all__ = [
     "IOU_TYPES",

@@ -42,11 +42,11 @@ from ...engine.logging import MetricLogger, progress
 from ...engine.recipe import load_recipe
 from ...engine.seeding import seed_everything, seed_worker
 from ...engine.trainer import TrainingRun, finish_run, training_run
-from ...io import write_json_atomic
+
 from ...models.detection import DetectorConfig, build_detector, comparable_input_scale, sanitize_targets
 from ...models.factory import backbone_kwargs
 from ...models.pyramid import SimpleFeaturePyramid, backbone_macs, param_groups_layer_decay
-from .coco_eval import detections_to_coco, evaluate_coco, metric_keys
+from .coco_eval import detections_to_coco, evaluate_coco, metric_keys, write_json_atomic
 from .recipe import DetRecipe
 
 __all__ = [
@@ -505,7 +505,9 @@ def _train(run: TrainingRun, data_root: Path, backbone_ckpt: Any) -> dict[str, A
     logger = MetricLogger(out, enabled=info.is_main, resume_step=it if latest is not None else None)
     with_masks = det_cfg.detector == "mask_rcnn"
     if info.is_main:
-        write_json_atomic(out / "run.json", {"config": cfg.to_dict(), "detector_config": det_cfg.to_dict(), **macs_info})
+        write_json_atomic(
+            out / "run.json", {"config": cfg.to_dict(), "detector_config": det_cfg.to_dict(), **macs_info}
+        )
 
     t_train = time.perf_counter()
     for epoch in range(start_epoch, epochs):
