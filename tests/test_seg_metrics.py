@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from anchorformer.engine.seg_metrics import IGNORE_INDEX, SegMetrics, confusion_matrix, metrics_from_confusion
+from anchorformer.tasks.segmentation.metrics import IGNORE_INDEX, SegMetrics, confusion_matrix, metrics_from_confusion
 
 
 def naive_metrics(pairs: list[tuple[torch.Tensor, torch.Tensor]], k: int, ignore: int = 255) -> dict[str, float]:

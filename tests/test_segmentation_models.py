@@ -8,7 +8,6 @@ import torch
 import torch.nn as nn
 
 from anchorformer import count_macs
-from anchorformer.engine.seg_inference import predict_probs, rescaled_size, slide_logits, whole_logits
 from anchorformer.models.segmentation import (
     FCNHead,
     SegmentationModel,
@@ -18,6 +17,7 @@ from anchorformer.models.segmentation import (
     segmentation_loss,
     segmentation_model_from_config,
 )
+from anchorformer.tasks.segmentation.inference import predict_probs, rescaled_size, slide_logits, whole_logits
 
 TINY = dict(embed_dim=48, depth=2, num_heads=3, patch_size=8, img_size=64)
 

@@ -42,7 +42,6 @@ from ...engine.logging import MetricLogger, progress
 from ...engine.recipe import load_recipe
 from ...engine.seeding import seed_everything, seed_worker
 from ...engine.trainer import TrainingRun, finish_run, training_run
-
 from ...models.detection import DetectorConfig, build_detector, comparable_input_scale, sanitize_targets
 from ...models.factory import backbone_kwargs
 from ...models.pyramid import SimpleFeaturePyramid, backbone_macs, param_groups_layer_decay

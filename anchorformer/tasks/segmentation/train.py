@@ -1,10 +1,13 @@
 """ADE20K semantic segmentation: training, evaluation and the ``train seg`` / ``eval seg`` commands (E6).
 
 Shan et al., "AnchorFormer", arXiv 2505.16463, evaluate on ADE20K with Semantic FPN (T) and
-UperNet (S); the recipes are the field's standard ones (``anchorformer/configs/seg.yaml``):
-iteration-based training of 512² crops with AdamW and a poly schedule (optionally after a
-linear warm-up), single-scale sliding-window testing at the (2048, 512) scale, and mIoU, mAcc
-and aAcc over the 150 classes (:mod:`.seg_metrics`).
+UperNet (S); the recipes are the field's standard ones (the typed :class:`.recipe.SegRecipe`,
+presets in ``anchorformer/configs/seg.yaml``): iteration-based training of 512² crops with AdamW
+and a poly schedule (optionally after a linear warm-up), single-scale sliding-window testing at
+the (2048, 512) scale, and mIoU, mAcc and aAcc over the 150 classes (:mod:`.metrics`). The run
+folder, resume protocol, seeding and torchrun launch are the shared engine's
+(:mod:`anchorformer.engine`); the backbone is built through
+:func:`anchorformer.models.backbone_kwargs`, as in every task.
 
 The loop runs on one CPU process, one GPU or many under ``torchrun`` (DDP, SyncBN in the heads
 on CUDA). The training stream is deterministic: global batch ``i`` holds the same samples, with
@@ -13,23 +16,20 @@ was resumed, so a run resumed from a checkpoint ends where an uninterrupted one 
 
 Outputs of a run in ``OUT``: ``checkpoints/checkpoint-NNNNNN.pth`` (every ``checkpoint_every``
 iterations, atomically), ``model.pth`` (the final weights and the model config), ``dvclive/``
-(curves), and after evaluation ``metrics.json`` (``mIoU``, ``mAcc``, ``aAcc``, ...),
-``per_class.json`` and ``predictions/*.png`` (ADE20K format: 1..150, named like the ground truth).
+(curves), and after evaluation ``per_class.json``, ``predictions/*.png`` (ADE20K format: 1..150,
+named like the ground truth) and ``metrics.json`` (``mIoU``, ``mAcc``, ``aAcc``, ...; written
+last: its presence means the run finished).
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import logging
 import math
 import os
 import random
-import re
 import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -41,43 +41,47 @@ import torch.nn as nn
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from ..complexity import count_macs, count_params
-from ..io import write_json_atomic
-from ..models.anchorformer import AnchorAttention
-from ..models.factory import is_anchorformer
-from ..models.segmentation import HEADS, SegmentationModel, build_segmentation_model, segmentation_model_from_config
-from .checkpoint import (
+from ...complexity import count_macs, count_params
+from ...engine.checkpoint import (
     capture_rng_state,
-    checkpoint_path,
-    find_latest_checkpoint,
     load_training_checkpoint,
-    prune_checkpoints,
     restore_rng_state,
     save_checkpoint,
+    save_training_state,
 )
-from .config import apply_overrides, default_profile, load_profile
-from .distributed import all_reduce_mean, barrier, init_distributed, unwrap_model
-from .logging import MetricLogger, progress
-from .seg_inference import predict_probs
-from .seg_metrics import IGNORE_INDEX, SegMetrics
+from ...engine.distributed import all_reduce_mean, barrier, cleanup_distributed, init_distributed, unwrap_model
+from ...engine.launch import cli_arguments, launch
+from ...engine.logging import MetricLogger, progress
+from ...engine.recipe import RecipeError, apply_overrides, load_preset, load_recipe
+from ...engine.seeding import seed_everything
+from ...engine.trainer import TrainingRun, training_run
+from ...io import write_json_atomic
+from ...models.anchorformer import AnchorAttention
+from ...models.factory import backbone_kwargs, is_anchorformer
+from ...models.segmentation import SegmentationModel, build_segmentation_model, segmentation_model_from_config
+from .inference import predict_probs
+from .metrics import IGNORE_INDEX, SegMetrics
+from .recipe import SegRecipe
 
 __all__ = [
     "build_model",
     "evaluate_checkpoint",
     "evaluate_segmentation",
     "lr_at",
+    "model_arguments",
     "model_complexity",
-    "register_eval",
-    "register_train",
-    "resolve_config",
-    "train_segmentation",
-    "train_segmentation_torchrun",
+    "resolve_recipe",
+    "run_description",
+    "train",
 ]
 
 _logger = logging.getLogger(__name__)
 
 TASK = "seg"
-_SIZE_RE = re.compile(r"_(tiny|small|base)_")
+# a run's result files: removed before a (re)start, moved aside with --resume never --overwrite
+RESULTS = ("metrics.json", "model.pth", "model.safetensors", "per_class.json", "predictions")
+# keys of recipes stored before the typed recipe, and their names now
+_OLD_KEYS = {"backbone": "model", "pretrain_img_size": "img_size"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -85,59 +89,81 @@ _SIZE_RE = re.compile(r"_(tiny|small|base)_")
 # ---------------------------------------------------------------------------------------------
 
 
-def resolve_config(profile: str | None = None, overrides: Sequence[str] = (), **explicit: Any) -> dict[str, Any]:
-    """The preset of ``profile``, with the chosen head's recipe, then ``overrides`` and ``explicit``.
+def _flag(source: str, flag: str) -> str:
+    return flag if source == "cli" else f"{source}: {flag.lstrip('-')}"
+
+
+def resolve_recipe(
+    profile: str = "mini",
+    overrides: Sequence[str] = (),
+    model: str | None = None,
+    head: str | None = None,
+    iters: Any = None,
+    source: str = "argument",
+) -> SegRecipe:
+    """The recipe: the ``profile`` preset with the chosen head's ``recipes`` entry, then
+    ``overrides`` (``--set``), then ``model``/``head``/``iters``.
+
+    The head is the one the preset, ``overrides`` and ``head`` choose together; its entry of
+    ``recipes`` (itself subject to ``--set recipes.<head>.<key>=...``) replaces the preset's values,
+    and ``overrides`` and the explicit values are applied over the result: ``--set`` and the flags
+    always win over the head's recipe.
 
     Args:
-        profile: ``"mini"`` or ``"full"``; default: the ``profile`` of ``./params.yaml``.
-        overrides: ``"key=value"`` strings (``--set``); unknown keys raise before any work.
-        **explicit: values given by their own flag (``backbone=``, ``head=``, ``iters=``, ...);
-            ``None`` values are ignored.
-
-    Returns:
-        A flat config dict (``recipes`` kept for reference) with ``profile`` added.
+        profile: ``"mini"`` or ``"full"``.
+        overrides: ``"key=value"`` strings, values parsed as YAML; dotted keys reach into mappings.
+        model: the backbone's name; default: the preset's.
+        head: ``"fpn"`` or ``"upernet"``; default: the preset's.
+        iters: training iterations; default: the head's recipe's.
+        source: how ``model``/``head``/``iters`` arrived, for errors (the CLI passes ``"cli"`` so
+            that errors name the flags; the pipeline's notebooks pass ``"params.yaml"``).
 
     Raises:
-        KeyError: an unknown key; ValueError: an unknown head or a malformed override.
+        RecipeError: an unknown key, a value of the wrong type or out of range (naming the key
+            and where it came from).
     """
-    profile = profile or default_profile()
-    base = load_profile(TASK, profile)
-    given = {k: v for k, v in explicit.items() if v is not None}
-    unknown = sorted(set(given) - set(base))
-    if unknown:
-        raise KeyError(f"unknown config key(s) {unknown}; valid keys: {', '.join(sorted(base))}")
-    first = apply_overrides(base, overrides)
-    first.update(given)
-    head = first["head"]
-    if head not in HEADS:
-        raise ValueError(f"head must be one of {HEADS}; got {head!r}")
-    recipes = first.get("recipes") or {}
-    cfg = copy.deepcopy(base)
-    for key, value in (recipes.get(head) or {}).items():
-        if key not in cfg:
-            raise KeyError(f"recipes.{head}.{key} is not a config key; valid keys: {', '.join(sorted(base))}")
-        cfg[key] = value
-    cfg = apply_overrides(cfg, overrides)
-    cfg.update(given)
-    cfg["recipes"] = recipes
-    cfg["profile"] = profile
-    return cfg
+    values, label = load_preset(TASK, profile)
+    valid = SegRecipe.keys()
+    first = copy.deepcopy(values)  # only to learn the head and its recipe as the user set them
+    apply_overrides(first, {}, overrides, valid)
+    if head is not None:
+        first["head"] = head
+    chosen, recipes = first.get("head"), first.get("recipes")
+    entry = recipes.get(chosen) if isinstance(recipes, Mapping) and isinstance(chosen, str) else None
+    preset = copy.deepcopy(values)
+    if entry:
+        if not isinstance(entry, Mapping):
+            raise RecipeError(f"recipes.{chosen}={entry!r} ({label}): expected a mapping of recipe keys")
+        unknown = sorted(k for k in entry if k not in valid or k == "recipes")
+        if unknown:
+            raise RecipeError(
+                f"recipes.{chosen}: unknown recipe key(s) {unknown} ({label}); valid keys: {', '.join(valid)}"
+            )
+        preset.update(copy.deepcopy(dict(entry)))
+        label = f"{label} with recipes.{chosen}"
+    explicit = {
+        "model": (model, _flag(source, "--model")),
+        "head": (head, _flag(source, "--head")),
+        "iters": (iters, _flag(source, "--iters")),
+    }
+    return load_recipe(SegRecipe, profile, overrides=overrides, explicit=explicit, preset=(preset, label))
+
+
+def iters_for_epochs(epochs: Any, num_images: int, batch_size: int, where: str = "epochs") -> int:
+    """Iterations of ``epochs`` passes over ``num_images`` training images in global batches of ``batch_size``.
+
+    Raises:
+        RecipeError: ``epochs`` is not a number > 0 (``where`` names the flag or argument).
+    """
+    ok = isinstance(epochs, (int, float)) and not isinstance(epochs, bool) and math.isfinite(epochs) and epochs > 0
+    if not ok:
+        raise RecipeError(f"epochs={epochs!r} ({where}): expected a number > 0 (passes over the training set)")
+    return max(1, math.ceil(epochs * num_images / int(batch_size)))
 
 
 def model_arguments(cfg: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
-    """``(backbone name, keyword arguments of build_segmentation_model)`` from a config."""
-    name = str(cfg["backbone"])
-    bk: dict[str, Any] = {"img_size": int(cfg["pretrain_img_size"])}
-    if cfg.get("patch_size"):
-        bk["patch_size"] = int(cfg["patch_size"])
-    m = _SIZE_RE.search(name)
-    sizes = cfg.get("model_sizes") or {}
-    if m and m.group(1) in sizes:
-        bk.update(sizes[m.group(1)])
-    if is_anchorformer(name):
-        if cfg.get("num_anchors"):
-            bk["num_anchors"] = int(cfg["num_anchors"])
-        bk["attn_impl"] = cfg.get("attn_impl", "auto")
+    """``(backbone name, keyword arguments of build_segmentation_model)`` from a recipe."""
+    name = str(cfg["model"])
     kwargs = {
         "head": cfg["head"],
         "num_classes": int(cfg["num_classes"]),
@@ -149,7 +175,7 @@ def model_arguments(cfg: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
         "norm": cfg["norm"],
         "dropout": float(cfg["dropout"]),
         "drop_path_rate": float(cfg["drop_path"]),
-        "backbone_kwargs": bk,
+        "backbone_kwargs": backbone_kwargs(name, cfg),
     }
     return name, kwargs
 
@@ -163,9 +189,11 @@ def build_model(cfg: Mapping[str, Any], init_checkpoint: str | os.PathLike | Non
     return build_segmentation_model(name, checkpoint=ckpt or None, **kwargs)
 
 
-def run_description(cfg: Mapping[str, Any], model: nn.Module | None = None) -> dict[str, Any]:
+def run_description(
+    cfg: Mapping[str, Any], model: nn.Module | None = None, profile: str | None = None
+) -> dict[str, Any]:
     """What a run is, for its ``metrics.json``: backbone, family, head, anchors M, crop size, profile."""
-    name = str(cfg["backbone"])
+    name = str(cfg["model"])
     anchors = None
     if model is not None:
         anchors = next((int(m.num_anchors) for m in model.modules() if isinstance(m, AnchorAttention)), None)
@@ -175,7 +203,7 @@ def run_description(cfg: Mapping[str, Any], model: nn.Module | None = None) -> d
         "head": cfg["head"],
         "num_anchors": anchors,
         "crop_size": int(cfg["crop_size"]),
-        "profile": cfg.get("profile"),
+        "profile": profile,
     }
 
 
@@ -196,7 +224,7 @@ def model_complexity(model: nn.Module, img_size: int | tuple[int, int] = 512) ->
 
 
 def _ade20k(root: str | os.PathLike, split: str, cfg: Mapping[str, Any], train: bool) -> Dataset:
-    from ..data.ade20k import ADE20KSegmentation
+    from ...data.ade20k import ADE20KSegmentation
 
     return ADE20KSegmentation(
         root, split, crop_size=int(cfg["crop_size"]), train=train, scale_range=tuple(cfg["scale_range"])
@@ -219,9 +247,7 @@ class _SeededSamples(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> Any:
         index, seed = key
         py, nps, ts = random.getstate(), np.random.get_state(), torch.get_rng_state()
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        torch.manual_seed(seed)
+        seed_everything(seed)
         try:
             return self.dataset[index]
         finally:
@@ -296,133 +322,166 @@ def _amp_context(cfg: Mapping[str, Any], device: torch.device) -> Any:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
-def _resolve_iters(cfg: Mapping[str, Any], n_train: int, iters: int | None, epochs: float | None) -> int:
-    if iters is not None and epochs is not None:
-        raise ValueError("give --iters or --epochs, not both")
-    if epochs is not None:
-        if epochs <= 0:
-            raise ValueError(f"epochs must be > 0; got {epochs}")
-        return max(1, math.ceil(epochs * n_train / int(cfg["batch_size"])))
-    total = int(iters if iters is not None else cfg["iters"])
-    if total < 1:
-        raise ValueError(f"iters must be >= 1; got {total}")
-    return total
+def _amp_context(cfg: Mapping[str, Any], device: torch.device) -> Any:
+    enabled = bool(cfg.get("amp")) and (device.type == "cuda" or cfg.get("device") == "cpu")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
-def train_segmentation(
-    data_root: str | os.PathLike,
+def train(
+    data: str | os.PathLike,
     out_dir: str | os.PathLike,
-    cfg: Mapping[str, Any],
+    model: str | None = None,
     *,
-    iters: int | None = None,
-    epochs: float | None = None,
+    profile: str = "mini",
+    overrides: Sequence[str] = (),
+    epochs: Any = None,
+    iters: Any = None,
+    head: str | None = None,
     resume: str = "auto",
+    overwrite: bool = False,
+    if_different: str = "refuse",
     evaluate: bool | None = None,
     save_predictions: bool = True,
     max_eval_images: int | None = None,
+    nproc_per_node: int = 1,
+    nnodes: int = 1,
+    torchrun_args: Sequence[str] = (),
+    source: str = "argument",
 ) -> dict[str, Any]:
-    """Train a segmentation model on ``data_root``'s training split; optionally evaluate it.
+    """Train a segmentation model on ``data``'s training split and evaluate it; write ``out_dir``.
 
     Args:
-        data_root: the ``ADEChallengeData2016`` folder.
+        data: the ``ADEChallengeData2016`` folder (ADE20K or the mini set).
         out_dir: the run's folder (created).
-        cfg: a config from :func:`resolve_config`.
-        iters: number of iterations (default ``cfg["iters"]``).
+        model: the backbone's name; default: the profile's ``model``.
+        profile: ``"mini"`` or ``"full"``.
+        overrides: ``"key=value"`` strings (see ``anchorformer/configs/seg.yaml``).
         epochs: passes over the training set, converted to iterations (instead of ``iters``).
-        resume: ``"auto"`` (continue from the latest complete checkpoint in ``out_dir``),
-            ``"none"`` (start afresh), or a checkpoint path.
-        evaluate: evaluate on the validation split at the end (default ``cfg["eval_at_end"]``).
+        iters: training iterations; default: the recipe's (the head's).
+        head: ``"fpn"`` or ``"upernet"``; default: the profile's.
+        resume: ``"auto"`` (the latest checkpoint in ``out_dir``, if any), ``"never"`` (a fresh
+            start; a folder holding an earlier run is refused unless ``overwrite``) or a path.
+        overwrite: with ``resume="never"``, move an earlier run's files to ``previous-<time>/``.
+        if_different: ``"refuse"`` or ``"restart"``: what ``resume="auto"`` does with a checkpoint
+            of another recipe or code version (:func:`anchorformer.engine.run.open_run`).
+        evaluate: evaluate on the validation split at the end; default: the recipe's ``eval_at_end``.
         save_predictions: write the predicted label maps when evaluating.
         max_eval_images: evaluate on the first N validation images only.
+        nproc_per_node, nnodes, torchrun_args: more than one process runs the same training
+            under ``torchrun`` (``anchorformer train seg`` in each process).
+        source: where ``model``/``head``/``iters``/``epochs`` came from, named in errors.
 
     Returns:
-        ``{"iters", "train_time_s", "final_loss", "params_m", "gmacs", "checkpoint", "metrics"}``
-        (``metrics``: those of :func:`evaluate_segmentation`, or ``None``).
+        When evaluated, the metrics written to ``out_dir/metrics.json`` (``mIoU``, ``mAcc``,
+        ``aAcc``, ``num_images``, ``backbone``, ``head``, ``iters``, ``params_m``, ``gmacs``, ...);
+        otherwise the training summary (``iters``, ``train_time_s``, ``final_loss``,
+        ``params_m``, ``gmacs``, ``checkpoint``).
+
+    Raises:
+        RecipeError, ValueError, FileNotFoundError: bad recipe, iterations, model name or data
+            layout, raised before any training starts. RunFolderError: the folder is in use or
+            holds another run.
     """
-    threads = torch.get_num_threads()
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg["threads"]))
-    try:
-        return _train(data_root, out_dir, cfg, iters, epochs, resume, evaluate, save_predictions, max_eval_images)
-    finally:
-        torch.set_num_threads(threads)
+    if iters is not None and epochs is not None:
+        raise RecipeError(f"give {_flag(source, '--iters')} or {_flag(source, '--epochs')}, not both")
+    recipe = resolve_recipe(profile, overrides, model=model, head=head, iters=iters, source=source)
+    data, out_dir = Path(data), Path(out_dir)
+    train_set = _ade20k(data, "training", recipe, train=True)  # checks the data layout before any work
+    if epochs is not None:
+        where = _flag(source, "--epochs")
+        recipe = recipe.replace(where, iters=iters_for_epochs(epochs, len(train_set), recipe.batch_size, where))  # type: ignore[arg-type]
+    if int(nproc_per_node) * int(nnodes) > 1 and "WORLD_SIZE" not in os.environ:
+        evaluating = recipe.eval_at_end if evaluate is None else bool(evaluate)
+        argv = cli_arguments(
+            data, out_dir, model=model, profile=profile,
+            overrides=[*overrides, *(["eval_at_end=true"] if evaluate else [])], epochs=epochs, iters=iters,
+            head=head, resume=resume, overwrite=overwrite, if_different=if_different if if_different != "refuse" else None,
+            no_eval=evaluate is False, no_predictions=not save_predictions, max_eval_images=max_eval_images,
+        )  # fmt: skip
+        try:
+            return launch(TASK, argv, nproc_per_node=nproc_per_node, nnodes=nnodes, torchrun_args=torchrun_args)
+        except FileNotFoundError:  # no metrics.json: the run was not evaluated
+            if evaluating:
+                raise
+            return {"iters": recipe.iters, "checkpoint": str(out_dir / "model.pth")}
+
+    def differences(state: Mapping[str, Any]) -> list[str]:
+        """Why checkpoint ``state`` cannot be resumed by this run (empty: it can)."""
+        with torch.device("meta"):  # the model's config only: nothing allocated, no weights read
+            model_config = build_model(recipe, init_checkpoint="").config
+        why = []
+        if state.get("model_config") != model_config:
+            why.append(f"another model: {state.get('model_config')} vs {model_config}")
+        if int(state.get("total_iters", -1)) != recipe.iters:
+            why.append(f"another length: {state.get('total_iters')} iterations vs {recipe.iters}")
+        return why + recipe.differences(state.get("config") or {})
+
+    with training_run(
+        recipe, out_dir, resume=resume, overwrite=overwrite, if_different=if_different, results=RESULTS,
+        differences=differences,
+    ) as run:  # fmt: skip
+        return _train(run, data, train_set, profile, evaluate, save_predictions, max_eval_images)
 
 
 def _train(
-    data_root: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    cfg: Mapping[str, Any],
-    iters: int | None,
-    epochs: float | None,
-    resume: str,
+    run: TrainingRun,
+    data: Path,
+    train_set: Dataset,
+    profile: str,
     evaluate: bool | None,
     save_predictions: bool,
     max_eval_images: int | None,
 ) -> dict[str, Any]:
-    out = Path(out_dir)
-    info = init_distributed(cfg.get("device"))
+    cfg, info, out, resume_state = run.recipe, run.dist, run.out, run.state
+    assert isinstance(cfg, SegRecipe)
     device = info.device
-    bs = int(cfg["batch_size"])
+    bs = int(cfg.batch_size)
     if bs % info.world_size:
         raise ValueError(f"batch_size {bs} (global) must be divisible by the {info.world_size} processes")
-    if resume not in ("auto", "none") and not Path(resume).is_file():
-        raise FileNotFoundError(f"resume checkpoint not found: {resume}")
-    train_set = _ade20k(data_root, "training", cfg, train=True)
-    total = _resolve_iters(cfg, len(train_set), iters, epochs)  # type: ignore[arg-type]
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+    total = int(cfg.iters)
 
-    torch.manual_seed(int(cfg["seed"]))
+    seed = int(cfg.seed)
+    seed_everything(seed)
     model = build_model(cfg)
     complexity = model_complexity(copy.deepcopy(model).to("meta"), 512)  # GMACs at 512², the field's convention
     model.to(device)
-    from ..models.pyramid import param_groups_layer_decay
+    from ...models.pyramid import param_groups_layer_decay
 
     groups = param_groups_layer_decay(
-        model, lr=float(cfg["lr"]), weight_decay=float(cfg["weight_decay"]), layer_decay=float(cfg["layer_decay"])
+        model, lr=float(cfg.lr), weight_decay=float(cfg.weight_decay), layer_decay=float(cfg.layer_decay)
     )
-    optimizer = torch.optim.AdamW(groups, lr=float(cfg["lr"]), betas=tuple(cfg["betas"]))
+    optimizer = torch.optim.AdamW(groups, lr=float(cfg.lr), betas=tuple(cfg.betas))
 
     start = 0
-    ckpt_path = None if resume == "none" else (find_latest_checkpoint(out) if resume == "auto" else Path(resume))
-    if ckpt_path is not None:
-        state = load_training_checkpoint(ckpt_path)
-        differences = _resume_differences(state, model.config, cfg, total)
-        if differences and resume == "auto":
-            _logger.warning(
-                "not resuming from %s: it belongs to another run (%s); starting afresh", ckpt_path, differences
-            )
-            ckpt_path = None
-        elif differences:
-            raise ValueError(
-                f"{ckpt_path}: checkpoint was written by another run ({differences}); "
-                "use another --out, or --resume none to start afresh"
-            )
-    if ckpt_path is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start = int(state["iteration"])
-        restore_rng_state(state["rng"])
-        _logger.info("resumed from %s at iteration %d of %d", ckpt_path, start, total)
+    if resume_state is not None:
+        model.load_state_dict(resume_state["model"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        start = int(resume_state["iteration"])
+        restore_rng_state(resume_state["rng"])
+        _logger.info("resumed from %s at iteration %d of %d", run.start.checkpoint, start, total)
 
     train_model: nn.Module = model
     if info.is_distributed:
-        if device.type == "cuda" and cfg["norm"] == "bn":
+        if device.type == "cuda" and cfg.norm == "bn":
             train_model = nn.SyncBatchNorm.convert_sync_batchnorm(train_model)
         train_model = nn.parallel.DistributedDataParallel(
             train_model, device_ids=[device.index] if device.type == "cuda" else None
         )
     loader = DataLoader(
         _SeededSamples(train_set),
-        batch_sampler=_TrainBatches(len(train_set), bs, int(cfg["seed"]), start, total, info.rank, info.world_size),
-        num_workers=int(cfg["num_workers"]),
+        batch_sampler=_TrainBatches(len(train_set), bs, seed, start, total, info.rank, info.world_size),  # type: ignore[arg-type]
+        num_workers=int(cfg.num_workers),
         collate_fn=pad_collate,
         pin_memory=device.type == "cuda",
-        generator=torch.Generator().manual_seed(int(cfg["seed"])),  # leaves the global RNG (dropout) alone
+        generator=torch.Generator().manual_seed(seed),  # leaves the global RNG (dropout) alone
     )
-    logger = MetricLogger(out, enabled=info.is_main, resume_step=start if ckpt_path is not None else None)
-    every = int(cfg["checkpoint_every"])
-    log_every = max(1, int(cfg["log_every"]))
+    logger = MetricLogger(out, enabled=info.is_main, resume_step=start if resume_state is not None else None)
+    every = int(cfg.checkpoint_every)
+    log_every = max(1, int(cfg.log_every))
+    _logger.info(
+        "training %s + %s on %d images, %d iterations of %d crops, %d process(es)",
+        cfg.model, cfg.head, len(train_set), total, bs, info.world_size,  # type: ignore[arg-type]
+    )  # fmt: skip
     t0 = time.perf_counter()
     last: dict[str, float] = {}
     train_model.train()
@@ -441,8 +500,8 @@ def _train(
             raise FloatingPointError(f"loss is {loss.item()} at iteration {it + 1}; lower lr or check the data")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if cfg.get("clip_grad"):
-            nn.utils.clip_grad_norm_(model.parameters(), float(cfg["clip_grad"]))
+        if cfg.clip_grad:
+            nn.utils.clip_grad_norm_(model.parameters(), float(cfg.clip_grad))
         optimizer.step()
         done = it + 1
         if done % log_every == 0 or done == total:
@@ -450,14 +509,23 @@ def _train(
             logger.log({**{f"train/{k}": v for k, v in last.items()}, "train/lr": lr}, step=done)
             _logger.info("iter %d/%d  loss %.4f  lr %.3g", done, total, last["loss"], lr)
         if info.is_main and (done % every == 0 or done == total):
-            _save_training_state(out, done, total, model, optimizer, cfg, int(cfg["keep_checkpoints"]))
+            state = {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "iteration": done,
+                "total_iters": total,
+                "rng": capture_rng_state(),
+                "config": cfg.to_dict(),
+                "model_config": model.config,
+                "profile": profile,
+            }
+            save_training_state(out, done, state, int(cfg.keep_checkpoints))
     train_time = time.perf_counter() - t0
     barrier()
     final = out / "model.pth"
     if info.is_main:
-        save_checkpoint(
-            final, {"model": model.state_dict(), "model_config": model.config, "config": dict(cfg), "iteration": total}
-        )
+        weights = {"model": model.state_dict(), "model_config": model.config, "config": cfg.to_dict()}
+        save_checkpoint(final, {**weights, "iteration": total, "profile": profile})
     summary = {
         "iters": total,
         "train_time_s": round(train_time, 2),
@@ -467,72 +535,23 @@ def _train(
     }
     logger.summary({k: v for k, v in summary.items() if k != "checkpoint"})
     logger.close()
-    metrics = None
-    if cfg["eval_at_end"] if evaluate is None else evaluate:
-        metrics = evaluate_segmentation(
-            model,
-            data_root,
-            out,
-            cfg,
-            save_predictions=save_predictions,
-            max_images=max_eval_images,
-            extra={
-                **run_description(cfg, model),
-                "iters": total,
-                "train_time_s": summary["train_time_s"],
-                **complexity,
-            },
-        )
-    return {**summary, "metrics": metrics}
-
-
-# Keys that do not change what a run computes: a checkpoint may be resumed whatever their values.
-_RESUME_FREE_KEYS = {
-    "log_every",
-    "checkpoint_every",
-    "keep_checkpoints",
-    "num_workers",
-    "threads",
-    "eval_at_end",
-    "device",
-    "profile",
-    "recipes",
-    "test_mode",
-    "test_crop_size",
-    "test_stride",
-    "test_scale",
-    "test_scales",
-    "test_flip",
-}
-
-
-def _resume_differences(
-    state: Mapping[str, Any], model_config: Mapping[str, Any], cfg: Mapping[str, Any], total: int
-) -> str:
-    """Why a checkpoint cannot be resumed by this run ('' when it can)."""
-    if state.get("model_config") != model_config:
-        return f"another model: {state.get('model_config')} vs {dict(model_config)}"
-    if int(state.get("total_iters", -1)) != total:
-        return f"another length: {state.get('total_iters')} iterations vs {total}"
-    old = state.get("config") or {}
-    keys = sorted(k for k in set(old) | set(cfg) if k not in _RESUME_FREE_KEYS and old.get(k) != cfg.get(k))
-    return "other settings: " + ", ".join(f"{k} {old.get(k)!r} vs {cfg.get(k)!r}" for k in keys) if keys else ""
-
-
-def _save_training_state(
-    out: Path, done: int, total: int, model: SegmentationModel, optimizer: Any, cfg: Mapping[str, Any], keep: int
-) -> None:
-    state = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "iteration": done,
-        "total_iters": total,
-        "rng": capture_rng_state(),
-        "config": dict(cfg),
-        "model_config": model.config,
-    }
-    save_checkpoint(checkpoint_path(out, done), state)
-    prune_checkpoints(out, keep)
+    if not (cfg.eval_at_end if evaluate is None else evaluate):
+        return summary
+    # metrics.json comes last (after per_class.json and predictions/): its presence means the run finished
+    return evaluate_segmentation(
+        model,
+        data,
+        out,
+        cfg,
+        save_predictions=save_predictions,
+        max_images=max_eval_images,
+        extra={
+            **run_description(cfg, model, profile),
+            "iters": total,
+            "train_time_s": summary["train_time_s"],
+            **complexity,
+        },
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -651,138 +670,122 @@ def evaluate_segmentation(
     return summary
 
 
+def _stored_recipe(config: Mapping[str, Any], profile: str) -> dict[str, Any]:
+    """A checkpoint's recipe as :class:`SegRecipe` keys: without ``profile``, old key names renamed,
+    keys it predates taken from the ``profile`` preset (they are the values its model was built with)."""
+    stored = {_OLD_KEYS.get(k, k): copy.deepcopy(v) for k, v in dict(config).items() if k != "profile"}
+    missing = [k for k in SegRecipe.keys() if k not in stored]
+    if missing:
+        preset, label = load_preset(TASK, profile)
+        _logger.info("the checkpoint's recipe predates %s: taken from %s", missing, label)
+        stored.update({k: preset[k] for k in missing if k in preset})
+    return stored
+
+
 def evaluate_checkpoint(
+    data: str | os.PathLike,
     checkpoint: str | os.PathLike,
-    data_root: str | os.PathLike,
     out_dir: str | os.PathLike,
+    *,
     overrides: Sequence[str] = (),
-    **kwargs: Any,
+    model: str | None = None,
+    profile: str = "mini",
+    split: str = "validation",
+    save_predictions: bool = True,
+    max_images: int | None = None,
 ) -> dict[str, Any]:
     """Rebuild the model saved in ``checkpoint`` (``model.pth`` or a training checkpoint) and evaluate it.
 
-    Test settings come from the checkpoint's config, then ``overrides`` (``--set test_flip=true``).
-    ``kwargs`` go to :func:`evaluate_segmentation`.
+    The model comes from the checkpoint's model config; the test settings from its recipe, then
+    ``overrides`` (``--set test_flip=true``). Writes ``out_dir/metrics.json``, ``per_class.json``
+    and ``predictions/`` (:func:`evaluate_segmentation`).
+
+    Args:
+        data: the ``ADEChallengeData2016`` folder.
+        checkpoint: a ``model.pth`` or ``checkpoint-N.pth`` written by :func:`train`.
+        out_dir: the output folder (created).
+        overrides: ``"key=value"`` strings applied over the checkpoint's recipe.
+        model: the backbone's name, if given it must be the checkpoint's.
+        profile: the preset that supplies the keys a checkpoint written before the typed recipe lacks.
+        split, save_predictions, max_images: as for :func:`evaluate_segmentation`.
+
+    Raises:
+        FileNotFoundError: missing checkpoint or data folder. ValueError: not a segmentation
+            checkpoint, or another backbone than ``model``. RecipeError: a bad override.
     """
     state = load_training_checkpoint(checkpoint)
     missing = [k for k in ("model", "model_config", "config") if k not in state]
     if missing:
-        raise KeyError(
+        raise ValueError(
             f"{checkpoint}: not a segmentation checkpoint (lacks {missing}); expected one written by train seg"
         )
-    cfg = apply_overrides(state["config"], overrides)
-    model = segmentation_model_from_config(state["model_config"])
-    model.load_state_dict(state["model"])
-    extra = {**run_description(cfg, model), "checkpoint": str(checkpoint), "iters": int(state.get("iteration", 0))}
-    extra.update(model_complexity(copy.deepcopy(model).to("meta")))
-    return evaluate_segmentation(model, data_root, out_dir, cfg, extra={**extra, **kwargs.pop("extra", {})}, **kwargs)
-
-
-def train_segmentation_torchrun(
-    data_root: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    *,
-    nproc_per_node: int = 1,
-    nnodes: int = 1,
-    profile: str | None = None,
-    overrides: Sequence[str] = (),
-    backbone: str | None = None,
-    head: str | None = None,
-    iters: int | None = None,
-    resume: str = "auto",
-    extra_torchrun_args: Sequence[str] = (),
-) -> dict[str, Any]:
-    """Run ``train seg`` under ``torchrun`` (several processes or GPUs) and return ``metrics.json``.
-
-    The command is ``python -m torch.distributed.run --nproc_per_node N [--nnodes K ...] -m
-    anchorformer.cli train seg ...``: what a notebook uses to train on several GPUs.
-    """
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc_per_node}", f"--nnodes={nnodes}"]
-    if nnodes == 1 and not any(a.startswith(("--rdzv", "--master")) for a in extra_torchrun_args):
-        cmd.append("--standalone")
-    cmd += [*extra_torchrun_args, "-m", "anchorformer.cli", "train", "seg", "--data", str(data_root)]
-    cmd += ["--out", str(out_dir), "--resume", resume]
-    for flag, value in (("--profile", profile), ("--backbone", backbone), ("--head", head), ("--iters", iters)):
-        if value is not None:
-            cmd += [flag, str(value)]
-    if overrides:
-        cmd += ["--set", *overrides]
-    _logger.info("launching %s", " ".join(cmd))
-    subprocess.run(cmd, check=True)
-    return json.loads((Path(out_dir) / "metrics.json").read_text(encoding="utf-8"))
+    stored = _stored_recipe(state["config"], profile)
+    cfg = load_recipe(SegRecipe, profile, overrides=overrides, preset=(stored, f"{checkpoint} (its recipe)"))
+    name = state["model_config"].get("backbone")
+    if model is not None and model != name:
+        raise ValueError(f"{checkpoint} holds a {name} backbone, not {model}; omit --model or pass {name}")
+    run_profile = state.get("profile") or dict(state["config"]).get("profile")
+    dist_info = init_distributed(cfg.device)
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    try:
+        net = segmentation_model_from_config(state["model_config"])
+        net.load_state_dict(state["model"])
+        extra = {
+            **run_description(cfg, net, run_profile),
+            "checkpoint": str(checkpoint),
+            "iters": int(state.get("iteration", 0)),
+            **model_complexity(copy.deepcopy(net).to("meta")),
+        }
+        return evaluate_segmentation(
+            net, data, out_dir, cfg, split=split, save_predictions=save_predictions, max_images=max_images, extra=extra
+        )
+    finally:
+        torch.set_num_threads(threads)
+        cleanup_distributed()
 
 
 # ---------------------------------------------------------------------------------------------
-# Command line
+# Command line (the common flags are anchorformer.cli's)
 # ---------------------------------------------------------------------------------------------
 
-
-def _train_cli(args: argparse.Namespace) -> int:
-    cfg = resolve_config(args.profile, args.set or (), backbone=args.backbone, head=args.head)
-    result = train_segmentation(
-        args.data,
-        args.out,
-        cfg,
-        iters=args.iters,
-        epochs=args.epochs,
-        resume=args.resume,
-        evaluate=False if args.no_eval else None,
-        save_predictions=not args.no_predictions,
-    )
-    metrics = result["metrics"]
-    if metrics is not None and int(os.environ.get("RANK", "0")) == 0:
-        _logger.info("mIoU %.2f  mAcc %.2f  aAcc %.2f", metrics["mIoU"], metrics["mAcc"], metrics["aAcc"])
-    return 0
+TRAIN_HELP = "train a Semantic FPN / UperNet segmentation model on ADE20K (E6)"
+EVAL_HELP = "evaluate a segmentation checkpoint on ADE20K (mIoU, mAcc, aAcc)"
 
 
-def _eval_cli(args: argparse.Namespace) -> int:
-    evaluate_checkpoint(
-        args.checkpoint,
-        args.data,
-        args.out,
-        args.set or (),
-        split=args.split,
-        save_predictions=not args.no_predictions,
-        max_images=args.max_images,
-    )
-    return 0
-
-
-def register_train(subparsers: Any) -> None:
-    """Add ``train seg``."""
-    p = subparsers.add_parser(
-        "seg",
-        help="train a Semantic FPN / UperNet segmentation model on ADE20K",
-        description="Train on ROOT/images/training (ROOT: the ADEChallengeData2016 folder); evaluate at the end.",
-    )
-    p.add_argument("--data", required=True, help="the ADEChallengeData2016 folder")
-    p.add_argument("--out", required=True, help="output folder (checkpoints, model.pth, metrics.json, predictions/)")
-    p.add_argument("--backbone", help="backbone model name (default: the profile's)")
-    p.add_argument("--head", choices=HEADS, help="decode head (default: the profile's)")
-    n = p.add_mutually_exclusive_group()
-    n.add_argument("--iters", type=int, help="training iterations")
-    n.add_argument("--epochs", type=float, help="passes over the training set, converted to iterations")
-    p.add_argument("--resume", default="auto", help="auto (latest checkpoint in --out), none, or a checkpoint path")
-    p.add_argument("--profile", choices=("mini", "full"), help="recipe preset (default: params.yaml's profile)")
-    p.add_argument("--set", action="extend", nargs="+", metavar="KEY=VALUE", help="override preset keys")
+def add_train_arguments(p: Any) -> None:
+    """``train seg``'s own flags (``--epochs N`` converts N passes over the training set to iterations)."""
+    p.add_argument("--iters", type=int, default=None, help="training iterations (default: the recipe's, per head)")
+    p.add_argument("--head", default=None, metavar="fpn|upernet", help="decode head (default: the profile's)")
     p.add_argument("--no-eval", action="store_true", help="do not evaluate at the end")
     p.add_argument("--no-predictions", action="store_true", help="do not write predicted label maps")
-    p.set_defaults(func=_train_cli)
+    p.add_argument("--max-eval-images", type=int, default=None, help="evaluate the first N validation images only")
 
 
-def register_eval(subparsers: Any) -> None:
-    """Add ``eval seg``."""
-    p = subparsers.add_parser(
-        "seg",
-        help="evaluate a segmentation checkpoint on ADE20K (mIoU, mAcc, aAcc)",
-        description="Writes OUT/metrics.json (mIoU, mAcc, aAcc), OUT/per_class.json and OUT/predictions/*.png.",
-    )
-    p.add_argument("--data", required=True, help="the ADEChallengeData2016 folder")
-    p.add_argument("--checkpoint", required=True, help="model.pth or a training checkpoint written by train seg")
-    p.add_argument("--out", required=True, help="output folder")
+def add_eval_arguments(p: Any) -> None:
+    """``eval seg``'s own flags."""
     p.add_argument("--split", default="validation", choices=("validation", "training"))
-    p.add_argument("--max-images", type=int, help="evaluate the first N images only")
-    p.add_argument(
-        "--set", action="extend", nargs="+", metavar="KEY=VALUE", help="override test settings, e.g. test_flip=true"
-    )
+    p.add_argument("--max-images", type=int, default=None, help="evaluate the first N images only")
     p.add_argument("--no-predictions", action="store_true", help="do not write predicted label maps")
-    p.set_defaults(func=_eval_cli)
+
+
+def cli_train(args: Any) -> dict[str, Any]:
+    """``anchorformer train seg``."""
+    return train(
+        args.data, args.out, args.model, profile=args.profile, overrides=args.overrides, epochs=args.epochs,
+        iters=args.iters, head=args.head, resume=args.resume, overwrite=args.overwrite,
+        evaluate=False if args.no_eval else None, save_predictions=not args.no_predictions,
+        max_eval_images=args.max_eval_images, source="cli",
+    )  # fmt: skip
+
+
+def cli_eval(args: Any) -> dict[str, Any]:
+    """``anchorformer eval seg``."""
+    m = evaluate_checkpoint(
+        args.data, args.checkpoint, args.out, overrides=args.overrides, model=args.model, profile=args.profile,
+        split=args.split, save_predictions=not args.no_predictions, max_images=args.max_images,
+    )  # fmt: skip
+    if m and int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({k: m[k] for k in ("backbone", "head", "mIoU", "mAcc", "aAcc", "num_images")}))
+    return m
