@@ -36,7 +36,7 @@ __all__ = ["build_parser", "main"]
 
 # (module, function) pairs; each function takes the subparsers object it adds to.
 _TOP_LEVEL = [
-    ("anchorformer.complexity_cli", "register"),
+    ("anchorformer.complexity", "register"),
     ("anchorformer.data.cli", "register"),
     ("anchorformer.bench", "register"),
 ]

@@ -1,120 +1,39 @@
-"""Counting multiply-accumulates (MACs), attention included.
+"""``anchorformer complexity``: params and GMACs of AnchorFormer and DeiT (experiment E4, counted).
 
-The field (DeiT, timm, fvcore) reports MACs as "FLOPs": DeiT-Ti is "1.3 GFLOPs" at 224².
-Counters that skip ``scaled_dot_product_attention`` undercount attention (torch's
-``FlopCounterMode`` on the CPU dispatches it to ``_scaled_dot_product_flash_attention_for_cpu``,
-which it has no formula for). :func:`count_macs` counts every matmul, linear and convolution,
-and every fused attention kernel, through torch's dispatcher, so the count does not depend on
-how a model writes its attention.
+Two tables, as markdown and JSON:
 
-Elementwise work (softmax, normalisation, the Λ^-1 scaling, activations) is not counted, as in
-the field's convention.
+- ``models``: AnchorFormer-T/S/B for each anchor count M, and DeiT-T/S/B, at each image size;
+- ``resolution``: GMACs against resolution for AnchorFormer (default M) and DeiT at each size.
+
+All counts come from :func:`count_macs` (:mod:`anchorformer.ops.counting`, re-exported here) on
+models built on the meta device, so the tables take seconds even for ViT-B at 1024².
 """
 
 from __future__ import annotations
 
-import copy
-import math
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn as nn
-from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["count_macs", "count_params", "model_complexity"]
+from .io import atomic_write_text, write_json_atomic
+from .models import create_model
+from .ops.counting import count_macs, count_params
 
-aten = torch.ops.aten
+__all__ = [
+    "complexity_tables",
+    "count_macs",
+    "count_params",
+    "model_complexity",
+    "register",
+    "tables_markdown",
+    "write_complexity",
+]
 
-
-def _sdpa_flops(query_shape: Any, key_shape: Any, value_shape: Any) -> int:
-    """2 * (QK^T + AV) multiply-adds, as FLOPs (2 per MAC): 4 * B*H*Nq*Nk*D (+ Dv)."""
-    *batch, nq, d = query_shape
-    nk = key_shape[-2]
-    dv = value_shape[-1]
-    b = math.prod(batch)
-    return 2 * b * nq * nk * (d + dv)
-
-
-def _sdpa_formula(query: Any, key: Any, value: Any, *args: Any, out_val: Any = None, **kwargs: Any) -> int:
-    # FlopCounterMode hands formulas the shapes of tensor arguments.
-    return _sdpa_flops(*(getattr(t, "shape", t) for t in (query, key, value)))
-
-
-def _custom_mapping() -> dict[Any, Any]:
-    mapping: dict[Any, Any] = {}
-    for name in (
-        "_scaled_dot_product_flash_attention_for_cpu",
-        "_scaled_dot_product_flash_attention",
-        "_scaled_dot_product_efficient_attention",
-        "_scaled_dot_product_cudnn_attention",
-        "_scaled_dot_product_fused_attention_overrideable",
-    ):
-        op = getattr(aten, name, None)
-        if op is not None:
-            mapping[op] = _sdpa_formula
-    return mapping
-
-
-def _input_size(model: nn.Module) -> tuple[int, int] | None:
-    pe = getattr(model, "patch_embed", None)
-    size = getattr(pe, "img_size", None)
-    return tuple(size) if size is not None else None  # type: ignore[return-value]
-
-
-def _as_hw(img_size: int | tuple[int, int]) -> tuple[int, int]:
-    if isinstance(img_size, int):
-        return (img_size, img_size)
-    h, w = img_size
-    return (int(h), int(w))
-
-
-@torch.no_grad()
-def count_macs(model: nn.Module, img_size: int | tuple[int, int] = 224, *, batch_size: int = 1) -> int:
-    """Multiply-accumulates of one forward pass of ``model`` on ``batch_size`` images.
-
-    Counts ``mm``/``bmm``/``addmm``/``baddbmm``/convolutions and the fused attention kernels.
-    A ViT built for another size is counted at ``img_size`` by a resized copy (position
-    embeddings resampled), so the model passed in is never modified. Models on the ``meta``
-    device are counted without computing anything.
-
-    Args:
-        model: any ``nn.Module`` taking (B, C, H, W) images.
-        img_size: the input's side, or (height, width).
-        batch_size: images per forward pass.
-
-    Returns:
-        The number of MACs (the field's "FLOPs").
-    """
-    hw = _as_hw(img_size)
-    if any(s <= 0 for s in hw):
-        raise ValueError(f"count_macs: img_size must be positive; got {img_size!r}")
-    current = _input_size(model)
-    if current is not None and current != hw:
-        if not hasattr(model, "set_input_size"):
-            raise ValueError(f"count_macs: model is built for {current}, cannot count it at {hw}")
-        model = copy.deepcopy(model)
-        model.set_input_size(img_size=hw)
-    try:
-        p = next(model.parameters())
-        device, dtype = p.device, p.dtype
-    except StopIteration:
-        device, dtype = torch.device("cpu"), torch.float32
-    in_chans = int(getattr(model, "in_chans", 3) or 3)
-    x = torch.zeros(batch_size, in_chans, *hw, device=device, dtype=dtype)
-    was_training = model.training
-    model.eval()
-    try:
-        counter = FlopCounterMode(display=False, custom_mapping=_custom_mapping())
-        with counter:
-            model(x)
-    finally:
-        model.train(was_training)
-    return int(counter.get_total_flops()) // 2
-
-
-def count_params(model: nn.Module) -> int:
-    """Number of parameters (works on the meta device)."""
-    return sum(p.numel() for p in model.parameters())
+SIZES = ("tiny", "small", "base")
 
 
 def model_complexity(name: str, img_size: int = 224, **kwargs: Any) -> dict[str, Any]:
@@ -123,8 +42,6 @@ def model_complexity(name: str, img_size: int = 224, **kwargs: Any) -> dict[str,
     Returns:
         ``{"model", "img_size", "params", "params_m", "macs", "gmacs", **kwargs}``.
     """
-    from .models import create_model
-
     with torch.device("meta"):
         model = create_model(name, img_size=img_size, **kwargs)
     macs = count_macs(model, img_size)
@@ -138,3 +55,105 @@ def model_complexity(name: str, img_size: int = 224, **kwargs: Any) -> dict[str,
         "macs": macs,
         "gmacs": round(macs / 1e9, 4),
     }
+LETTER = {"tiny": "T", "small": "S", "base": "B"}
+
+
+def complexity_tables(
+    sizes: Sequence[str] = SIZES,
+    anchors: Sequence[int] = (8, 16, 30, 49, 64),
+    img_sizes: Sequence[int] = (224, 384),
+    resolutions: Sequence[int] = (224, 384, 512, 768, 1024),
+    default_anchors: int = 30,
+) -> dict[str, list[dict[str, Any]]]:
+    """Compute both tables.
+
+    Returns:
+        ``{"models": rows, "resolution": rows}``; each row a dict with ``family`` ("AnchorFormer"
+        or "DeiT"), ``size``, ``num_anchors`` (None for DeiT), ``img_size``, ``params``,
+        ``params_m``, ``macs``, ``gmacs``; resolution rows also carry ``ratio`` (DeiT / AnchorFormer).
+    """
+    for s in sizes:
+        if s not in SIZES:
+            raise ValueError(f"unknown size {s!r}; expected one of {SIZES}")
+    models: list[dict[str, Any]] = []
+    for img in img_sizes:
+        for s in sizes:
+            row = model_complexity(f"deit_{s}_patch16_224", img_size=img)
+            models.append({"family": "DeiT", "size": LETTER[s], "num_anchors": None, **row})
+            for m in anchors:
+                row = model_complexity(f"anchorformer_{s}_patch16_224", img_size=img, num_anchors=m)
+                models.append({"family": "AnchorFormer", "size": LETTER[s], **row})
+    resolution: list[dict[str, Any]] = []
+    for s in sizes:
+        for img in resolutions:
+            deit = model_complexity(f"deit_{s}_patch16_224", img_size=img)
+            anchor = model_complexity(f"anchorformer_{s}_patch16_224", img_size=img, num_anchors=default_anchors)
+            resolution.append(
+                {
+                    "size": LETTER[s],
+                    "img_size": img,
+                    "tokens": (img // 16) ** 2,
+                    "num_anchors": default_anchors,
+                    "deit_gmacs": deit["gmacs"],
+                    "anchorformer_gmacs": anchor["gmacs"],
+                    "ratio": round(deit["macs"] / anchor["macs"], 3),
+                }
+            )
+    return {"models": models, "resolution": resolution}
+
+
+def tables_markdown(tables: dict[str, list[dict[str, Any]]]) -> str:
+    """Render :func:`complexity_tables` as two markdown tables."""
+    lines = [
+        "| model | size | M | image | params (M) | GMACs |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in tables["models"]:
+        m = "—" if r["num_anchors"] is None else str(r["num_anchors"])
+        lines.append(
+            f"| {r['family']} | {r['size']} | {m} | {r['img_size']}² | {r['params_m']:.2f} | {r['gmacs']:.3f} |"
+        )
+    lines += [
+        "",
+        "| size | image | tokens | M | DeiT GMACs | AnchorFormer GMACs | DeiT / AnchorFormer |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in tables["resolution"]:
+        lines.append(
+            f"| {r['size']} | {r['img_size']}² | {r['tokens']} | {r['num_anchors']} | {r['deit_gmacs']:.3f} "
+            f"| {r['anchorformer_gmacs']:.3f} | {r['ratio']:.2f}× |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_complexity(out_dir: str | Path, tables: dict[str, list[dict[str, Any]]]) -> dict[str, Path]:
+    """Write ``complexity.json`` and ``complexity.md`` into ``out_dir`` (created)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "complexity.json", "markdown": out / "complexity.md"}
+    write_json_atomic(paths["json"], tables)
+    atomic_write_text(paths["markdown"], tables_markdown(tables))
+    return paths
+
+
+def _run(args: argparse.Namespace) -> int:
+    tables = complexity_tables(args.sizes, args.anchors, args.img_sizes, args.resolutions, args.default_anchors)
+    if args.format == "json":
+        print(json.dumps(tables, indent=2))
+    else:
+        print(tables_markdown(tables), end="")
+    if args.out:
+        write_complexity(args.out, tables)
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("complexity", help="params and GMACs tables of AnchorFormer vs DeiT")
+    p.add_argument("--sizes", nargs="+", default=list(SIZES), choices=SIZES)
+    p.add_argument("--anchors", nargs="+", type=int, default=[8, 16, 30, 49, 64], help="anchor counts M")
+    p.add_argument("--img-sizes", nargs="+", type=int, default=[224, 384], help="sides of the models table")
+    p.add_argument("--resolutions", nargs="+", type=int, default=[224, 384, 512, 768, 1024])
+    p.add_argument("--default-anchors", type=int, default=30, help="M of the resolution table")
+    p.add_argument("--format", choices=("markdown", "json"), default="markdown", help="what to print")
+    p.add_argument("--out", help="also write complexity.json and complexity.md into this folder")
+    p.set_defaults(func=_run)

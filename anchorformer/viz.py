@@ -41,7 +41,7 @@ def plot_gmacs_vs_resolution(resolution_rows: list[dict[str, Any]], title: str =
     """Log-scale GMACs of DeiT and AnchorFormer against the image side, one colour per size.
 
     Args:
-        resolution_rows: the ``resolution`` table of :func:`anchorformer.complexity_cli.complexity_tables`.
+        resolution_rows: the ``resolution`` table of :func:`anchorformer.complexity.complexity_tables`.
 
     Returns:
         The matplotlib figure.

@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Format, LayerNorm2d
 
-from ..complexity import count_macs
+from ..ops.counting import count_macs
 from .checkpoint import CheckpointMismatchError, detect_layout, load_checkpoint, read_state_dict
 from .factory import create_model
 
