@@ -36,6 +36,7 @@ __all__ = [
     "load_preset",
     "load_recipe",
     "parse_override",
+    "split_overrides",
     "setting",
 ]
 
@@ -250,6 +251,15 @@ def load_preset(task: str, profile: str, config_dir: str | Path | None = None) -
         raise RecipeError(f"{path}: no profile {profile!r}; sections found: {sections}")
     label = f"anchorformer/configs/{task}.yaml" if config_dir is None else str(path)
     return copy.deepcopy(data[profile]), f"{label} [{profile}]"
+
+
+def split_overrides(text: str | Iterable[str] | None) -> list[str]:
+    """``"a=1; b=[2, 3]"`` -> ``["a=1", "b=[2, 3]"]``: the pipeline passes several overrides in one
+    parameter, separated by semicolons (a list passes through, stripped of empty items)."""
+    if text is None:
+        return []
+    items = text.split(";") if isinstance(text, str) else list(text)
+    return [s.strip() for s in items if s and s.strip()]
 
 
 def parse_override(item: str) -> tuple[str, Any]:

@@ -60,6 +60,7 @@ from .distillation import DistillationLoss
 from .recipe import ClsRecipe
 
 __all__ = [
+    "SMOKE",
     "build_classifier",
     "classifier_kwargs",
     "evaluate",
@@ -72,6 +73,20 @@ __all__ = [
 _logger = logging.getLogger(__name__)
 
 TASK = "cls"
+# A seconds-long run on a tiny set (the notebooks' smoke defaults and the dry runs of the tests):
+# one block of width 32 on 32x32 images, 4 anchors.
+SMOKE = [
+    "img_size=32",
+    "patch_size=8",
+    "model_sizes.tiny={embed_dim: 32, depth: 1, num_heads: 2}",
+    "num_anchors=4",
+    "batch_size=8",
+    "lr_batch=8",
+    "warmup_epochs=0",
+    "throughput_batch_size=2",
+    "throughput_iters=1",
+    "num_workers=0",
+]
 RESULTS = ("metrics.json", "model.pth", "model.safetensors", "history.json")  # a finished run's files
 
 

@@ -50,6 +50,7 @@ from .recipe import DetRecipe
 
 __all__ = [
     "COCO_SIZE",
+    "SMOKE",
     "detector_config",
     "evaluate_checkpoint",
     "evaluate_detector",
@@ -403,6 +404,23 @@ def train(
 
 
 TASK = "det"
+# A seconds-long run on a few mini images (the notebook's smoke defaults and the tests' dry runs).
+SMOKE = [
+    "epochs=1",
+    "lr_steps=[1]",
+    "max_train_images=8",
+    "max_eval_images=4",
+    "warmup_iters=2",
+    "model_sizes.tiny.embed_dim=48",
+    "model_sizes.tiny.depth=2",
+    "num_anchors=8",
+    "out_channels=32",
+    "representation_size=64",
+    "mask_head_layers=1",
+    "mask_head_channels=16",
+    "min_size=96",
+    "max_size=120",
+]
 
 
 def _check_backbone_checkpoint(path: Any, backbone: str) -> None:

@@ -41,7 +41,6 @@ import torch.nn as nn
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from ...complexity import count_macs, count_params
 from ...engine.checkpoint import (
     capture_rng_state,
     load_training_checkpoint,
@@ -59,6 +58,7 @@ from ...io import write_json_atomic
 from ...models.anchorformer import AnchorAttention
 from ...models.factory import backbone_kwargs, is_anchorformer
 from ...models.segmentation import SegmentationModel, build_segmentation_model, segmentation_model_from_config
+from ...ops.counting import count_macs, count_params
 from .inference import predict_probs
 from .metrics import IGNORE_INDEX, SegMetrics
 from .recipe import SegRecipe
@@ -405,10 +405,14 @@ def train(
                 raise
             return {"iters": recipe.iters, "checkpoint": str(out_dir / "model.pth")}
 
+    init = recipe.init_checkpoint
+    if init and not Path(init).is_file():
+        raise FileNotFoundError(f"init_checkpoint not found: {init} (an E1 classification checkpoint)")
+    with torch.device("meta"):  # checks the model's name and arguments before the run folder is made
+        model_config = build_model(recipe, init_checkpoint="").config  # nothing allocated, no weights read
+
     def differences(state: Mapping[str, Any]) -> list[str]:
         """Why checkpoint ``state`` cannot be resumed by this run (empty: it can)."""
-        with torch.device("meta"):  # the model's config only: nothing allocated, no weights read
-            model_config = build_model(recipe, init_checkpoint="").config
         why = []
         if state.get("model_config") != model_config:
             why.append(f"another model: {state.get('model_config')} vs {model_config}")
@@ -725,7 +729,7 @@ def evaluate_checkpoint(
     if model is not None and model != name:
         raise ValueError(f"{checkpoint} holds a {name} backbone, not {model}; omit --model or pass {name}")
     run_profile = state.get("profile") or dict(state["config"]).get("profile")
-    dist_info = init_distributed(cfg.device)
+    init_distributed(cfg.device)
     threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
