@@ -6,9 +6,9 @@ arXiv 2505.16463. Importing the package registers the models in timm's registry.
 
 from __future__ import annotations
 
-from .ops.counting import count_macs
 from .models import AnchorAttention, AnchorFormer, AnchorFormerDistilled, create_model, load_checkpoint
 from .ops import anchor_attention
+from .ops.counting import count_macs
 
 __version__ = "0.1.0"
 

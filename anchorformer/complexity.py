@@ -55,6 +55,8 @@ def model_complexity(name: str, img_size: int = 224, **kwargs: Any) -> dict[str,
         "macs": macs,
         "gmacs": round(macs / 1e9, 4),
     }
+
+
 LETTER = {"tiny": "T", "small": "S", "base": "B"}
 
 

@@ -44,7 +44,6 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, accuracy
 from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler, Subset
 
-from ...ops.counting import count_macs, count_params
 from ...engine.checkpoint import capture_rng_state, load_training_checkpoint, restore_rng_state, save_training_state
 from ...engine.distributed import DistInfo, all_reduce_mean, all_reduce_sum, barrier, unwrap_model
 from ...engine.launch import cli_arguments, launch
@@ -56,6 +55,7 @@ from ...io import write_json_atomic
 from ...models import create_model, load_checkpoint
 from ...models.checkpoint import CheckpointMismatchError
 from ...models.factory import backbone_kwargs, is_anchorformer
+from ...ops.counting import count_macs, count_params
 from .distillation import DistillationLoss
 from .recipe import ClsRecipe
 
