@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from anchorformer.classification_results import (
+from anchorformer.tasks.classification.results import (
     NOT_PUBLIC,
     describe_run,
     e1_table,

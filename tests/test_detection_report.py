@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from anchorformer.engine.detection_report import (
+from anchorformer.tasks.detection.results import (
     comparable_flops_pairs,
     load_runs,
     relative_gain,

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..io import atomic_write_text, write_json_atomic
+from ...io import atomic_write_text, write_json_atomic
 
 __all__ = [
     "COLUMNS",
@@ -97,7 +97,7 @@ def complexity_rows(
     """
     import torch
 
-    from .segmentation import build_model, model_complexity, resolve_config
+    from anchorformer.engine.segmentation import build_model, model_complexity, resolve_config
 
     rows = []
     for backbone, head in runs:
@@ -133,7 +133,7 @@ def load_examples(
     Raises:
         FileNotFoundError: a prediction is missing; ValueError: its size differs from the ground truth's.
     """
-    from ..data.ade20k import ADE20KSegmentation
+    from ...data.ade20k import ADE20KSegmentation
 
     dataset = ADE20KSegmentation(data_root, split, train=False)
     out: dict[str, list[Any]] = {"images": [], "ground_truths": [], "predictions": [], "names": []}

@@ -25,7 +25,7 @@ from typing import Any
 
 import matplotlib
 
-from .report import markdown_table
+from ...report import markdown_table
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

@@ -20,8 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..io import atomic_write_text
-from .coco_eval import write_json_atomic
+from ...io import atomic_write_text
+from anchorformer.engine.coco_eval import write_json_atomic
 
 __all__ = ["comparable_flops_pairs", "load_runs", "relative_gain", "results_markdown", "write_summary"]
 
