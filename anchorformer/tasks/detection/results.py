@@ -169,7 +169,7 @@ def standard_backbones(
                     "family": family,
                     "size": _LETTER[size],
                     "num_anchors": _num_anchors(pyramid.backbone),
-                    "input_size": f"{img_size[0]}x{img_size[1]}",
+                    "input_size": f"{img_size[0]}x{img_size[1]}",  # HxW, as the runs' input_size
                     "params_m": round(sum(p.numel() for p in pyramid.backbone.parameters()) / 1e6, 3),
                     "gmacs": round(backbone_macs(pyramid, img_size) / 1e9, 3),
                 }
@@ -305,13 +305,14 @@ def standard_backbones_markdown(rows: Sequence[dict[str, Any]]) -> str:
     shown = [
         {
             **r,
+            "input": str(r.get("input_size", "")).replace("x", "×"),
             "ratio": None if r["family"] == "DeiT" or not r["gmacs"] else f"{deit.get(r['size'], 0) / r['gmacs']:.2f}×",
         }
         for r in rows
     ]
     return markdown_table(
         shown,
-        ["label", "input_size", "params_m", "gmacs", "ratio"],
+        ["label", "input", "params_m", "gmacs", "ratio"],
         ["backbone (standard shape, untrained)", "input H×W", "params (M)", "GMACs", "DeiT / AnchorFormer"],
         digits={"params_m": 2, "gmacs": 1},
     )
