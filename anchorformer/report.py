@@ -1,16 +1,23 @@
 """The report: tables from the stages' metrics, the environment, and the headline check (E8).
 
+Every table is rendered here from the stages' JSON (metrics, summaries, manifests), under the
+report's own headings; no stage's markdown is pasted. Values the report needs beyond the outputs
+(the profile) are arguments: the report never reads ``params.yaml``.
+
 The abstract of Shan et al. (2025) claims "up to 9.0% higher accuracy or 46.7% FLOPs reduction
 on ImageNet classification, 81.3% higher mAP on COCO detection under comparable FLOPs, as
 compared to the current baselines". :func:`headline_checks` recomputes each of these in the
 same form from our own tables: relative gains ``(ours - baseline) / baseline`` for accuracy and
 mAP, and ``1 - GMACs_ours / GMACs_baseline`` for FLOPs. The paper's own tables are not public;
-its values appear only as the claims of the abstract.
+its values appear only as the claims of the abstract. The check is made twice, never mixed: on
+the pairs this pipeline trained (in the mini profile, small models on the embedded data), and,
+for the FLOPs claim only, on the standard T/S/B models counted at 224² and 384² without training.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import platform
 import sys
 from collections.abc import Iterable, Sequence
@@ -18,17 +25,21 @@ from pathlib import Path
 from typing import Any
 
 from .io import atomic_write_text
+from .tables import markdown_table
+from .tasks.classification import results as cls_results
+from .tasks.detection import results as det_results
+from .tasks.segmentation import results as seg_results
 
 __all__ = [
     "CLAIMS",
     "build_report",
     "cls_pairs_from_e1",
-    "det_pairs_from_summary",
-    "headline_markdown",
     "collect_metrics",
+    "counted_flops_pairs",
+    "det_pairs_from_summary",
     "environment_info",
     "headline_checks",
-    "markdown_table",
+    "headline_markdown",
     "write_report",
 ]
 
@@ -52,25 +63,6 @@ def collect_metrics(root: str | Path, filename: str = "metrics.json") -> list[di
         if isinstance(data, dict):
             rows.append({"run": str(path.parent.relative_to(root)), **data})
     return rows
-
-
-def _fmt(v: Any, digits: int = 2) -> str:
-    if v is None:
-        return "—"
-    if isinstance(v, bool):
-        return str(v)
-    if isinstance(v, float):
-        return f"{v:.{digits}f}"
-    return str(v)
-
-
-def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], headers: Sequence[str] | None = None) -> str:
-    """A markdown table of ``rows`` restricted to ``columns`` (missing values shown as —)."""
-    headers = list(headers or columns)
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    for r in rows:
-        lines.append("| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |")
-    return "\n".join(lines) + "\n"
 
 
 def _verdict(ours: float | None, claimed: float) -> str:
@@ -192,29 +184,15 @@ def write_report(out_md: str | Path, markdown: str, title: str = "AnchorFormer r
 
 
 # ---------------------------------------------------------------------------------------------
-# Assembling the report from the stages' outputs
+# The pairs of the headline check
 # ---------------------------------------------------------------------------------------------
-
-DEIT_REFERENCE = [  # DeiT paper (Touvron et al. 2021), ImageNet-1k, 224² unless noted, 300 epochs
-    {"model": "DeiT-Ti", "params": "5M", "gflops": 1.3, "top1": 72.2, "top1_distilled": 74.5},
-    {"model": "DeiT-S", "params": "22M", "gflops": 4.6, "top1": 79.8, "top1_distilled": 81.2},
-    {"model": "DeiT-B", "params": "86M", "gflops": 17.6, "top1": 81.8, "top1_distilled": 83.4},
-    {"model": "DeiT-B ↑384", "params": "86M", "gflops": 55.5, "top1": 83.1, "top1_distilled": 85.2},
-]
-UNVERIFIED_CLAIMS = (
-    "An unverified third-party extraction of the paper lists AnchorFormer-T/S/B at 4.2/18.6/63.5 M "
-    "params, 0.7/2.7/9.2 GFLOPs, 81.12/84.69/86.62 top-1, and ADE20K mIoU 43.81 (T, Semantic FPN, "
-    "193.7 GFLOPs) and 46.28 (S, UPerNet, 928.1 GFLOPs). These counts do not match the official code "
-    "(our count of the official AnchorFormer-T at 224² is in the complexity table); they are shown "
-    "as claimed, unverified, and were never used as targets."
-)
 
 
 def _read_json(path: Path) -> Any | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from e
 
@@ -245,7 +223,7 @@ def cls_pairs_from_e1(e1_rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]
 
 
 def det_pairs_from_summary(summary: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """Comparable-FLOPs pairs of the detection summary, box AP."""
+    """Comparable-FLOPs pairs of the detection summary: box AP, backbone GMACs at the runs' input."""
     pairs = []
     for p in (summary or {}).get("comparable_flops", []):
         if p.get("anchorformer_bbox_AP") is None:
@@ -255,14 +233,30 @@ def det_pairs_from_summary(summary: dict[str, Any] | None) -> list[dict[str, Any
                 "pair": f"{p['anchorformer_run']} vs {p['deit_run']}",
                 "ap_anchor": p["anchorformer_bbox_AP"],
                 "ap_deit": p["deit_bbox_AP"],
-                "gmacs_anchor": p.get("anchorformer_gmacs"),
-                "gmacs_deit": p.get("deit_gmacs"),
+                "gmacs_anchor": p.get("anchorformer_gmacs_match", p.get("anchorformer_gmacs")),
+                "gmacs_deit": p.get("deit_gmacs_match", p.get("deit_gmacs")),
             }
         )
     return pairs
 
 
+def counted_flops_pairs(
+    complexity: dict[str, Any] | None, img_sizes: Sequence[int] = (224, 384)
+) -> list[dict[str, Any]]:
+    """The standard models of the complexity table at the ImageNet resolutions, as FLOPs-only pairs."""
+    return [
+        {
+            "pair": f"{r['size']}@{r['img_size']}² (M={r['num_anchors']})",
+            "gmacs_anchor": r["anchorformer_gmacs"],
+            "gmacs_deit": r["deit_gmacs"],
+        }
+        for r in (complexity or {}).get("resolution", [])
+        if r.get("img_size") in img_sizes
+    ]
+
+
 def headline_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """The rows of :func:`headline_checks` as a table (no heading)."""
     lines = [
         "| claim (abstract) | claimed | ours (best pair) | pair | verdict | all pairs |",
         "|---|---|---|---|---|---|",
@@ -276,96 +270,119 @@ def headline_markdown(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def build_report(outputs_dir: str | Path = "outputs", out_md: str | Path = "reports/report.md") -> dict[str, Any]:
-    """Assemble ``out_md`` (and its HTML copy) from the stages' outputs under ``outputs_dir``.
+# ---------------------------------------------------------------------------------------------
+# Sections: each renders its tables from JSON under the report's headings
+# ---------------------------------------------------------------------------------------------
 
-    Figures are copied beside the report (``figures/``) so that the report folder stands alone.
-    A stage that has not run yet shows as such; nothing is invented.
+_FAMILY = {"anchorformer": "AnchorFormer", "deit": "DeiT"}
+_LETTER = {"tiny": "T", "small": "S", "base": "B"}
 
-    Returns:
-        ``{"markdown": path, "html": path, "headline": rows, "sections": {name: present}}``.
-    """
-    import shutil
 
-    out_dir = Path(outputs_dir)
-    out_md = Path(out_md)
-    fig_dir = out_md.parent / "figures"
-    if fig_dir.exists():
-        shutil.rmtree(fig_dir)
-    fig_dir.mkdir(parents=True, exist_ok=True)
-    present: dict[str, bool] = {}
+class _Doc:
+    """The report's markdown, its figures (copied beside it) and which stages' outputs were found."""
 
-    def figure(rel: str, caption: str) -> str:
-        src = out_dir / rel
-        if not src.is_file():
-            return f"_Figure not produced yet ({rel}): run `dvc repro` (or `dvc pull`)._\n"
-        dst = fig_dir / rel.replace("/", "__")
-        shutil.copyfile(src, dst)
-        return f"![{caption}]({dst.relative_to(out_md.parent).as_posix()})\n\n*{caption}*\n"
+    def __init__(self, out_dir: Path, out_md: Path) -> None:
+        import shutil
 
-    def table(rel: str, stage: str) -> str:
-        src = out_dir / rel
-        present[stage] = src.is_file()
-        if not src.is_file():
-            return f"_Not run yet: `dvc repro {stage}`._\n"
-        return src.read_text()
+        self.out_dir, self.out_md = out_dir, out_md
+        self.fig_dir = out_md.parent / "figures"
+        if self.fig_dir.exists():
+            shutil.rmtree(self.fig_dir)
+        self.fig_dir.mkdir(parents=True, exist_ok=True)
+        self.parts: list[str] = []
+        self.present: dict[str, bool] = {}
 
-    md: list[str] = ["# AnchorFormer: reproduction report\n"]
-    env = environment_info()
-    md.append(
-        "Shan et al., *AnchorFormer: Differentiable anchor attention for efficient vision transformer*, "
-        "Pattern Recognition Letters 197 (2025), arXiv 2505.16463. Every number below was measured by "
-        "this pipeline (`dvc repro`); the paper's tables are not public, so paper values read "
-        '"not public".\n'
-    )
-    params = Path("params.yaml")
-    profile = None
-    if params.is_file():
-        import yaml
+    def add(self, *texts: str) -> None:
+        self.parts.extend(t if t.endswith("\n") else t + "\n" for t in texts)
 
-        profile = (yaml.safe_load(params.read_text()) or {}).get("profile")
+    def heading(self, level: int, title: str) -> None:
+        self.add("#" * level + " " + title + "\n")
+
+    def json(self, rel: str, stage: str) -> Any | None:
+        """The JSON output ``rel`` of ``stage`` (None, and noted as absent, if it is missing)."""
+        data = _read_json(self.out_dir / rel)
+        self.present[stage] = self.present.get(stage, False) or data is not None
+        return data
+
+    def not_run(self, stage: str, what: str | None = None) -> None:
+        self.add(f"_{what or 'Not run yet'}: `dvc repro {stage}`._\n")
+
+    def figures(self, items: Sequence[tuple[str, str]]) -> None:
+        """Each (path under outputs, caption) that exists, as an image; the missing ones in one line."""
+        import shutil
+
+        missing = []
+        for rel, caption in items:
+            src = self.out_dir / rel
+            if not src.is_file():
+                missing.append(rel)
+                continue
+            dst = self.fig_dir / rel.replace("/", "__")
+            shutil.copyfile(src, dst)
+            self.add(f"![{caption}]({dst.relative_to(self.out_md.parent).as_posix()})\n\n*{caption}*\n")
+        if missing:
+            listed = ", ".join(f"`{m}`" for m in missing)
+            self.add(f"_Figures not in this checkout (DVC-cached: `dvc pull`, or `dvc repro`): {listed}._\n")
+
+    def text(self) -> str:
+        return "\n".join(self.parts)
+
+
+def _profile_section(doc: _Doc, profile: str | None, recorded: set[str]) -> None:
     if profile == "mini":
-        md.append(
-            "**Profile: mini.** Small models trained for minutes on the CPU on the embedded synthetic "
-            "datasets (ImageNet, COCO and ADE20K formats). These runs test the pipeline end to end and "
-            "compare the methods at a small scale; they are not the paper's protocol, and their numbers "
-            "are not comparable to ImageNet/COCO/ADE20K results.\n"
+        doc.add(
+            "**Profile: mini.** Small models trained for minutes on the CPU on the embedded synthetic datasets "
+            "(ImageNet, COCO and ADE20K formats). These runs test the pipeline end to end and compare the methods "
+            "at a small scale; they are not the paper's protocol, and their numbers are not comparable to "
+            "ImageNet/COCO/ADE20K results. Tables of standard (full-size) models are counted, never trained, and "
+            "say so.\n"
         )
     elif profile:
-        md.append(f"**Profile: {profile}.**\n")
+        doc.add(f"**Profile: {profile}.**\n")
+    else:
+        doc.add("**Profile: not given** (pass `profile` to `build_report`).\n")
+    other = sorted(recorded - {profile}) if profile else []
+    if other:
+        doc.add(
+            f"**Warning:** the outputs record profile(s) {', '.join(other)}, not {profile}: some stages ran "
+            "under another profile than the one this report was built for.\n"
+        )
 
-    # E8 first: it is the summary.
-    cls_json = _read_json(out_dir / "cls/results/classification.json") or {}
-    det_json = _read_json(out_dir / "det/summary/summary.json")
-    complexity = _read_json(out_dir / "complexity/complexity.json") or {}
-    counted = [  # the standard models at ImageNet resolutions, counted (no accuracy): FLOPs only
-        {
-            "pair": f"{r['size']}@{r['img_size']}² counted (M={r['num_anchors']})",
-            "gmacs_anchor": r["anchorformer_gmacs"],
-            "gmacs_deit": r["deit_gmacs"],
-        }
-        for r in complexity.get("resolution", [])
-        if r.get("img_size") in (224, 384)
-    ]
-    headline = headline_checks(cls_pairs_from_e1(cls_json.get("e1", [])) + counted, det_pairs_from_summary(det_json))
-    md.append("## E8 · The abstract's claims, recomputed from our tables\n")
-    md.append(
-        "Accuracy and mAP as relative gains `(AnchorFormer − DeiT) / DeiT` of each AnchorFormer/DeiT pair "
-        "(same size and recipe; for detection, the comparable-FLOPs pairs of E5), FLOPs as "
-        "`1 − GMACs(AnchorFormer) / GMACs(DeiT)` for the trained pairs and for the standard T/S/B models "
-        '(M = 30) counted at the ImageNet resolutions 224² and 384². "Supported" means our best pair reaches the claimed '
-        "value in the claimed form.\n"
+
+def _headline_section(doc: _Doc, profile: str | None, e1: list[dict], det: dict | None, complexity: dict | None):
+    trained = headline_checks(cls_pairs_from_e1(e1), det_pairs_from_summary(det))
+    counted = headline_checks(counted_flops_pairs(complexity), ())
+    doc.heading(2, "E8 · The abstract's claims, recomputed from our tables")
+    doc.add(
+        "Accuracy and mAP as relative gains `(AnchorFormer − DeiT) / DeiT` of each AnchorFormer/DeiT pair (same size "
+        "and recipe; for detection, the comparable-FLOPs pairs of E5), FLOPs as `1 − GMACs(AnchorFormer) / "
+        'GMACs(DeiT)`. "Supported" means our best pair reaches the claimed value in the claimed form.\n'
     )
-    md.append(headline_markdown(headline))
+    doc.heading(3, f"Trained pairs (profile {profile or 'not given'})")
+    doc.add(
+        "The pairs this pipeline trained and evaluated (E1 for accuracy and FLOPs, at the input they ran at; E5 for "
+        "mAP).\n"
+    )
+    doc.add(headline_markdown(trained))
+    doc.heading(3, "Counted pairs: the standard models, untrained")
+    doc.add(
+        "The FLOPs claim only, on the standard T/S/B models (M = 30) counted at the ImageNet resolutions 224² and "
+        "384² (E4); nothing here is trained, so the accuracy and mAP claims do not apply.\n"
+    )
+    doc.add(headline_markdown([counted[1]]))
+    return {"trained": trained, "counted": [counted[1]]}
 
-    md.append("## Environment\n")
-    md.append(markdown_table([env], list(env)))
 
-    md.append("## Data\n")
-    manifests = [
-        m for m in (_read_json(out_dir / f"data/manifest_{n}.json") for n in ("imagenet", "coco", "ade20k")) if m
-    ]
-    present["data"] = bool(manifests)
+def _environment_section(doc: _Doc) -> None:
+    env = environment_info()
+    doc.heading(2, "Environment")
+    doc.add("The machine that wrote this report (the benchmark's machine is named in E4).\n")
+    doc.add(markdown_table([{"key": k, "value": v} for k, v in env.items()], ["key", "value"], ["", "value"]))
+
+
+def _data_section(doc: _Doc) -> None:
+    doc.heading(2, "Data")
+    manifests = [m for m in (doc.json(f"data/manifest_{n}.json", "data") for n in ("imagenet", "coco", "ade20k")) if m]
     if manifests:
         rows = [
             {
@@ -378,52 +395,365 @@ def build_report(outputs_dir: str | Path = "outputs", out_md: str | Path = "repo
             }
             for m in manifests
         ]
-        md.append(markdown_table(rows, ["dataset", "expect", "splits", "files"]))
+        doc.add(markdown_table(rows, ["dataset", "expect", "splits", "files"], ["dataset", "set", "splits", "files"]))
     else:
-        md.append("_Not run yet: `dvc repro data`._\n")
-    for name in ("imagenet", "coco", "ade20k"):
-        md.append(figure(f"data/figures/{name}_samples.png", f"{name} samples"))
+        doc.not_run("data")
+    doc.figures([(f"data/figures/{n}_samples.png", f"{n} samples") for n in ("imagenet", "coco", "ade20k")])
 
-    md.append("## E4 · Complexity: counted (GMACs) and measured (time, memory)\n")
-    md.append(table("complexity/complexity.md", "complexity"))
-    md.append(figure("complexity/gmacs_vs_resolution.png", "GMACs against resolution"))
-    md.append("### Measured on the machine that ran the stage\n")
-    md.append(table("bench/bench.md", "bench"))
-    md.append(figure("bench/bench_operator.png", "The operator: time and peak memory against tokens"))
-    md.append(figure("bench/bench_models.png", "Whole models: throughput against resolution"))
 
-    md.append("## E1–E3 · Classification\n")
-    md.append(table("cls/results/classification.md", "cls-results"))
-    md.append("Reference: DeiT paper (ImageNet-1k, 300 epochs):\n")
-    md.append(markdown_table(DEIT_REFERENCE, ["model", "params", "gflops", "top1", "top1_distilled"]))
-    md.append("AnchorFormer paper values: not public.\n\n" + UNVERIFIED_CLAIMS + "\n")
-    for rel, cap in (
-        ("cls/results/accuracy_vs_gmacs.png", "E1/E2: top-1 against GMACs"),
-        ("cls/results/anchors.png", "E2: the number of anchors"),
-        ("cls/results/ablations.png", "E3: design ablations"),
-        ("cls/results/training_curves.png", "Training curves"),
-    ):
-        md.append(figure(rel, cap))
-
-    md.append("## E5 · COCO detection and instance segmentation\n")
-    md.append(table("det/summary/summary.md", "det-summary"))
-    md.append(figure("det/summary/ap_vs_gmacs.png", "Box AP against backbone GMACs at 1333×800"))
-    for run in sorted(p.parent.name for p in out_dir.glob("det/*/predictions.png")):
-        md.append(figure(f"det/{run}/predictions.png", f"Predicted boxes and masks ({run})"))
-
-    md.append("## E6 · ADE20K semantic segmentation\n")
-    md.append(table("seg/summary/summary.md", "seg-summary"))
-    for run in sorted(p.parent.name for p in out_dir.glob("seg/*/label_maps.png")):
-        md.append(figure(f"seg/{run}/label_maps.png", f"Predicted label maps ({run})"))
-
-    md.append("## E7 · What the anchors gather\n")
-    maps = _read_json(out_dir / "anchor_maps/anchor_maps.json")
-    present["anchor-maps"] = maps is not None
-    if maps:
-        md.append(
-            f"Model: {maps.get('source')}; mean entropy of p(token | anchor) per layer (nats): {maps.get('mean_entropy')}\n"
+def _complexity_section(doc: _Doc, complexity: dict | None, bench: dict | None) -> None:
+    doc.heading(2, "E4 · Complexity: counted (GMACs) and measured (time, memory)")
+    doc.add(
+        "Counted: every matmul, attention included (`anchorformer.count_macs`), on the standard models (patch 16) "
+        "built on the meta device; GMACs are multiply–accumulates, which the field reports as FLOPs.\n"
+    )
+    doc.heading(3, "Counted: params and GMACs against the number of anchors M")
+    if complexity and complexity.get("models"):
+        grid: dict[tuple[str, int], dict[str, Any]] = {}
+        anchors = sorted({r["num_anchors"] for r in complexity["models"] if r.get("num_anchors") is not None})
+        for r in complexity["models"]:
+            row = grid.setdefault((r["size"], r["img_size"]), {"size": r["size"], "image": f"{r['img_size']}²"})
+            if r["family"] == "DeiT":
+                row.update(deit_params=r["params_m"], deit_gmacs=r["gmacs"])
+            else:
+                row[f"m{r['num_anchors']}"] = r["gmacs"]
+                row.setdefault("anchor_params", r["params_m"])
+        order = {"T": 0, "S": 1, "B": 2}
+        rows = sorted(grid.values(), key=lambda r: (r["image"], order.get(r["size"], 9)))
+        doc.add(
+            markdown_table(
+                rows,
+                ["size", "image", "deit_params", "deit_gmacs", "anchor_params", *[f"m{m}" for m in anchors]],
+                [
+                    "size",
+                    "image",
+                    "DeiT params (M)",
+                    "DeiT GMACs",
+                    "AnchorFormer params (M)",
+                    *[f"AnchorFormer GMACs, M = {m}" for m in anchors],
+                ],
+                digits=3,
+            )  # fmt: skip
         )
-    md.append(figure("anchor_maps/anchor_maps.png", "p(token | anchor) over images, anchors of largest degree"))
+    else:
+        doc.not_run("complexity")
+    doc.heading(3, "Counted: GMACs against resolution")
+    if complexity and complexity.get("resolution"):
+        rows = [
+            {**r, "image": f"{r['img_size']}²", "ratio_x": f"{r['deit_gmacs'] / r['anchorformer_gmacs']:.2f}×"}
+            for r in complexity["resolution"]
+        ]
+        doc.add(
+            markdown_table(
+                rows,
+                ["size", "image", "tokens", "num_anchors", "deit_gmacs", "anchorformer_gmacs", "ratio_x"],
+                ["size", "image", "tokens N", "M", "DeiT GMACs", "AnchorFormer GMACs", "DeiT / AnchorFormer"],
+                digits=3,
+            )
+        )
+    else:
+        doc.not_run("complexity")
+    doc.figures([("complexity/gmacs_vs_resolution.png", "GMACs against resolution")])
 
-    paths = write_report(out_md, "\n".join(md))
-    return {**paths, "headline": headline, "sections": present}
+    env = (bench or {}).get("environment", {})
+    doc.heading(3, "Measured: the anchor-attention operator")
+    if bench:
+        cfg = bench.get("config", {})
+        doc.add(
+            f"Device: {env.get('device')}; torch {env.get('torch')}, triton {env.get('triton')}; "
+            f"{cfg.get('dtype')}, B = {cfg.get('op_batch')}, H = {cfg.get('op_heads')}, D = {cfg.get('op_head_dim')}, "
+            f"M = {cfg.get('op_anchors')}; median of up to {cfg.get('repeats')} timed calls."
+            + ("" if bench.get("complete", True) else " **Incomplete run.**")
+            + "\n"
+        )
+        ok = [r for r in bench.get("operator", []) if r.get("status") == "ok"]
+        for r in ok:
+            r["peak_mib"] = None if r.get("peak_bytes") is None else r["peak_bytes"] / 2**20
+            r["gbps_shown"] = r.get("kernel_gbps", r.get("gbps"))
+        doc.add(
+            markdown_table(
+                ok,
+                ["impl", "mode", "tokens", "median_ms", "peak_mib", "peak_over_io", "gbps_shown"],
+                ["implementation", "pass", "tokens N", "ms (median)", "peak MiB", "peak / inputs+outputs", "GB/s"],
+                digits={"median_ms": 3, "peak_mib": 1, "peak_over_io": 2, "gbps_shown": 1},
+            )
+        )
+        skipped: dict[str, str] = {}
+        for r in bench.get("operator", []):
+            if r.get("status") != "ok":
+                skipped.setdefault(r["impl"], r["status"])
+        for impl, why in skipped.items():
+            doc.add(f"Not measured, `{impl}`: {why}.\n")
+    else:
+        doc.not_run("bench")
+    doc.figures([("bench/bench_operator.png", "The operator: time and peak memory against tokens")])
+    doc.heading(3, "Measured: whole models (DeiT vs AnchorFormer, distilled variants, M = 30)")
+    if bench and bench.get("models"):
+        rows = [{**r, "label": f"{r['family']}-{r['size']}", "image": f"{r['img_size']}²"} for r in bench["models"]]
+        doc.add(
+            markdown_table(
+                rows,
+                ["label", "image", "batch", "mode", "median_ms", "images_per_s", "status"],
+                ["model", "image", "batch", "pass", "ms (median)", "images/s", "status"],
+                digits={"median_ms": 1, "images_per_s": 2},
+            )
+        )
+    else:
+        doc.not_run("bench")
+    doc.figures([("bench/bench_models.png", "Whole models: throughput against resolution")])
+    doc.heading(3, "Measured: speed-up targets")
+    if bench and bench.get("targets"):
+        rows = [
+            {**t, "met_shown": "—" if t.get("met") is None else ("yes" if t["met"] else "no")} for t in bench["targets"]
+        ]
+        doc.add(
+            markdown_table(
+                rows,
+                ["target", "measured", "threshold", "met_shown", "note"],
+                ["target", "measured", "threshold", "met", "note"],
+                digits=3,
+            )
+        )
+    else:
+        doc.not_run("bench")
+
+
+def _classification_tables(doc: _Doc) -> tuple[dict[str, list[dict]], str | None]:
+    """The E1–E3 rows: ``classification.json``, or rebuilt from the runs' ``metrics.json`` without it."""
+    saved = doc.json("cls/results/classification.json", "cls-results")
+    if saved is not None:
+        return saved, None
+    cls_dir = doc.out_dir / "cls"
+    e1_runs = cls_results.load_runs([cls_dir / "e1"])
+    if not e1_runs:
+        return {}, None
+    tables = {
+        "e1": cls_results.e1_table(e1_runs),
+        "e2": cls_results.e2_table(cls_results.load_runs([cls_dir / "e2"]), baseline=e1_runs),
+        "e3": cls_results.e3_table(cls_results.load_runs([cls_dir / "e3"]), baseline=e1_runs),
+    }
+    note = (
+        "_Rows rebuilt from the runs' `cls/e*/*/metrics.json`: `cls/results/classification.json` (DVC-cached) is "
+        "not in this checkout._\n"
+    )
+    return tables, note
+
+
+def _classification_section(doc: _Doc, tables: dict[str, list[dict]], note: str | None) -> None:
+    doc.heading(2, "E1–E3 · ImageNet classification")
+    if note:
+        doc.add(note)
+    for key, title, render in (
+        ("e1", "E1 · AnchorFormer vs DeiT, without and with distillation (⚗)", cls_results.e1_markdown),
+        ("e2", "E2 · The number of anchors M (AnchorFormer-T)", cls_results.e2_markdown),
+        ("e3", "E3 · Design ablations (AnchorFormer-T)", cls_results.e3_markdown),
+    ):
+        doc.heading(3, title)
+        if tables.get(key):
+            doc.add(render(tables[key]))
+        else:
+            doc.not_run("cls-results")
+    doc.heading(3, "Reference: the DeiT paper (ImageNet-1k, 224², 300 epochs; B ↑384 at 384²)")
+    doc.add(cls_results.deit_reference_markdown())
+    doc.add(f"AnchorFormer's own tables: not public. {cls_results.UNVERIFIED_EXTRACTION}\n")
+    doc.figures(
+        [
+            ("cls/results/accuracy_vs_gmacs.png", "E1/E2: top-1 against GMACs"),
+            ("cls/results/anchors.png", "E2: the number of anchors"),
+            ("cls/results/ablations.png", "E3: design ablations"),
+            ("cls/results/training_curves.png", "Training curves"),
+        ]
+    )
+
+
+def _shape_label(backbone: str, profile: str | None) -> str:
+    parts = backbone.split("_")
+    family = _FAMILY.get(parts[0], backbone)
+    size = next((_LETTER[p] for p in parts if p in _LETTER), "?")
+    return f"{family}-{size}" + (f" ({profile} shape)" if profile else "")
+
+
+def _detection_section(doc: _Doc, det: dict | None, profile: str | None) -> None:
+    doc.heading(2, "E5 · COCO detection and instance segmentation")
+    doc.heading(3, f"Trained detectors (profile {profile or 'not given'})")
+    if det and det.get("runs"):
+        doc.add(
+            "Mask R-CNN over each backbone as it was trained (its shape in brackets), with the backbone's GMACs at "
+            "the input the run trained and evaluated on (shorter × longer side, after the input scale).\n"
+        )
+        rows = [
+            {**r, "backbone_label": r.get("backbone_label") or _shape_label(r["backbone"], profile)}
+            for r in det["runs"]
+        ]
+        doc.add(det_results.runs_markdown(rows))
+    else:
+        doc.not_run("det-summary")
+    doc.heading(3, "Comparable FLOPs: AnchorFormer vs DeiT at matched backbone GMACs")
+    if det and det.get("comparable_flops"):
+        doc.add(
+            "DeiT's input is scaled until its backbone's GMACs equal the AnchorFormer backbone's at the input the "
+            "runs train on; gain = (AP_AnchorFormer − AP_DeiT) / AP_DeiT, the abstract's form.\n"
+        )
+        doc.add(det_results.pairs_markdown(det["comparable_flops"]))
+    elif det:
+        doc.add("_No DeiT run was matched to an AnchorFormer run (`match_macs_of` in `params.yaml`)._\n")
+    else:
+        doc.not_run("det-summary")
+    doc.heading(3, "Standard backbones at 1333×800 (counted, untrained)")
+    if det and det.get("standard_backbones"):
+        doc.add(
+            "The full recipe's backbones (standard T/S/B shapes, patch 16, M = 30) at the COCO input 1333×800, "
+            "where the full protocol compares them; none of these was trained here.\n"
+        )
+        doc.add(det_results.standard_backbones_markdown(det["standard_backbones"]))
+    elif det:
+        doc.not_run("det-summary", "Not in this summary (written by the detection summary from this version on)")
+    else:
+        doc.not_run("det-summary")
+    doc.figures(
+        [("det/summary/ap_vs_gmacs.png", "Box AP against backbone GMACs at the run's input")]
+        + [
+            (f"det/{run}/predictions.png", f"Predicted boxes and masks ({run})")
+            for run in (r["run"] for r in (det or {}).get("runs", []))
+        ]
+    )
+
+
+def _segmentation_section(doc: _Doc, seg: dict | None, seg_complexity: list | None, profile: str | None) -> None:
+    doc.heading(2, "E6 · ADE20K semantic segmentation")
+    doc.heading(3, f"Trained models (profile {profile or 'not given'})")
+    if seg and seg.get("runs"):
+        doc.add(
+            "Single-scale mIoU / mAcc / aAcc (percent) on the validation split; params and GMACs of backbone, pyramid "
+            "and decode head as trained, GMACs counted at 512² (the protocol's crop) whatever crop the run trained on "
+            "(the crop column).\n"
+        )
+        doc.add(seg_results.results_markdown(seg["runs"]))
+    else:
+        doc.not_run("seg-summary")
+    doc.heading(3, "Standard models at 512² (counted, untrained)")
+    if seg_complexity:
+        doc.add("The full recipe's models (standard backbone shapes): backbone + pyramid + decode head at 512².\n")
+        doc.add(seg_results.complexity_markdown(seg_complexity))
+    else:
+        doc.not_run("seg-summary")
+    doc.add("Paper values: not public (the unverified extraction is quoted under E1–E3).\n")
+    doc.figures(
+        [
+            (f"seg/{run}/label_maps.png", f"Predicted label maps ({run})")
+            for run in (r["run"] for r in (seg or {}).get("runs", []))
+        ]
+    )
+
+
+def _anchor_maps_section(doc: _Doc, maps: dict | None) -> None:
+    doc.heading(2, "E7 · What the anchors gather")
+    if maps is None:
+        doc.not_run("anchor-maps")
+    else:
+        doc.add(
+            f"Model: {maps.get('source')}; images: {', '.join(maps.get('images', []))}. For each anchor, p(token | "
+            "anchor) over the N patch tokens; its entropy (nats) is ln N when the anchor gathers uniformly from the "
+            "whole image and 0 when it gathers from one patch. Mean, least and most over images and anchors.\n"
+        )
+        rows = maps.get("entropy")
+        if rows is None:  # written before the per-layer table: mean entropies only
+            rows = _legacy_entropy_rows(doc.out_dir, maps)
+        for r in rows:
+            n = r.get("tokens")
+            r["ln_n"] = math.log(n) if n else None
+            r["of_uniform"] = None if not n else f"{100 * r['mean_entropy'] / r['ln_n']:.1f}%"
+        doc.add(
+            markdown_table(
+                rows,
+                ["layer", "tokens", "ln_n", "mean_entropy", "min_entropy", "max_entropy", "of_uniform"],
+                ["layer", "patch tokens N", "uniform: ln N", "mean entropy", "least", "most", "mean / ln N"],
+                digits=3,
+            )
+        )
+        if "entropy" not in maps:
+            doc.add(
+                "_This `anchor_maps.json` records the mean entropy per layer only; N is the patch grid of the model "
+                "(input and patch size from its training run's `metrics.json`). `dvc repro anchor-maps` records N and "
+                "the least and most entropy per layer._\n"
+            )
+    doc.figures([("anchor_maps/anchor_maps.png", "p(token | anchor) over images, anchors of largest degree")])
+
+
+def _legacy_entropy_rows(outputs: Path, maps: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per-layer rows from an ``anchor_maps.json`` that has ``mean_entropy`` only.
+
+    N is taken from the metrics of the classification run whose checkpoint the maps name
+    (``source``: "<model> from <folder>/model.pth"), as (img_size / patch_size)².
+    """
+    tokens = None
+    checkpoint = str(maps.get("source", "")).rpartition(" from ")[2]
+    if checkpoint:
+        path = Path(checkpoint).parent / "metrics.json"
+        if not path.is_absolute() and path.parts[:1] == ("outputs",):
+            path = outputs / Path(*path.parts[1:])
+        run = _read_json(path) or {}
+        img, patch = run.get("img_size"), (run.get("config") or {}).get("patch_size")
+        if img and patch:
+            tokens = (int(img) // int(patch)) ** 2
+    return [{"layer": int(k), "tokens": tokens, "mean_entropy": v} for k, v in (maps.get("mean_entropy") or {}).items()]
+
+
+def _recorded_profiles(cls_tables: dict, seg: dict | None, outputs: Path) -> set[str]:
+    found = {r.get("profile") for r in (seg or {}).get("runs", [])}
+    found |= {r["label"].rsplit("(", 1)[1].rstrip(")") for r in cls_tables.get("e1", []) if "(" in str(r.get("label"))}
+    for name in ("imagenet", "coco", "ade20k"):
+        m = _read_json(outputs / f"data/manifest_{name}.json")
+        if m and m.get("expect") in ("mini", "full"):
+            found.add(m["expect"])
+    return {p for p in found if p}
+
+
+def build_report(
+    outputs_dir: str | Path = "outputs", out_md: str | Path = "reports/report.md", *, profile: str | None = None
+) -> dict[str, Any]:
+    """Assemble ``out_md`` (and its HTML copy) from the stages' JSON outputs under ``outputs_dir``.
+
+    Every table is rendered from JSON under the report's own headings; figures are copied beside
+    the report (``figures/``) so that the report folder stands alone. A stage that has not run
+    shows as such; nothing is invented.
+
+    Args:
+        outputs_dir: the stages' outputs (``outputs/``).
+        out_md: the report's markdown; the HTML goes beside it.
+        profile: the profile the stages ran with (``mini`` or ``full``), as the pipeline passes it.
+
+    Returns:
+        ``{"markdown": path, "html": path, "headline": {"trained": rows, "counted": rows},
+        "sections": {stage: outputs found}}``.
+    """
+    out_dir = Path(outputs_dir)
+    doc = _Doc(out_dir, Path(out_md))
+    complexity = doc.json("complexity/complexity.json", "complexity")
+    bench = doc.json("bench/bench.json", "bench")
+    cls_tables, cls_note = _classification_tables(doc)
+    det = doc.json("det/summary/summary.json", "det-summary")
+    seg = doc.json("seg/summary/summary.json", "seg-summary")
+    seg_complexity = _read_json(out_dir / "seg/summary/complexity.json")
+    maps = doc.json("anchor_maps/anchor_maps.json", "anchor-maps")
+    doc.present["cls-results"] = bool(cls_tables)
+
+    doc.heading(1, "AnchorFormer: reproduction report")
+    doc.add(
+        "Shan et al., *AnchorFormer: Differentiable anchor attention for efficient vision transformer*, "
+        "Pattern Recognition Letters 197 (2025), arXiv 2505.16463. Every number below was measured or counted by "
+        "this pipeline (`dvc repro`) unless it is labelled as a reference; the paper's tables are not public, so "
+        'paper values read "not public".\n'
+    )
+    _profile_section(doc, profile, _recorded_profiles(cls_tables, seg, out_dir))
+    headline = _headline_section(doc, profile, cls_tables.get("e1", []), det, complexity)
+    _environment_section(doc)
+    _data_section(doc)
+    _complexity_section(doc, complexity, bench)
+    _classification_section(doc, cls_tables, cls_note)
+    _detection_section(doc, det, profile)
+    _segmentation_section(doc, seg, seg_complexity, profile)
+    _anchor_maps_section(doc, maps)
+
+    paths = write_report(doc.out_md, doc.text())
+    return {**paths, "headline": headline, "sections": doc.present}

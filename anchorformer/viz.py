@@ -12,6 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 __all__ = [
+    "anchor_map_entropy",
     "compute_anchor_maps",
     "plot_ap_vs_gmacs",
     "plot_detections",
@@ -173,6 +174,41 @@ def compute_anchor_maps(model: Any, images: Any, layers: Sequence[int] | None = 
     return out
 
 
+def anchor_map_entropy(maps: dict[Any, Any], layers: Sequence[int]) -> list[dict[str, Any]]:
+    """How concentrated each anchor's gathering is: the entropy of p(token | anchor), per layer.
+
+    The entropy is taken over the N patch tokens (nats) for every image and anchor; a uniform
+    gathering over the patches has entropy ln N, one patch 0. (The prefix tokens' small share of
+    each anchor is left out, as in the maps.)
+
+    Args:
+        maps: :func:`compute_anchor_maps`.
+        layers: the layers to summarise (keys of ``maps``).
+
+    Returns:
+        One row per layer: ``layer``, ``tokens`` (N), ``uniform_entropy`` (ln N), and the
+        ``mean_entropy``, ``min_entropy`` and ``max_entropy`` over images and anchors.
+    """
+    import math
+
+    rows = []
+    for i in layers:
+        p = maps[i].flatten(2)  # (B, M, N)
+        h = -(p * p.clamp_min(1e-12).log()).sum(-1)  # (B, M)
+        n = p.shape[-1]
+        rows.append(
+            {
+                "layer": int(i),
+                "tokens": int(n),
+                "uniform_entropy": math.log(n),
+                "mean_entropy": float(h.mean()),
+                "min_entropy": float(h.min()),
+                "max_entropy": float(h.max()),
+            }
+        )
+    return rows
+
+
 def plot_anchor_maps(
     shown: Sequence[Any],
     maps: dict[Any, Any],
@@ -268,13 +304,22 @@ def plot_detections(
     return fig
 
 
-def plot_ap_vs_gmacs(rows: Sequence[dict[str, Any]], metric: str = "bbox_AP", title: str | None = None) -> Any:
-    """AP against backbone GMACs (at 1333x800 x input scale), AnchorFormer and DeiT runs.
+def plot_ap_vs_gmacs(
+    rows: Sequence[dict[str, Any]],
+    metric: str = "bbox_AP",
+    title: str | None = None,
+    gmacs_key: str = "input_gmacs",
+    xlabel: str = "backbone GMACs at the run's input (min_size x max_size x scale)",
+) -> Any:
+    """AP against backbone GMACs, AnchorFormer and DeiT runs.
 
     Args:
-        rows: dicts with ``run``, ``backbone``, ``backbone_gmacs`` and ``metric``.
+        rows: dicts with ``run``, ``backbone``, ``gmacs_key`` and ``metric`` (the rows of
+            :func:`anchorformer.tasks.detection.results.load_runs`).
         metric: the AP key to plot.
         title: figure title.
+        gmacs_key: the GMACs plotted; the default is the backbone as trained, at its input.
+        xlabel: what those GMACs are.
 
     Returns:
         The matplotlib figure.
@@ -282,14 +327,13 @@ def plot_ap_vs_gmacs(rows: Sequence[dict[str, Any]], metric: str = "bbox_AP", ti
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for r in rows:
         anchor = str(r["backbone"]).startswith("anchor")
-        ax.plot(r["backbone_gmacs"], r[metric], "o" if anchor else "s", color="C0" if anchor else "C1", ms=8)
-        ax.annotate(
-            str(r["run"]), (r["backbone_gmacs"], r[metric]), fontsize=7, xytext=(4, 4), textcoords="offset points"
-        )
+        x = r[gmacs_key]
+        ax.plot(x, r[metric], "o" if anchor else "s", color="C0" if anchor else "C1", ms=8)
+        ax.annotate(str(r["run"]), (x, r[metric]), fontsize=7, xytext=(4, 4), textcoords="offset points")
     ax.plot([], [], "o", color="C0", label="AnchorFormer")
     ax.plot([], [], "s", color="C1", label="DeiT")
     ax.set_xscale("log")
-    ax.set_xlabel("backbone GMACs at 1333x800 x input scale")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(metric.replace("_", " "))
     ax.set_title(title or f"{metric} vs backbone GMACs")
     ax.grid(True, alpha=0.3)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from anchorformer.classification_results import (
+from anchorformer.tasks.classification.results import (
     NOT_PUBLIC,
     describe_run,
     e1_table,
@@ -84,7 +84,7 @@ def test_tables(runs, tmp_path):
     ]
     tables = {"e1": e1, "e2": e2, "e3": e3}
     md = tables_markdown(tables)
-    assert "| DeiT-T (mini) | ⚗ | — | 0.400 | 0.03 | 900 | 75.0 | 99.0 | 74.50 |" in md
+    assert "| DeiT-T (mini) | ⚗ | — | 0.400 | 0.03 | 900 | 75.0 | 99.0 | 74.5 |" in md
     assert md.count(NOT_PUBLIC) >= 7
     paths = write_results(tmp_path / "out", tables)
     saved = json.loads(paths["json"].read_text())

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from anchorformer.report import collect_metrics, headline_checks, markdown_table, write_report
+from anchorformer.report import collect_metrics, headline_checks, write_report
+from anchorformer.tables import markdown_table
 
 
 def test_headline_checks_forms_and_verdicts():
@@ -47,18 +48,18 @@ def test_collect_metrics_and_report_files(tmp_path):
 
 
 def test_build_report_from_stage_outputs(tmp_path):
-    """A small outputs tree in the stages' formats: the headline check and figures come through."""
+    """A small outputs tree in the stages' formats: tables rendered from JSON, headline split, figures."""
     from anchorformer.report import build_report
 
     out = tmp_path / "outputs"
     (out / "cls/results").mkdir(parents=True)
     e1 = [
-        {"family": "AnchorFormer", "size": "T", "distilled": False, "top1": 66.0, "gmacs": 0.8},
-        {"family": "DeiT", "size": "T", "distilled": False, "top1": 60.0, "gmacs": 1.0},
-        {"family": "AnchorFormer", "size": "T", "distilled": True, "top1": 70.0, "gmacs": 0.8},
+        {"family": "AnchorFormer", "size": "T", "distilled": False, "top1": 66.0, "gmacs": 0.8, "label": "AF-T"},
+        {"family": "DeiT", "size": "T", "distilled": False, "top1": 60.0, "gmacs": 1.0, "label": "DeiT-T"},
+        {"family": "AnchorFormer", "size": "T", "distilled": True, "top1": 70.0, "gmacs": 0.8, "label": "AF-T"},
     ]
     (out / "cls/results/classification.json").write_text(json.dumps({"e1": e1, "e2": [], "e3": []}))
-    (out / "cls/results/classification.md").write_text("| E1 table |\n")
+    (out / "cls/results/classification.md").write_text("| pasted E1 table |\n")  # never pasted
     (out / "det/summary").mkdir(parents=True)
     pairs = [
         {
@@ -68,28 +69,48 @@ def test_build_report_from_stage_outputs(tmp_path):
             "deit_bbox_AP": 15.0,
             "anchorformer_gmacs": 10.0,
             "deit_gmacs": 10.5,
+            "deit_input_scale": 0.5,
         }
     ]
-    (out / "det/summary/summary.json").write_text(json.dumps({"runs": [], "comparable_flops": pairs}))
+    (out / "det/summary/summary.json").write_text(
+        json.dumps({"runs": [{"run": "a", "backbone": "anchorformer_tiny_patch16_224"}], "comparable_flops": pairs})
+    )
     (out / "det/a").mkdir()
     (out / "det/a/predictions.png").write_bytes(b"\x89PNG fake")
-    result = build_report(out, tmp_path / "reports" / "report.md")
-    acc, flops, mp = result["headline"]
+    result = build_report(out, tmp_path / "reports" / "report.md", profile="mini")
+    trained = result["headline"]["trained"]
+    acc, flops, mp = trained
     assert acc["ours"] == pytest.approx(10.0) and acc["verdict"] == "supported"  # (66 - 60) / 60
     assert flops["ours"] == pytest.approx(20.0)
-    # the counted standard models at ImageNet resolutions join the FLOPs claim (1024² does not)
+    assert mp["ours"] == pytest.approx(100.0) and mp["best_pair"] == "a vs d"
+    assert result["headline"]["counted"][0]["verdict"] == "not measured"
+    # the counted standard models join the FLOPs claim in their own table, never the trained one
     (out / "complexity").mkdir()
     rows = [
         {"size": "T", "img_size": 384, "num_anchors": 30, "anchorformer_gmacs": 3.0, "deit_gmacs": 4.5},
         {"size": "T", "img_size": 1024, "num_anchors": 30, "anchorformer_gmacs": 20.0, "deit_gmacs": 100.0},
     ]
     (out / "complexity/complexity.json").write_text(json.dumps({"models": [], "resolution": rows}))
-    flops = build_report(out, tmp_path / "reports" / "report.md")["headline"][1]
-    assert flops["ours"] == pytest.approx(100 / 3, abs=0.01) and flops["best_pair"].startswith("T@384²")
-    assert mp["ours"] == pytest.approx(100.0) and mp["best_pair"] == "a vs d"
+    headline = build_report(out, tmp_path / "reports" / "report.md", profile="mini")["headline"]
+    (counted,) = headline["counted"]
+    assert counted["ours"] == pytest.approx(100 / 3, abs=0.01) and counted["best_pair"].startswith("T@384²")
+    assert headline["trained"][1]["ours"] == pytest.approx(20.0)
     text = result["markdown"].read_text()
-    assert "| E1 table |" in text and "not public" in text
+    assert "pasted E1 table" not in text and "| AF-T |" in text and "not public" in text
     assert "(figures/det__a__predictions.png)" in text
     assert (tmp_path / "reports/figures/det__a__predictions.png").is_file()
     assert "_Not run yet: `dvc repro seg-summary`._" in text
+    assert "AnchorFormer-T (mini shape)" in text  # a summary without backbone labels: named as trained
     assert result["sections"]["cls-results"] and not result["sections"]["seg-summary"]
+
+
+def test_report_never_reads_params_yaml(tmp_path, monkeypatch):
+    """The profile is an argument: a params.yaml in the working directory changes nothing."""
+    from anchorformer.report import build_report
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("profile: full\n")
+    text = build_report(tmp_path / "outputs", tmp_path / "r.md", profile="mini")["markdown"].read_text()
+    assert "**Profile: mini.**" in text and "Profile: full" not in text
+    text = build_report(tmp_path / "outputs", tmp_path / "r.md")["markdown"].read_text()
+    assert "**Profile: not given**" in text

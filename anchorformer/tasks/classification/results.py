@@ -5,14 +5,17 @@ holds ``metrics.json`` (top-1, top-5, params, GMACs, throughput, the recipe) and
 ``history.json`` (per-epoch values). This module reads them and builds:
 
 - E1: AnchorFormer vs DeiT by size, without and with distillation (⚗), next to the DeiT paper's
-  ImageNet-1k numbers (Touvron et al., ICML 2021; REFERENCE §4). The AnchorFormer paper's tables
-  are not public: its column reads "paper value: not public".
+  ImageNet-1k numbers (Touvron et al., ICML 2021; :data:`DEIT_PAPER`, the project's one copy of
+  them). The AnchorFormer paper's tables are not public: its column reads "paper value: not public".
 - E2: top-1, GMACs and throughput against the number of anchors M.
 - E3: the design ablations: learned vs fixed (pooled, detached) anchors, with vs without Λ⁻¹,
   shared vs per-head anchors.
 
 Runs that serve two tables (the AnchorFormer-T baseline of E1 is also the default point of E2
 and the reference row of E3) are trained once and read from E1.
+
+The ``*_markdown`` functions render one table each, without a heading, from the rows (as built
+here or as read back from ``classification.json``): the report puts them under its own headings.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from typing import Any
 
 import matplotlib
 
-from .report import markdown_table
+from ...io import atomic_write_text, write_json_atomic
+from ...tables import markdown_table
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -33,9 +37,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 __all__ = [
     "DEIT_PAPER",
     "NOT_PUBLIC",
+    "UNVERIFIED_EXTRACTION",
+    "deit_reference_markdown",
     "describe_run",
+    "e1_markdown",
     "e1_table",
+    "e2_markdown",
     "e2_table",
+    "e3_markdown",
     "e3_table",
     "load_runs",
     "plot_accuracy_vs_gmacs",
@@ -48,13 +57,21 @@ __all__ = [
 
 NOT_PUBLIC = "paper value: not public"
 
-# DeiT paper, ImageNet-1k, 224² (B↑384 at 384²), 300 epochs: (params, GFLOPs, top-1, top-1 distilled).
-DEIT_PAPER: dict[str, tuple[str, float, float, float]] = {
-    "T": ("5M", 1.3, 72.2, 74.5),
-    "S": ("22M", 4.6, 79.8, 81.2),
-    "B": ("86M", 17.6, 81.8, 83.4),
-    "B↑384": ("86M", 55.5, 83.1, 85.2),
+# The DeiT paper (Touvron et al., ICML 2021; REFERENCE §4): ImageNet-1k, 224² (B↑384 at 384²),
+# 300 epochs. GFLOPs are multiply-accumulates, as the field counts them. By size letter.
+DEIT_PAPER: dict[str, dict[str, Any]] = {
+    "T": {"model": "DeiT-Ti", "params": "5M", "gflops": 1.3, "top1": 72.2, "top1_distilled": 74.5},
+    "S": {"model": "DeiT-S", "params": "22M", "gflops": 4.6, "top1": 79.8, "top1_distilled": 81.2},
+    "B": {"model": "DeiT-B", "params": "86M", "gflops": 17.6, "top1": 81.8, "top1_distilled": 83.4},
+    "B↑384": {"model": "DeiT-B ↑384", "params": "86M", "gflops": 55.5, "top1": 83.1, "top1_distilled": 85.2},
 }
+UNVERIFIED_EXTRACTION = (
+    "An unverified third-party extraction of the paper lists AnchorFormer-T/S/B at 4.2/18.6/63.5 M "
+    "params, 0.7/2.7/9.2 GFLOPs, 81.12/84.69/86.62 top-1, and ADE20K mIoU 43.81 (T, Semantic FPN, "
+    "193.7 GFLOPs) and 46.28 (S, UPerNet, 928.1 GFLOPs). These counts do not match the official code "
+    "(our count of the standard AnchorFormer-T is in the complexity tables); they are claimed, "
+    "unverified, and were never used as targets."
+)
 _SIZE_LETTER = {"tiny": "T", "small": "S", "base": "B"}
 _SIZE_ORDER = ["T", "S", "B", "B↑384"]
 
@@ -145,7 +162,7 @@ def e1_table(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         r = _row(run)
         if r["family"] == "DeiT" and r["size"] in DEIT_PAPER:
             ref = DEIT_PAPER[r["size"]]
-            r["paper_top1"] = ref[3] if r["distilled"] else ref[2]
+            r["paper_top1"] = ref["top1_distilled"] if r["distilled"] else ref["top1"]
         else:
             r["paper_top1"] = NOT_PUBLIC
         r["distill"] = "⚗" if r["distilled"] else ""
@@ -201,7 +218,14 @@ def e3_table(runs: Sequence[dict[str, Any]], baseline: Sequence[dict[str, Any]] 
     return rows
 
 
-_FORMATS = {"params_m": "{:.3f}", "gmacs": "{:.4g}", "throughput": "{:.0f}", "top1": "{:.1f}", "top5": "{:.1f}"}
+_FORMATS = {
+    "params_m": "{:.3f}",
+    "gmacs": "{:.4g}",
+    "throughput": "{:.0f}",
+    "top1": "{:.1f}",
+    "top5": "{:.1f}",
+    "paper_top1": "{:.1f}",
+}
 
 
 def _display(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -216,72 +240,78 @@ def _display(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def e1_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """The E1 table (no heading): model, ⚗, M, params, GMACs, throughput, top-1/5, the paper's top-1."""
+    return markdown_table(
+        _display(rows),
+        ["label", "distill", "num_anchors", "params_m", "gmacs", "throughput", "top1", "top5", "paper_top1"],
+        [
+            "model",
+            "⚗",
+            "M",
+            "params (M)",
+            "GMACs",
+            "throughput (img/s)",
+            "top-1",
+            "top-5",
+            "paper top-1 (ImageNet-1k)",
+        ],
+    )
+
+
+def e2_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """The E2 table (no heading): one row per anchor count M."""
+    return markdown_table(
+        _display(rows),
+        ["num_anchors", "params_m", "gmacs", "throughput", "top1", "top5", "paper_top1"],
+        ["M", "params (M)", "GMACs", "throughput (img/s)", "top-1", "top-5", "paper top-1"],
+    )
+
+
+def e3_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """The E3 table (no heading): the method, then each design ablation."""
+    return markdown_table(
+        _display(rows),
+        ["variant", "num_anchors", "params_m", "gmacs", "throughput", "top1", "top5", "paper_top1"],
+        ["variant", "M", "params (M)", "GMACs", "throughput (img/s)", "top-1", "top-5", "paper top-1"],
+    )
+
+
+def deit_reference_markdown() -> str:
+    """:data:`DEIT_PAPER` as a table (no heading)."""
+    return markdown_table(
+        list(DEIT_PAPER.values()),
+        ["model", "params", "gflops", "top1", "top1_distilled"],
+        ["model", "params", "GFLOPs (MACs)", "top-1", "top-1 ⚗"],
+        digits=1,
+    )
+
+
 def tables_markdown(tables: dict[str, list[dict[str, Any]]]) -> str:
-    """The E1, E2 and E3 tables and the DeiT reference table as markdown."""
-    tables = {k: _display(v) for k, v in tables.items()}
-    out = ["## E1: AnchorFormer vs DeiT\n"]
-    out.append(
-        markdown_table(
-            tables.get("e1", []),
-            ["label", "distill", "num_anchors", "params_m", "gmacs", "throughput", "top1", "top5", "paper_top1"],
-            [
-                "model",
-                "⚗",
-                "M",
-                "params (M)",
-                "GMACs",
-                "throughput (img/s)",
-                "top-1",
-                "top-5",
-                "paper top-1 (ImageNet-1k)",
-            ],
-        )
+    """The E1, E2 and E3 tables and the DeiT reference, with headings (``classification.md``)."""
+    return "".join(
+        [
+            "## E1: AnchorFormer vs DeiT\n\n",
+            e1_markdown(tables.get("e1", [])),
+            "\n## E2: number of anchors M (AnchorFormer-T)\n\n",
+            e2_markdown(tables.get("e2", [])),
+            "\n## E3: design ablations (AnchorFormer-T)\n\n",
+            e3_markdown(tables.get("e3", [])),
+            "\n## Reference: DeiT paper (ImageNet-1k, 224², 300 epochs; B↑384 at 384²)\n\n",
+            deit_reference_markdown(),
+            f"\nAnchorFormer's own ImageNet numbers: {NOT_PUBLIC}. {UNVERIFIED_EXTRACTION}\n",
+        ]
     )
-    out.append("\n## E2: number of anchors M (AnchorFormer-T)\n")
-    out.append(
-        markdown_table(
-            tables.get("e2", []),
-            ["num_anchors", "params_m", "gmacs", "throughput", "top1", "top5", "paper_top1"],
-            ["M", "params (M)", "GMACs", "throughput (img/s)", "top-1", "top-5", "paper top-1"],
-        )
-    )
-    out.append("\n## E3: design ablations (AnchorFormer-T)\n")
-    out.append(
-        markdown_table(
-            tables.get("e3", []),
-            ["variant", "num_anchors", "params_m", "gmacs", "throughput", "top1", "top5", "paper_top1"],
-            ["variant", "M", "params (M)", "GMACs", "throughput (img/s)", "top-1", "top-5", "paper top-1"],
-        )
-    )
-    ref = [
-        {"model": f"DeiT-{s}", "params": p, "gflops": g, "top1": t, "top1_d": td}
-        for s, (p, g, t, td) in DEIT_PAPER.items()
-    ]
-    out.append("\n## Reference: DeiT paper (ImageNet-1k, 224², 300 epochs; B↑384 at 384²)\n")
-    out.append(
-        markdown_table(
-            ref,
-            ["model", "params", "gflops", "top1", "top1_d"],
-            ["model", "params", "GFLOPs (MACs)", "top-1", "top-1 ⚗"],
-        )
-    )
-    out.append(
-        "\nAnchorFormer's own ImageNet numbers: " + NOT_PUBLIC + ". (An unverified third-party extraction lists "
-        "AnchorFormer-T/S/B at 81.12/84.69/86.62 top-1 with 0.7/2.7/9.2 GFLOPs; those counts do not match the "
-        "official code and are not used here.)\n"
-    )
-    return "".join(out)
 
 
 def write_results(out_dir: str | os.PathLike, tables: dict[str, list[dict[str, Any]]]) -> dict[str, Path]:
-    """Write ``classification.json`` (the tables) and ``classification.md``; return their paths."""
+    """Write ``classification.json`` (the tables' rows) and ``classification.md``; return their paths."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     slim = {k: [{c: v for c, v in r.items() if c != "history"} for r in rows] for k, rows in tables.items()}
-    paths = {"json": out / "classification.json", "markdown": out / "classification.md"}
-    paths["json"].write_text(json.dumps(slim, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    paths["markdown"].write_text(tables_markdown(tables), encoding="utf-8")
-    return paths
+    return {
+        "json": write_json_atomic(out / "classification.json", slim, ensure_ascii=False),
+        "markdown": atomic_write_text(out / "classification.md", tables_markdown(tables)),
+    }
 
 
 # ---------------------------------------------------------------------------------------------

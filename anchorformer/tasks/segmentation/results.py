@@ -2,7 +2,10 @@
 
 Each run folder holds the ``metrics.json`` written by
 :func:`anchorformer.engine.segmentation.evaluate_segmentation` (mIoU, mAcc, aAcc, backbone, head,
-params, GMACs at 512², iterations, times) and ``predictions/*.png``. The table has one row per run.
+params, GMACs at 512², crop size, iterations, times) and ``predictions/*.png``. The table has one
+row per run. GMACs are counted at 512² (the protocol's crop) whatever crop a run trained on; the
+``crop`` column says which (128² in the mini profile). The standard models are counted separately
+(:func:`complexity_rows`, the full preset, never trained).
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..io import atomic_write_text, write_json_atomic
+from ...io import atomic_write_text, write_json_atomic
+from ...tables import markdown_table
 
 __all__ = [
     "COLUMNS",
@@ -36,7 +40,8 @@ COLUMNS = (
     ("head", "head"),
     ("num_anchors", "M"),
     ("params_m", "params (M)"),
-    ("gmacs", "GMACs @512²"),
+    ("crop_size", "crop"),
+    ("gmacs", "GMACs at 512²"),
     ("mIoU", "mIoU"),
     ("mAcc", "mAcc"),
     ("aAcc", "aAcc"),
@@ -61,20 +66,10 @@ def load_runs(seg_dir: str | os.PathLike, runs: Sequence[str]) -> list[dict[str,
     return rows
 
 
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "—"
-    if isinstance(v, float):
-        return f"{v:.2f}"
-    return str(v)
-
-
 def results_markdown(rows: Sequence[dict[str, Any]]) -> str:
-    """The E6 table as markdown: backbone, head, params, GMACs at 512², mIoU, mAcc, aAcc, ..."""
-    lines = ["| " + " | ".join(h for _, h in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for r in rows:
-        lines.append("| " + " | ".join(_fmt(r.get(k)) for k, _ in COLUMNS) + " |")
-    return "\n".join(lines) + "\n"
+    """The E6 table as markdown (no heading): backbone, head, params, crop, GMACs at 512², mIoU, ..."""
+    shown = [{**r, "crop_size": f"{r['crop_size']}²" if r.get("crop_size") else None} for r in rows]
+    return markdown_table(shown, [k for k, _ in COLUMNS], [h for _, h in COLUMNS])
 
 
 def write_summary(out_dir: str | os.PathLike, rows: Sequence[dict[str, Any]]) -> dict[str, Path]:
@@ -97,7 +92,7 @@ def complexity_rows(
     """
     import torch
 
-    from .segmentation import build_model, model_complexity, resolve_config
+    from anchorformer.engine.segmentation import build_model, model_complexity, resolve_config
 
     rows = []
     for backbone, head in runs:
@@ -109,10 +104,11 @@ def complexity_rows(
 
 
 def complexity_markdown(rows: Sequence[dict[str, Any]], img_size: int = 512) -> str:
-    """The rows of :func:`complexity_rows` as a markdown table."""
-    lines = [f"| model | head | params (M) | GMACs @{img_size}² |", "|---|---|---|---|"]
-    lines += [f"| {r['backbone']} | {r['head']} | {r['params_m']:.2f} | {r['gmacs']:.2f} |" for r in rows]
-    return "\n".join(lines) + "\n"
+    """The rows of :func:`complexity_rows` as a markdown table (no heading)."""
+    return markdown_table(
+        rows, ["backbone", "head", "profile", "params_m", "gmacs"],
+        ["model", "head", "preset", "params (M)", f"GMACs at {img_size}²"],
+    )  # fmt: skip
 
 
 def load_examples(
@@ -133,7 +129,7 @@ def load_examples(
     Raises:
         FileNotFoundError: a prediction is missing; ValueError: its size differs from the ground truth's.
     """
-    from ..data.ade20k import ADE20KSegmentation
+    from ...data.ade20k import ADE20KSegmentation
 
     dataset = ADE20KSegmentation(data_root, split, train=False)
     out: dict[str, list[Any]] = {"images": [], "ground_truths": [], "predictions": [], "names": []}
