@@ -86,7 +86,7 @@ def _stage_bench(out: Path) -> None:
 
 def _stage_classification(out: Path, tmp: Path) -> None:
     from anchorformer.data.synthetic import make_mini_imagenet
-    from anchorformer.engine.classification import train_classification
+    from anchorformer.tasks.classification import train as train_classification
     from anchorformer.tasks.classification.results import e1_table, e2_table, e3_table, load_runs, write_results
 
     data = tmp / "imagenet"
@@ -116,8 +116,7 @@ def _stage_classification(out: Path, tmp: Path) -> None:
 
 
 def _stage_detection(out: Path, coco: Path) -> None:
-    from anchorformer.engine.config import apply_overrides, load_profile
-    from anchorformer.engine.detection import train_detection
+    from anchorformer.tasks.detection import train as train_detection
     from anchorformer.tasks.detection.results import comparable_flops_pairs, load_runs, write_summary
 
     det = out / "det"
@@ -125,10 +124,7 @@ def _stage_detection(out: Path, coco: Path) -> None:
         ("anchorformer_t", "anchorformer_tiny_patch16_224", ""),
         ("deit_t_matched", "deit_tiny_patch16_224", "anchorformer_tiny_patch16_224"),
     ):
-        cfg = apply_overrides(
-            load_profile("det", "mini"), [f"backbone={backbone}", f"match_macs_of={matched}", *DET_OVERRIDES]
-        )
-        train_detection(cfg, coco, det / run)
+        train_detection(coco, det / run, backbone, overrides=[f"match_macs_of={matched}", *DET_OVERRIDES])
     rows = load_runs(det, ["anchorformer_t", "deit_t_matched"])
     write_summary(det / "summary", rows, comparable_flops_pairs(rows))
 

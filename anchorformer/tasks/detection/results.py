@@ -7,7 +7,7 @@ DeiT partner of an AnchorFormer run is the DeiT run trained with ``match_macs_of
 AnchorFormer backbone (its input scaled down until its backbone MACs at 1333x800 x scale match,
 :func:`anchorformer.models.detection.comparable_input_scale`).
 
-Each run folder written by :func:`anchorformer.engine.detection.train_detection` holds
+Each run folder written by :func:`anchorformer.tasks.detection.train` holds
 ``metrics.json`` (AP numbers in percent, backbone GMACs, times) and ``run.json`` (the recipe,
 the detector config, the matched backbone).
 
@@ -151,17 +151,16 @@ def standard_backbones(
     Built on the meta device from the ``full`` preset of ``configs/det.yaml`` (the standard
     T/S/B shapes, M = the preset's or the model's 30): counted, never trained.
     """
-    from anchorformer.engine.config import load_profile
-    from anchorformer.engine.detection import backbone_kwargs
-
+    from ...models.factory import backbone_kwargs
     from ...models.pyramid import backbone_macs
+    from .train import resolve_recipe
 
-    cfg = load_profile("det", "full")
+    cfg = resolve_recipe(profile="full")
     rows = []
     for size in sizes:
         for family in ("DeiT", "AnchorFormer"):
             name = f"{'deit' if family == 'DeiT' else 'anchorformer'}_{size}_patch16_224"
-            pyramid = _meta_pyramid(name, backbone_kwargs(cfg, name))
+            pyramid = _meta_pyramid(name, backbone_kwargs(name, cfg))
             rows.append(
                 {
                     "model": name,
