@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -120,13 +119,13 @@ def test_derive_follows_lazy_relative_and_run_imports_and_loaded_configs(repo: P
     assert not many.missing
 
 
-def test_check_fails_on_a_missing_module_and_write_fixes_it_in_place(repo: Path):
-    script = [sys.executable, str(ROOT / "scripts" / "dvc_deps.py"), "--package", "pkg"]
-    res = subprocess.run([*script, "--check", "--root", str(repo)], capture_output=True, text=True, timeout=120)
-    assert res.returncode == 1, res.stderr
-    assert "missing: pkg/config.py" in res.stdout and "extra:   pkg/other.py" in res.stdout
+def test_check_fails_on_a_missing_module_and_write_fixes_it_in_place(repo: Path, capsys: pytest.CaptureFixture):
+    args = ["--package", "pkg", "--root", str(repo)]
+    assert dvc_deps.main(["--check", *args]) == 1
+    out = capsys.readouterr().out
+    assert "missing: pkg/config.py" in out and "extra:   pkg/other.py" in out
 
-    subprocess.run([*script, "--write", "--root", str(repo)], check=True, capture_output=True, timeout=120)
+    assert dvc_deps.main(["--write", *args]) == 0
     text = (repo / "dvc.yaml").read_text()
     assert text.startswith("# the pipeline\nstages:\n  one:  # a stage\n")
     assert "      - pkg/api.py  # the entry point\n" in text  # kept lines keep their comments
@@ -138,10 +137,10 @@ def test_check_fails_on_a_missing_module_and_write_fixes_it_in_place(repo: Path)
         body.pop("deps")
         (before["stages"][name].get("do", before["stages"][name])).pop("deps")
     assert json.dumps(before) == json.dumps(after)  # nothing but deps changed
-    res = subprocess.run([*script, "--check", "--root", str(repo)], capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stdout
+    capsys.readouterr()
+    assert dvc_deps.main(["--check", *args]) == 0, capsys.readouterr().out
 
     # a new import in a package module makes the check fail again
     (repo / "pkg" / "sub" / "impl.py").write_text("from ..other import *\n\ndef helper(x):\n    return x\n")
-    res = subprocess.run([*script, "--check", "--root", str(repo)], capture_output=True, text=True, timeout=120)
-    assert res.returncode == 1 and "missing: pkg/other.py" in res.stdout
+    assert dvc_deps.main(["--check", *args]) == 1
+    assert "missing: pkg/other.py" in capsys.readouterr().out
