@@ -81,7 +81,14 @@ def clean(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
             cell.pop("execution_count", None)
             if not cell.get("attachments"):
                 cell.pop("attachments", None)
-    nbformat.validator.normalize(nb)  # adds missing cell ids
+    used = {c.get("id") for c in nb.cells}
+    for i, cell in enumerate(nb.cells):  # nbformat 4.5 cells have ids; give the missing ones a free cell-N
+        if not cell.get("id"):
+            n = i
+            while f"cell-{n}" in used:
+                n += 1
+            cell.id = f"cell-{n}"
+            used.add(cell.id)
     return nb
 
 

@@ -52,7 +52,10 @@ def test_clean_keeps_checked_outputs_and_drops_the_rest():
         nbformat.v4.new_output("execute_result", data={"text/plain": "1"}, execution_count=4),
     ]
     nb.cells = [params, plain, checked]
+    del plain["id"]
+    nb.nbformat_minor = 4
     out = clean_notebooks.clean(nb)
+    assert out.nbformat_minor == 5 and len({c.id for c in out.cells}) == 3
     assert out.metadata == {"kernelspec": clean_notebooks.KERNELSPEC, "language_info": {"name": "python"}}
     assert out.cells[0].metadata == {"tags": ["parameters"]}
     assert out.cells[1].outputs == [] and out.cells[1].execution_count is None
