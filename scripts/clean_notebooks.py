@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                 path.write_text(new, encoding="utf-8")
                 print(f"{path}: cleaned")
         for problem in structure_problems(nbformat.read(path, as_version=4)) if not args.check else problems(path):
-            print(f"{path}: {problem}")
+            print(f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}: {problem}")
             bad += 1
     return 1 if bad else 0
 
