@@ -55,9 +55,12 @@ def test_data_stage_round_trip(tmp_path: Path) -> None:
     stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["data"]
     repo, remote = tmp_path / "repo", tmp_path / "remote"
     repo.mkdir()
-    for dep in stage["deps"]:
+    for dep in stage["deps"]:  # files and folders (a folder when the stage needs all of it)
         (repo / dep).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / dep, repo / dep)
+        if (ROOT / dep).is_dir():
+            shutil.copytree(ROOT / dep, repo / dep, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(ROOT / dep, repo / dep)
     shutil.copy2(ROOT / "params.yaml", repo / "params.yaml")
     (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"data": stage}}, sort_keys=False))
     _run(repo, "git", "init", "-q")
