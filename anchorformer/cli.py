@@ -80,6 +80,9 @@ def _add_task_parsers(train: Any, evaluate: Any) -> None:
                        help="auto (default): continue from the newest checkpoint in --out; never: a fresh start; or a checkpoint")  # fmt: skip
         p.add_argument("--overwrite", action="store_true",
                        help="with --resume never: move an earlier run's files to --out/previous-<timestamp>/")  # fmt: skip
+        p.add_argument("--if-different", choices=("refuse", "restart"), default="refuse",
+                       help="--resume auto with a checkpoint of another recipe or code: refuse (default), or "
+                       "restart (move it to previous-<timestamp>/ and start afresh; what the pipeline uses)")  # fmt: skip
         p.add_argument("--epochs", type=_number, default=None, help="training epochs (default: the profile's)")
         if hasattr(module, "add_train_arguments"):
             module.add_train_arguments(p)

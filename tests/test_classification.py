@@ -12,8 +12,8 @@ from cls_helpers import TINY, make_tiny_imagefolder
 
 from anchorformer.cli import main
 from anchorformer.engine.checkpoint import checkpoint_path, load_training_checkpoint
-from anchorformer.tasks.classification.train import classifier_kwargs, resolve_recipe, train
 from anchorformer.tasks.classification.distillation import DistillationLoss, distillation_term
+from anchorformer.tasks.classification.train import classifier_kwargs, resolve_recipe, train
 
 MODEL = "anchorformer_tiny_patch16_224"
 REQUIRED_KEYS = {"top1", "top5", "loss", "train_loss", "params", "gmacs", "throughput", "config"}
@@ -37,9 +37,7 @@ def tiny_root(tmp_path_factory):
 def trained(tiny_root, tmp_path_factory):
     """Three epochs of the tiny model (3 steps each), kept for the tests that read its outputs."""
     out = tmp_path_factory.mktemp("run") / "t"
-    metrics = train(
-        tiny_root, out, MODEL, profile="mini", overrides=TINY + ["keep_checkpoints=5"], epochs=3
-    )
+    metrics = train(tiny_root, out, MODEL, profile="mini", overrides=TINY + ["keep_checkpoints=5"], epochs=3)
     return out, metrics
 
 
@@ -86,18 +84,14 @@ def test_same_seed_same_metrics_and_resume_matches(trained, tiny_root, tmp_path)
     b = torch.load(run / "model.pth", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
-    other = train(
-        tiny_root, tmp_path / "c", MODEL, profile="mini", overrides=TINY + ["seed=1"], epochs=3
-    )
+    other = train(tiny_root, tmp_path / "c", MODEL, profile="mini", overrides=TINY + ["seed=1"], epochs=3)
     assert other["train_loss"] != metrics["train_loss"]
 
 
 def test_resume_refuses_another_recipe(trained, tiny_root):
     out, _ = trained
     with pytest.raises(ValueError, match="lr: checkpoint 0.003 vs now 0.001"):
-        train(
-            tiny_root, out, MODEL, profile="mini", overrides=TINY + ["lr=1e-3"], epochs=3, resume="auto"
-        )
+        train(tiny_root, out, MODEL, profile="mini", overrides=TINY + ["lr=1e-3"], epochs=3, resume="auto")
 
 
 def test_eval_cli_reproduces_the_training_metrics(trained, tiny_root, tmp_path, capsys):
@@ -125,9 +119,7 @@ def test_distilled_student_with_a_checkpoint_teacher(trained, tiny_root, tmp_pat
     )
     assert metrics["distillation"] == "soft" and metrics["top5"] == 100.0
     with pytest.raises(ValueError, match="needs a distilled model"):
-        train(
-            tiny_root, tmp_path / "x", MODEL, profile="mini", overrides=TINY + ["distillation=hard"], epochs=1
-        )
+        train(tiny_root, tmp_path / "x", MODEL, profile="mini", overrides=TINY + ["distillation=hard"], epochs=1)
 
 
 def test_distillation_loss_equals_its_formula():
@@ -187,7 +179,10 @@ def test_bad_input_fails_before_training(tiny_root, tmp_path, capsys):
         (["--data", str(tiny_root), "--model", "anchorformer_huge_thing"], "unknown model 'anchorformer_huge_thing'"),
         (["--data", str(tmp_path / "empty"), "--model", MODEL], "expected layout"),
         (["--data", str(tiny_root), "--model", MODEL, "--set", "epoch=3"], "unknown recipe key 'epoch'"),
-        (["--data", str(tiny_root), "--model", MODEL, "--set", "distillation=maybe"], "distillation='maybe' (--set distillation=maybe)"),
+        (
+            ["--data", str(tiny_root), "--model", MODEL, "--set", "distillation=maybe"],
+            "distillation='maybe' (--set distillation=maybe)",
+        ),
     ]
     (tmp_path / "empty").mkdir()
     for args, message in cases:
@@ -204,9 +199,7 @@ def test_bad_input_fails_before_training(tiny_root, tmp_path, capsys):
 def test_gradient_accumulation_equals_the_large_batch(tiny_root, tmp_path):
     """Two accumulated batches of 4 take the step of one batch of 8 (SGD, no augmentation)."""
     exact = TINY + ["no_aug=true", "opt=sgd", "weight_decay=0.0", "lr=0.5", "smoothing=0.0", "clip_grad=10.0"]
-    big = train(
-        tiny_root, tmp_path / "big", MODEL, profile="mini", overrides=exact + ["batch_size=8"], epochs=1
-    )
+    big = train(tiny_root, tmp_path / "big", MODEL, profile="mini", overrides=exact + ["batch_size=8"], epochs=1)
     acc = train(
         tiny_root,
         tmp_path / "acc",

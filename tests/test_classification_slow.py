@@ -11,15 +11,15 @@ import time
 
 import pytest
 import torch
-from cls_helpers import TINY, make_tiny_imagefolder
-
-from anchorformer.engine.checkpoint import checkpoint_path, find_latest_checkpoint
 from anchorformer.engine.classification import (
     build_classifier,
     classifier_kwargs,
     resolve_config,
     train_classification_torchrun,
 )
+from cls_helpers import TINY, make_tiny_imagefolder
+
+from anchorformer.engine.checkpoint import checkpoint_path, find_latest_checkpoint
 
 MODEL = "anchorformer_tiny_patch16_224"
 # No randomness left in the step: no augmentation, no drop-path, plain SGD without weight decay.

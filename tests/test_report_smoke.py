@@ -68,7 +68,7 @@ def _stage_data(out: Path, mini: Path) -> None:
 
 
 def _stage_complexity(out: Path) -> None:
-    from anchorformer.complexity_cli import complexity_tables, write_complexity
+    from anchorformer.complexity import complexity_tables, write_complexity
 
     write_complexity(out / "complexity", complexity_tables(("tiny",), (8, 30), (224,), (224, 384, 512), 30))
 
@@ -86,8 +86,8 @@ def _stage_bench(out: Path) -> None:
 
 def _stage_classification(out: Path, tmp: Path) -> None:
     from anchorformer.data.synthetic import make_mini_imagenet
-    from anchorformer.tasks.classification import train as train_classification
     from anchorformer.tasks.classification.results import e1_table, e2_table, e3_table, load_runs, write_results
+    from anchorformer.tasks.classification.train import train as train_classification
 
     data = tmp / "imagenet"
     make_mini_imagenet(data, seed=0, train_per_class=2, val_per_class=1, img_size=40)
@@ -116,8 +116,8 @@ def _stage_classification(out: Path, tmp: Path) -> None:
 
 
 def _stage_detection(out: Path, coco: Path) -> None:
-    from anchorformer.tasks.detection import train as train_detection
     from anchorformer.tasks.detection.results import comparable_flops_pairs, load_runs, write_summary
+    from anchorformer.tasks.detection.train import train as train_detection
 
     det = out / "det"
     for run, backbone, matched in (
@@ -130,17 +130,16 @@ def _stage_detection(out: Path, coco: Path) -> None:
 
 
 def _stage_segmentation(out: Path, ade: Path) -> None:
-    from anchorformer.engine.segmentation import resolve_config, train_segmentation
     from anchorformer.io import write_json_atomic
     from anchorformer.tasks.segmentation.results import complexity_rows, load_runs, write_summary
+    from anchorformer.tasks.segmentation.train import train as train_segmentation
 
     seg = out / "seg"
     for run, backbone in (
         ("anchorformer_t_fpn", "anchorformer_tiny_patch16_224"),
         ("deit_t_fpn", "deit_tiny_patch16_224"),
     ):
-        cfg = resolve_config("mini", SEG_OVERRIDES, backbone=backbone, head="fpn")
-        train_segmentation(ade, seg / run, cfg, iters=1, max_eval_images=2)
+        train_segmentation(ade, seg / run, backbone, overrides=SEG_OVERRIDES, head="fpn", iters=1, max_eval_images=2)
     write_summary(seg / "summary", load_runs(seg, ["anchorformer_t_fpn", "deit_t_fpn"]))
     write_json_atomic(seg / "summary" / "complexity.json", complexity_rows([("anchorformer_tiny_patch16_224", "fpn")]))
 

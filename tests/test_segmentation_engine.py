@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 from pathlib import Path
@@ -15,16 +16,19 @@ from anchorformer.cli import main
 from anchorformer.engine.checkpoint import load_training_checkpoint
 from anchorformer.engine.recipe import RecipeError
 from anchorformer.engine.run import RunFolderError
-from anchorformer.tasks.segmentation import SegRecipe, evaluate_checkpoint, resolve_recipe, train
 from anchorformer.tasks.segmentation.metrics import SegMetrics
+from anchorformer.tasks.segmentation.recipe import SegRecipe
 from anchorformer.tasks.segmentation.train import (
     _ade20k,
     _TrainBatches,
     build_model,
+    evaluate_checkpoint,
     evaluate_segmentation,
     iters_for_epochs,
     lr_at,
     pad_collate,
+    resolve_recipe,
+    train,
 )
 
 # A model small enough for seconds-long tests: 2 blocks of 48 channels, 8x8 patches, 64² crops.
@@ -171,7 +175,7 @@ def test_epochs_are_converted_to_iterations() -> None:
 
 def test_iteration_counts_are_checked_before_anything_starts(ade: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    with pytest.raises(RecipeError, match="iters or epochs, not both"):
+    with pytest.raises(RecipeError, match=r"give iters or epochs \(argument\), not both"):
         train(ade, out, iters=2, epochs=1)
     with pytest.raises(RecipeError, match=r"iters='2' \(argument: iters\): expected an integer"):
         train(ade, out, iters="2")
@@ -360,7 +364,9 @@ def test_evaluation_checks_sizes_itself(tmp_path: Path, monkeypatch: pytest.Monk
         def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
             return torch.zeros(3, 64, 80), torch.zeros(64, 64, dtype=torch.long)
 
-    monkeypatch.setattr("anchorformer.tasks.segmentation.train._ade20k", lambda *a, **k: Mismatched())
+    # the module, not the package's `train` function that shadows its name
+    module = importlib.import_module("anchorformer.tasks.segmentation.train")
+    monkeypatch.setattr(module, "_ade20k", lambda *a, **k: Mismatched())
     cfg = resolve_recipe("mini", FAST)
     with pytest.raises(ValueError, match=r"ADE_val_00000007\.png.*\(64, 64\).*\(64, 80\)"):
         evaluate_segmentation(build_model(cfg), tmp_path, tmp_path / "out", cfg)

@@ -1,6 +1,6 @@
 """The classification tables and figures (experiments E1, E2, E3) from the runs' metrics.
 
-Each run folder written by :func:`anchorformer.engine.classification.train_classification`
+Each run folder written by :func:`anchorformer.tasks.classification.train.train`
 holds ``metrics.json`` (top-1, top-5, params, GMACs, throughput, the recipe) and
 ``history.json`` (per-epoch values). This module reads them and builds:
 

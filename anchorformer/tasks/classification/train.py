@@ -478,7 +478,7 @@ def train(
     if int(nproc_per_node) * int(nnodes) > 1 and "WORLD_SIZE" not in os.environ:
         argv = cli_arguments(
             data, out_dir, model=model, profile=profile, overrides=list(overrides), epochs=epochs, resume=resume,
-            overwrite=overwrite, if_different=if_different if if_different != "refuse" else None,
+            overwrite=overwrite, if_different=None if if_different == "refuse" else if_different,
         )  # fmt: skip
         return launch(TASK, argv, nproc_per_node=nproc_per_node, nnodes=nnodes, torchrun_args=torchrun_args)
     model_kwargs = classifier_kwargs(recipe.model, recipe, len(classes))
@@ -825,7 +825,7 @@ def cli_train(args: Any) -> dict[str, Any]:
     """``anchorformer train cls``."""
     return train(
         args.data, args.out, args.model, profile=args.profile, overrides=args.overrides, epochs=args.epochs,
-        resume=args.resume, overwrite=args.overwrite, source="cli",
+        resume=args.resume, overwrite=args.overwrite, if_different=args.if_different, source="cli",
     )  # fmt: skip
 
 

@@ -3,6 +3,5 @@
 from __future__ import annotations
 
 from .recipe import DetRecipe
-from .train import evaluate_checkpoint, resolve_recipe, train
 
-__all__ = ["DetRecipe", "evaluate_checkpoint", "resolve_recipe", "train"]
+__all__ = ["DetRecipe"]

@@ -261,7 +261,7 @@ def evaluate_detector(
 
 
 def load_detector(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a detector from ``model.pth`` or a training checkpoint written by :func:`train_detection`.
+    """Rebuild a detector from ``model.pth`` or a training checkpoint written by :func:`train`.
 
     Returns:
         ``(model, state)``; ``state["detector_config"]`` and ``state["cat_ids"]`` describe it.
@@ -391,7 +391,8 @@ def train(
     if int(nproc_per_node) * int(nnodes) > 1 and "WORLD_SIZE" not in os.environ:
         argv = cli_arguments(
             data, out_dir, model=model, profile=profile, overrides=list(overrides), epochs=epochs, resume=resume,
-            overwrite=overwrite, backbone_checkpoint=backbone_checkpoint,
+            overwrite=overwrite, if_different=None if if_different == "refuse" else if_different,
+            backbone_checkpoint=backbone_checkpoint,
         )  # fmt: skip
         return launch(TASK, argv, nproc_per_node=nproc_per_node, nnodes=nnodes, torchrun_args=torchrun_args)
     _, _, base = _datasets(recipe, data)  # both splits readable before anything starts
@@ -654,7 +655,7 @@ def cli_train(args: Any) -> dict[str, Any]:
     """``anchorformer train det``."""
     metrics = train(
         args.data, args.out, args.model, profile=args.profile, overrides=args.overrides, epochs=args.epochs,
-        backbone_checkpoint=args.backbone_checkpoint, resume=args.resume, overwrite=args.overwrite, source="cli",
+        backbone_checkpoint=args.backbone_checkpoint, resume=args.resume, overwrite=args.overwrite, if_different=args.if_different, source="cli",
     )  # fmt: skip
     if metrics:
         print(json.dumps({k: metrics[k] for k in metrics if k in metric_keys()}, indent=2))

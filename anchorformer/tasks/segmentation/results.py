@@ -1,7 +1,7 @@
 """The E6 results table and the example label maps, from the run folders of ``train seg``.
 
 Each run folder holds the ``metrics.json`` written by
-:func:`anchorformer.engine.segmentation.evaluate_segmentation` (mIoU, mAcc, aAcc, backbone, head,
+:func:`anchorformer.tasks.segmentation.train.evaluate_segmentation` (mIoU, mAcc, aAcc, backbone, head,
 params, GMACs at 512², crop size, iterations, times) and ``predictions/*.png``. The table has one
 row per run. GMACs are counted at 512² (the protocol's crop) whatever crop a run trained on; the
 ``crop`` column says which (128² in the mini profile). The standard models are counted separately
@@ -92,11 +92,11 @@ def complexity_rows(
     """
     import torch
 
-    from anchorformer.engine.segmentation import build_model, model_complexity, resolve_config
+    from .train import build_model, model_complexity, resolve_recipe
 
     rows = []
     for backbone, head in runs:
-        cfg = resolve_config(profile, [], backbone=backbone, head=head)
+        cfg = resolve_recipe(profile, model=backbone, head=head)
         with torch.device("meta"):
             model = build_model(cfg, init_checkpoint="")
         rows.append({"backbone": backbone, "head": head, "profile": profile, **model_complexity(model, img_size)})

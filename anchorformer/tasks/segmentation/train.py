@@ -64,6 +64,7 @@ from .metrics import IGNORE_INDEX, SegMetrics
 from .recipe import SegRecipe
 
 __all__ = [
+    "SMOKE",
     "build_model",
     "evaluate_checkpoint",
     "evaluate_segmentation",
@@ -78,6 +79,22 @@ __all__ = [
 _logger = logging.getLogger(__name__)
 
 TASK = "seg"
+# A seconds-long run on a few scenes (the notebook's smoke defaults and the tests' dry runs):
+# two blocks of width 32 on 64x64 crops, 4 anchors.
+SMOKE = [
+    "model_sizes.tiny={embed_dim: 32, depth: 2, num_heads: 2}",
+    "model_sizes.small={embed_dim: 32, depth: 2, num_heads: 2}",
+    "num_anchors=4",
+    "pyramid_channels=16",
+    "head_channels=16",
+    "crop_size=64",
+    "batch_size=2",
+    "test_crop_size=64",
+    "test_stride=48",
+    "test_scale=[256, 64]",
+    "warmup_iters=0",
+    "log_every=1",
+]
 # a run's result files: removed before a (re)start, moved aside with --resume never --overwrite
 RESULTS = ("metrics.json", "model.pth", "model.safetensors", "per_class.json", "predictions")
 # keys of recipes stored before the typed recipe, and their names now
@@ -322,11 +339,6 @@ def _amp_context(cfg: Mapping[str, Any], device: torch.device) -> Any:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
-def _amp_context(cfg: Mapping[str, Any], device: torch.device) -> Any:
-    enabled = bool(cfg.get("amp")) and (device.type == "cuda" or cfg.get("device") == "cpu")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
-
-
 def train(
     data: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -383,20 +395,22 @@ def train(
             holds another run.
     """
     if iters is not None and epochs is not None:
-        raise RecipeError(f"give {_flag(source, '--iters')} or {_flag(source, '--epochs')}, not both")
+        both = "--iters or --epochs" if source == "cli" else f"iters or epochs ({source})"
+        raise RecipeError(f"give {both}, not both")
     recipe = resolve_recipe(profile, overrides, model=model, head=head, iters=iters, source=source)
     data, out_dir = Path(data), Path(out_dir)
     train_set = _ade20k(data, "training", recipe, train=True)  # checks the data layout before any work
     if epochs is not None:
         where = _flag(source, "--epochs")
-        recipe = recipe.replace(where, iters=iters_for_epochs(epochs, len(train_set), recipe.batch_size, where))  # type: ignore[arg-type]
+        passes = iters_for_epochs(epochs, len(train_set), recipe.batch_size, where)  # type: ignore[arg-type]
+        recipe = recipe.replace(where, iters=passes)
     if int(nproc_per_node) * int(nnodes) > 1 and "WORLD_SIZE" not in os.environ:
         evaluating = recipe.eval_at_end if evaluate is None else bool(evaluate)
         argv = cli_arguments(
-            data, out_dir, model=model, profile=profile,
-            overrides=[*overrides, *(["eval_at_end=true"] if evaluate else [])], epochs=epochs, iters=iters,
-            head=head, resume=resume, overwrite=overwrite, if_different=if_different if if_different != "refuse" else None,
-            no_eval=evaluate is False, no_predictions=not save_predictions, max_eval_images=max_eval_images,
+            data, out_dir, model=model, profile=profile, epochs=epochs, iters=iters, head=head,
+            overrides=[*overrides, *(["eval_at_end=true"] if evaluate else [])], resume=resume, overwrite=overwrite,
+            if_different=if_different if if_different != "refuse" else None, no_eval=evaluate is False,
+            no_predictions=not save_predictions, max_eval_images=max_eval_images,
         )  # fmt: skip
         try:
             return launch(TASK, argv, nproc_per_node=nproc_per_node, nnodes=nnodes, torchrun_args=torchrun_args)
@@ -471,9 +485,10 @@ def _train(
         train_model = nn.parallel.DistributedDataParallel(
             train_model, device_ids=[device.index] if device.type == "cuda" else None
         )
+    n_train = len(train_set)  # type: ignore[arg-type]
     loader = DataLoader(
         _SeededSamples(train_set),
-        batch_sampler=_TrainBatches(len(train_set), bs, seed, start, total, info.rank, info.world_size),  # type: ignore[arg-type]
+        batch_sampler=_TrainBatches(n_train, bs, seed, start, total, info.rank, info.world_size),
         num_workers=int(cfg.num_workers),
         collate_fn=pad_collate,
         pin_memory=device.type == "cuda",
@@ -484,7 +499,7 @@ def _train(
     log_every = max(1, int(cfg.log_every))
     _logger.info(
         "training %s + %s on %d images, %d iterations of %d crops, %d process(es)",
-        cfg.model, cfg.head, len(train_set), total, bs, info.world_size,  # type: ignore[arg-type]
+        cfg.model, cfg.head, n_train, total, bs, info.world_size,
     )  # fmt: skip
     t0 = time.perf_counter()
     last: dict[str, float] = {}
@@ -778,7 +793,7 @@ def cli_train(args: Any) -> dict[str, Any]:
     """``anchorformer train seg``."""
     return train(
         args.data, args.out, args.model, profile=args.profile, overrides=args.overrides, epochs=args.epochs,
-        iters=args.iters, head=args.head, resume=args.resume, overwrite=args.overwrite,
+        iters=args.iters, head=args.head, resume=args.resume, overwrite=args.overwrite, if_different=args.if_different,
         evaluate=False if args.no_eval else None, save_predictions=not args.no_predictions,
         max_eval_images=args.max_eval_images, source="cli",
     )  # fmt: skip
