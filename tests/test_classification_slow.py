@@ -11,15 +11,10 @@ import time
 
 import pytest
 import torch
-from anchorformer.engine.classification import (
-    build_classifier,
-    classifier_kwargs,
-    resolve_config,
-    train_classification_torchrun,
-)
 from cls_helpers import TINY, make_tiny_imagefolder
 
 from anchorformer.engine.checkpoint import checkpoint_path, find_latest_checkpoint
+from anchorformer.tasks.classification.train import build_classifier, classifier_kwargs, resolve_recipe, train
 
 MODEL = "anchorformer_tiny_patch16_224"
 # No randomness left in the step: no augmentation, no drop-path, plain SGD without weight decay.
@@ -35,10 +30,10 @@ def test_two_process_ddp_takes_the_same_step_as_one_process(tmp_path, monkeypatc
     """2 gloo processes x 8 images == 1 process x 16 images: the same parameters after one step."""
     root = make_tiny_imagefolder(tmp_path / "imagenet", train_per_class=8, val_per_class=2)  # 24 images: one step
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    two = train_classification_torchrun(
+    two = train(
         root, tmp_path / "ddp2", MODEL, nproc_per_node=2, profile="mini", overrides=EXACT + ["batch_size=8"], epochs=1
     )
-    one = train_classification_torchrun(
+    one = train(
         root, tmp_path / "ddp1", MODEL, nproc_per_node=1, profile="mini", overrides=EXACT + ["batch_size=16"], epochs=1
     )
     assert two["world_size"] == 2 and one["world_size"] == 1
@@ -47,7 +42,7 @@ def test_two_process_ddp_takes_the_same_step_as_one_process(tmp_path, monkeypatc
     a = torch.load(tmp_path / "ddp2" / "model.pth", weights_only=True)["model"]
     b = torch.load(tmp_path / "ddp1" / "model.pth", weights_only=True)["model"]
     torch.manual_seed(0)  # the initial weights, as the engine builds them (seed 0)
-    cfg = resolve_config(profile="mini", overrides=EXACT, model=MODEL)
+    cfg = resolve_recipe(profile="mini", overrides=EXACT, model=MODEL)
     start = build_classifier(MODEL, classifier_kwargs(MODEL, cfg, 3)).state_dict()
     moved = max(float((b[k] - start[k]).abs().max()) for k in b)
     assert moved > 1e-3  # the step did something
@@ -59,7 +54,7 @@ def test_two_process_ddp_takes_the_same_step_as_one_process(tmp_path, monkeypatc
 def _train_cmd(root, out, epochs, *extra):
     cmd = [sys.executable, "-m", "anchorformer.cli", "train", "cls", "--data", str(root), "--out", str(out)]
     cmd += ["--model", MODEL, "--profile", "mini", "--epochs", str(epochs), *extra]
-    return cmd + ["--set", *TINY, "keep_checkpoints=10"]
+    return cmd + [a for item in [*TINY, "keep_checkpoints=10"] for a in ("--set", item)]
 
 
 @pytest.mark.slow
