@@ -1,6 +1,14 @@
 """Models: AnchorFormer backbones (registered in timm) and their weight loading."""
 
-from .anchorformer import ANCHOR_MODES, MODEL_NAMES, AnchorAttention, AnchorBlock, AnchorFormer, AnchorFormerDistilled
+from .anchorformer import (
+    ANCHOR_MODES,
+    DEFAULT_NUM_ANCHORS,
+    MODEL_NAMES,
+    AnchorAttention,
+    AnchorBlock,
+    AnchorFormer,
+    AnchorFormerDistilled,
+)
 from .checkpoint import (
     CheckpointMismatchError,
     LoadReport,
@@ -9,10 +17,11 @@ from .checkpoint import (
     model_from_checkpoint,
     read_state_dict,
 )
-from .factory import create_model
+from .factory import backbone_kwargs, create_model
 
 __all__ = [
     "ANCHOR_MODES",
+    "DEFAULT_NUM_ANCHORS",
     "MODEL_NAMES",
     "AnchorAttention",
     "AnchorBlock",
@@ -20,6 +29,7 @@ __all__ = [
     "AnchorFormerDistilled",
     "CheckpointMismatchError",
     "LoadReport",
+    "backbone_kwargs",
     "checkpoint_filter_fn",
     "create_model",
     "load_checkpoint",
