@@ -25,6 +25,7 @@ _TOP_LEVEL = [
     ("anchorformer.complexity_cli", "register"),
     ("anchorformer.data.cli", "register"),
     ("anchorformer.bench", "register"),
+    ("anchorformer.export", "register"),
 ]
 # Tasks of `train` and `eval`: each module has register_train(subparsers) and register_eval(subparsers).
 _TASKS = [

@@ -8,6 +8,8 @@ from .checkpoint import (
     load_checkpoint,
     model_from_checkpoint,
     read_state_dict,
+    safetensors_beside,
+    save_safetensors,
 )
 from .factory import create_model
 
@@ -25,4 +27,6 @@ __all__ = [
     "load_checkpoint",
     "model_from_checkpoint",
     "read_state_dict",
+    "safetensors_beside",
+    "save_safetensors",
 ]
