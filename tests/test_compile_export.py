@@ -105,6 +105,8 @@ def test_opcheck_fused_launchers(case):
     """torch.library.opcheck on both custom operators: schema, fake (meta) kernels, dispatch under
     dynamo and AOT autograd. The launchers are not differentiable themselves (the autograd
     Function around them is), so the inputs do not require grad."""
+    import anchorformer.ops.anchor_attention.triton  # noqa: F401  registers the custom operators
+
     B, H, N, D, M, per_head, normalize = case
     g = torch.Generator().manual_seed(0)
     qk, v, grad = (torch.randn(B, H, N, D, generator=g).to(DEVICE) for _ in range(3))
