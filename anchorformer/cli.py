@@ -39,6 +39,7 @@ _TOP_LEVEL = [
     ("anchorformer.complexity", "register"),
     ("anchorformer.data.cli", "register"),
     ("anchorformer.bench", "register"),
+    ("anchorformer.export", "register"),
 ]
 
 

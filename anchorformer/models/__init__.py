@@ -16,6 +16,8 @@ from .checkpoint import (
     load_checkpoint,
     model_from_checkpoint,
     read_state_dict,
+    safetensors_beside,
+    save_safetensors,
 )
 from .factory import backbone_kwargs, create_model
 
@@ -35,4 +37,6 @@ __all__ = [
     "load_checkpoint",
     "model_from_checkpoint",
     "read_state_dict",
+    "safetensors_beside",
+    "save_safetensors",
 ]

@@ -17,10 +17,11 @@ from functools import partial
 from typing import Any
 
 import torch
+import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, LayerScale, Mlp
-from timm.models import build_model_with_cfg, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 
@@ -48,6 +49,39 @@ def check_num_anchors(num_anchors: Any) -> int:
     return num_anchors
 
 
+def _is_set(arg: Any) -> bool:
+    """Whether a mask argument was really given (an FX proxy stands for any value, given or not)."""
+    return not isinstance(arg, torch.fx.Proxy) and arg is not None and arg is not False
+
+
+def _attend_torchscript(qk: torch.Tensor, v: torch.Tensor, anchors: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """The reference operator (``ops/anchor_attention/reference.py``) in TorchScript's subset of
+    Python, for ``torch.jit.script``: the dispatcher itself cannot be scripted. Shapes as there."""
+    while anchors.dim() < 4:
+        anchors = anchors.unsqueeze(0)  # (1, 1, M, D), (1, H, M, D) or (B, H, M, D)
+    acc = torch.float64 if qk.dtype == torch.float64 else torch.float32
+    a = torch.softmax(qk.to(acc) @ anchors.to(acc).transpose(-1, -2) * qk.shape[-1] ** -0.5, dim=-1)  # (B, H, N, M)
+    kv = a.transpose(-1, -2) @ v.to(acc)  # (B, H, M, D)
+    if normalize:
+        deg = a.sum(dim=-2)  # (B, H, M)
+        nonzero = deg > 0
+        inv = torch.where(nonzero, 1.0 / torch.where(nonzero, deg, torch.ones_like(deg)), torch.zeros_like(deg))
+        kv = kv * inv.unsqueeze(-1)
+    return (a @ kv).to(v.dtype)  # (B, H, N, D)
+
+
+def _attend(qk: torch.Tensor, v: torch.Tensor, anchors: torch.Tensor, normalize: bool, impl: str) -> torch.Tensor:
+    """The operator call of :class:`AnchorAttention`: one opaque node for FX (``torch.fx.wrap``:
+    the dispatcher checks shapes and devices, which FX proxies do not have), the reference maths
+    under TorchScript, and :func:`anchor_attention` (reference or fused) otherwise."""
+    if torch.jit.is_scripting():
+        return _attend_torchscript(qk, v, anchors, normalize)
+    return anchor_attention(qk, v, anchors, normalize=normalize, impl=impl)
+
+
+torch.fx.wrap("_attend")
+
+
 class AnchorAttention(nn.Module):
     """Multi-head anchor attention (REFERENCE: the official ``AnchorAttention`` forward).
 
@@ -68,9 +102,12 @@ class AnchorAttention(nn.Module):
         per_head_anchors: bool = False,  # (H, M, D) anchors instead of one (M, D) set per layer
         anchor_mode: str = "learned",  # "learned" (the method) or "pooled" (fixed-anchor ablation)
         attn_impl: str = "auto",  # "auto" | "reference" | "triton"
+        device: torch.device | str | None = None,  # timm's factory arguments: where and in which
+        dtype: torch.dtype | None = None,  # dtype every parameter is created
         **_: Any,  # the rest of timm's attention arguments (qk_norm, attn_drop, ...) do not apply
     ) -> None:
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         if dim % num_heads != 0:
             raise ValueError(f"AnchorAttention: dim={dim} must be divisible by num_heads={num_heads}")
         check_num_anchors(num_anchors)
@@ -86,18 +123,22 @@ class AnchorAttention(nn.Module):
         self.anchor_mode = anchor_mode
         self.attn_impl = attn_impl
 
-        self.in_proj = nn.Linear(dim, 2 * dim, bias=qkv_bias)  # -> [qk | v]
+        self.in_proj = nn.Linear(dim, 2 * dim, bias=qkv_bias, **dd)  # -> [qk | v]
         if anchor_mode == "learned":
             shape = (num_heads, num_anchors, self.head_dim) if per_head_anchors else (num_anchors, self.head_dim)
-            self.anchors = nn.Parameter(torch.empty(shape))
+            self.anchors = nn.Parameter(torch.empty(shape, **dd))
         else:
             self.register_parameter("anchors", None)
-        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
         self.init_weights()
 
     def init_weights(self) -> None:
-        """Anchors as the official ``nn.Linear(D, M)`` weight: U(-1/sqrt(D), 1/sqrt(D))."""
+        """Anchors as the official ``nn.Linear(D, M)`` weight: U(-1/sqrt(D), 1/sqrt(D)).
+
+        timm's ViT initialisation calls this for every attention layer; so does
+        ``model.init_weights()`` after ``create_model(..., device="meta")`` and ``to_empty``.
+        """
         if self.anchors is not None:
             bound = 1.0 / math.sqrt(self.head_dim)
             nn.init.uniform_(self.anchors, -bound, bound)
@@ -124,13 +165,21 @@ class AnchorAttention(nn.Module):
         anchors = self.anchors if self.anchors is not None else self.pooled_anchors(qk)
         return qk, v, anchors.to(qk.dtype)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, **_: Any) -> torch.Tensor:
-        """Args: x (B, N, C). Returns (B, N, C)."""
-        if attn_mask is not None:
-            raise ValueError("AnchorAttention does not support attn_mask")
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        """Args: x (B, N, C). Returns (B, N, C).
+
+        ``attn_mask`` must be ``None`` and ``is_causal`` ``False`` (timm's block interface): anchor
+        attention has no token-to-token matrix to mask. FX tracing passes proxies for both (every
+        argument of the traced ``forward`` is one), so the check is left to the calls that run.
+        """
+        if torch.jit.is_scripting():
+            if attn_mask is not None or is_causal:
+                raise ValueError("AnchorAttention does not support attn_mask or is_causal")
+        elif _is_set(attn_mask) or _is_set(is_causal):
+            raise ValueError("AnchorAttention does not support attn_mask or is_causal")
         B, N, C = x.shape
         qk, v, anchors = self.embed(x)
-        out = anchor_attention(qk, v, anchors, normalize=self.normalize, impl=self.attn_impl)  # (B, H, N, D)
+        out = _attend(qk, v, anchors, self.normalize, self.attn_impl)  # (B, H, N, D)
         out = out.transpose(1, 2).reshape(B, N, C)  # (B, N, C)
         return self.proj_drop(self.proj(out))
 
@@ -165,10 +214,13 @@ class AnchorBlock(nn.Module):
         per_head_anchors: bool = False,
         anchor_mode: str = "learned",
         attn_impl: str = "auto",
+        device: torch.device | str | None = None,  # timm's factory arguments, passed to every layer
+        dtype: torch.dtype | None = None,
         **_: Any,  # timm passes qk_norm, attn_drop, attn_layer, depth, ...: not used here
     ) -> None:
         super().__init__()
-        self.norm1 = norm_layer(dim)
+        dd = dict(device=device, dtype=dtype)
+        self.norm1 = norm_layer(dim, **dd)
         self.attn = AnchorAttention(
             dim,
             num_heads=num_heads,
@@ -180,16 +232,19 @@ class AnchorBlock(nn.Module):
             per_head_anchors=per_head_anchors,
             anchor_mode=anchor_mode,
             attn_impl=attn_impl,
+            **dd,
         )
-        self.ls1 = LayerScale(dim, init_values=init_values) if init_values else nn.Identity()
+        self.ls1 = LayerScale(dim, init_values=init_values, **dd) if init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-        self.norm2 = norm_layer(dim)
-        self.mlp = mlp_layer(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
-        self.ls2 = LayerScale(dim, init_values=init_values) if init_values else nn.Identity()
+        self.norm2 = norm_layer(dim, **dd)
+        self.mlp = mlp_layer(
+            in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop, **dd
+        )
+        self.ls2 = LayerScale(dim, init_values=init_values, **dd) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, **_: Any) -> torch.Tensor:
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask)))
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x
 
@@ -286,23 +341,58 @@ def _cfg(img_size: int = 224, **kwargs: Any) -> dict[str, Any]:
     }
 
 
+def _pair(size: Any) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else tuple(size)  # type: ignore[return-value]
+
+
 def _create(variant: str, pretrained: bool, distilled: bool, **kwargs: Any) -> nn.Module:
+    """timm's ``build_model_with_cfg`` with the registered pretrained config of ``variant``.
+
+    ``pretrained=True`` loads the config's ``file`` (``pretrained_cfg_overlay=dict(file=PATH)``):
+    our checkpoints (``model.pth``, ``model.safetensors``) and the official layout alike, through
+    :func:`checkpoint_filter_fn`. The config's ``input_size`` follows ``img_size`` and ``in_chans``.
+    """
     from .checkpoint import checkpoint_filter_fn  # local import: checkpoint imports this module
 
     cls = AnchorFormerDistilled if distilled else AnchorFormer
-    cfg = _cfg(kwargs.get("img_size", 224), classifier=("head", "head_dist") if distilled else "head")
     out_indices = kwargs.pop("out_indices", 3)
-    cfg.update(kwargs.pop("pretrained_cfg", None) or {})  # timm's create_model passes its resolved cfg
+    overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
+    overlay.setdefault("input_size", (kwargs.get("in_chans", 3), *_pair(kwargs.get("img_size", 224))))
     return build_model_with_cfg(
         cls,
         variant,
         pretrained,
-        pretrained_cfg=cfg,
+        pretrained_cfg=kwargs.pop("pretrained_cfg", None),
+        pretrained_cfg_overlay=overlay,
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
         **kwargs,
     )
 
+
+# (name, size, native image size, distilled): the paper's T/S/B, the distilled forms, the official names.
+_VARIANTS = [
+    *(
+        (name, size, 224, distilled)
+        for size in ("tiny", "small", "base")
+        for name, distilled in (
+            (f"anchorformer_{size}_patch16_224", False),
+            (f"anchorformer_{size}_distilled_patch16_224", True),
+            (f"anchor_deit_{size}_distilled_patch16_224", True),
+        )
+    ),
+    ("anchorformer_base_patch16_384", "base", 384, False),
+    ("anchorformer_base_distilled_patch16_384", "base", 384, True),
+    ("anchor_deit_base_distilled_patch16_384", "base", 384, True),
+]
+
+# timm's register_model reads each variant's pretrained config from this module's `default_cfgs`.
+default_cfgs = generate_default_cfgs(
+    {
+        name: _cfg(img, classifier=("head", "head_dist") if distilled else "head")
+        for name, _, img, distilled in _VARIANTS
+    }
+)
 
 MODEL_NAMES: list[str] = []
 
@@ -322,10 +412,5 @@ def _register(name: str, size: str, img_size: int, distilled: bool) -> None:
     MODEL_NAMES.append(name)
 
 
-for _size in ("tiny", "small", "base"):
-    _register(f"anchorformer_{_size}_patch16_224", _size, 224, distilled=False)
-    _register(f"anchorformer_{_size}_distilled_patch16_224", _size, 224, distilled=True)
-    _register(f"anchor_deit_{_size}_distilled_patch16_224", _size, 224, distilled=True)  # official names
-_register("anchorformer_base_patch16_384", "base", 384, distilled=False)
-_register("anchorformer_base_distilled_patch16_384", "base", 384, distilled=True)
-_register("anchor_deit_base_distilled_patch16_384", "base", 384, distilled=True)
+for _name, _size, _img, _distilled in _VARIANTS:
+    _register(_name, _size, _img, _distilled)

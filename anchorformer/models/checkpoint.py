@@ -15,9 +15,11 @@ Position embeddings are resampled to the model's grid. Files are read without un
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -35,6 +37,8 @@ __all__ = [
     "load_checkpoint",
     "model_from_checkpoint",
     "read_state_dict",
+    "save_safetensors",
+    "safetensors_beside",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -231,3 +235,70 @@ def model_from_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict[str,
     load_checkpoint(model, state["model"])
     meta = {k: v for k, v in state.items() if k not in ("model", "model_ema")}
     return model.eval(), meta
+
+
+def save_safetensors(
+    path: str | os.PathLike,
+    state_dict: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``state_dict`` to ``path`` as safetensors, atomically (temporary file, ``os.replace``).
+
+    Args:
+        path: the destination (``model.safetensors``); its folder is created.
+        state_dict: names to tensors (copied to contiguous CPU tensors; shared storage is fine).
+        metadata: written into the file's header, each value as JSON unless it is a string
+            (``model_name``, ``model_kwargs``, ...: what :func:`anchorformer.export.build_model`
+            and ``anchorformer export`` read back).
+
+    Returns:
+        ``path``.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+    header = {"format": "pt"}
+    for k, v in (metadata or {}).items():
+        header[k] = v if isinstance(v, str) else json.dumps(v, default=str, sort_keys=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp_name, metadata=header)
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def safetensors_beside(checkpoint: str | os.PathLike) -> Path:
+    """Write ``model.safetensors`` beside a run's ``model.pth`` (same folder, same stem).
+
+    The weights are the ones :func:`read_state_dict` and timm's loader pick from the checkpoint
+    (EMA weights when present); the checkpoint's other JSON-able entries (``model_name``,
+    ``model_kwargs``, ``classes``, ``detector_config``, ``model_config``, ...) go into the
+    header. ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=PATH))``
+    and :func:`load_checkpoint` read the result.
+
+    Returns:
+        The path written.
+    """
+    checkpoint = Path(checkpoint)
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    weights = read_state_dict(state)
+    meta: dict[str, Any] = {}
+    if isinstance(state, Mapping):
+        picked = next((k for k in _WRAPPER_KEYS if isinstance(state.get(k), Mapping) and state[k]), None)
+        if picked is not None:
+            meta["weights"] = picked
+        for k, v in state.items():
+            if k in _WRAPPER_KEYS or isinstance(v, torch.Tensor):
+                continue
+            try:
+                json.dumps(v)
+            except TypeError:
+                continue  # tensors or other objects nested in an entry: not header material
+            meta[k] = v
+    return save_safetensors(checkpoint.with_suffix(".safetensors"), weights, meta)
