@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from ..io import write_json_atomic
+from ..models.checkpoint import safetensors_beside
 from .checkpoint import load_training_checkpoint, save_checkpoint
 from .distributed import DistInfo, barrier, cleanup_distributed, init_distributed
 from .recipe import Recipe
@@ -94,9 +95,11 @@ def training_run(
 
 
 def finish_run(run: TrainingRun, metrics: Mapping[str, Any], weights: Mapping[str, Any] | None = None) -> None:
-    """Write the final ``model.pth`` (``weights``: model state and how to rebuild it), then ``metrics.json``."""
+    """Write the final ``model.pth`` (``weights``: model state and how to rebuild it) and
+    ``model.safetensors`` beside it (the weights timm and safetensors users load), then ``metrics.json``."""
     if run.dist.is_main:
         if weights is not None:
             save_checkpoint(run.out / "model.pth", dict(weights))
+            safetensors_beside(run.out / "model.pth")
         write_json_atomic(run.out / "metrics.json", dict(metrics))  # last: its presence means the run finished
     barrier()

@@ -13,6 +13,8 @@ D = C / H head dim, M anchors.
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Mapping
 from functools import partial
 from typing import Any
 
@@ -20,7 +22,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, LayerScale, Mlp
+from timm.layers import DropPath, LayerScale, Mlp, resample_abs_pos_embed
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
@@ -31,6 +33,8 @@ __all__ = [
     "ANCHOR_MODES",
     "DEFAULT_NUM_ANCHORS",
     "check_num_anchors",
+    "checkpoint_filter_fn",
+    "detect_layout",
     "AnchorAttention",
     "AnchorBlock",
     "AnchorFormer",
@@ -323,6 +327,66 @@ _SIZES = {
 }
 
 
+# ---------------------------------------------------------------------------------------------
+# Weights of other layouts (timm's pretrained_filter_fn)
+# ---------------------------------------------------------------------------------------------
+
+
+def detect_layout(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """Name the layout of ``state_dict``: "official", "timm" or "anchorformer"."""
+    keys = list(state_dict)
+    if any(".attn.x_to_emb." in k or ".attn.dist_anchor_B." in k for k in keys):
+        return "official"
+    if any(".attn.qkv." in k for k in keys):
+        return "timm"
+    return "anchorformer"
+
+
+def _num_prefix_tokens(model: nn.Module) -> int:
+    return 0 if getattr(model, "no_embed_class", False) else int(getattr(model, "num_prefix_tokens", 1))
+
+
+def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Convert ``state_dict`` (any supported layout) to the keys and grid of ``model``.
+
+    Pure: the input is not modified. Keys that do not apply (timm's qkv biases, a distillation
+    head for a plain model) are kept so that the caller can report them.
+    """
+    layout = detect_layout(state_dict)
+    is_anchor_model = any(isinstance(m, AnchorAttention) for m in model.modules())
+    out: dict[str, torch.Tensor] = {}
+    for k, v in state_dict.items():
+        if layout == "official":
+            k = re.sub(r"\.attn\.x_to_emb\.", ".attn.in_proj.", k)
+            k = re.sub(r"\.attn\.to_out\.0\.", ".attn.proj.", k)
+            if k.endswith(".attn.dist_anchor_B.weight"):
+                k = k[: -len("dist_anchor_B.weight")] + "anchors"
+        elif layout == "timm" and is_anchor_model and ".attn.qkv." in k:
+            prefix, kind = k.split(".attn.qkv.")
+            q, _, val = v.chunk(3, dim=0)
+            if kind == "weight":
+                out[f"{prefix}.attn.in_proj.weight"] = torch.cat([q, val], dim=0)
+            else:  # the official projection has no bias: keep the biases only to report them
+                out[f"{prefix}.attn.in_proj.bias"] = torch.cat([q, val], dim=0)
+            continue
+        out[k] = v
+    pos = out.get("pos_embed")
+    target = getattr(model, "pos_embed", None)
+    if pos is not None and isinstance(target, torch.Tensor) and pos.shape != target.shape and pos.dim() == 3:
+        n_prefix = _num_prefix_tokens(model)
+        old_patches = pos.shape[1] - n_prefix
+        side = int(round(old_patches**0.5))
+        if side * side == old_patches and pos.shape[2] == target.shape[2]:
+            out["pos_embed"] = resample_abs_pos_embed(
+                pos,
+                new_size=model.patch_embed.grid_size,
+                old_size=(side, side),
+                num_prefix_tokens=n_prefix,
+                verbose=False,
+            )
+    return out
+
+
 def _cfg(img_size: int = 224, **kwargs: Any) -> dict[str, Any]:
     return {
         "url": "",
@@ -352,8 +416,6 @@ def _create(variant: str, pretrained: bool, distilled: bool, **kwargs: Any) -> n
     our checkpoints (``model.pth``, ``model.safetensors``) and the official layout alike, through
     :func:`checkpoint_filter_fn`. The config's ``input_size`` follows ``img_size`` and ``in_chans``.
     """
-    from .checkpoint import checkpoint_filter_fn  # local import: checkpoint imports this module
-
     cls = AnchorFormerDistilled if distilled else AnchorFormer
     out_indices = kwargs.pop("out_indices", 3)
     overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})

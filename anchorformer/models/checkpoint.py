@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,9 +25,9 @@ from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
-from timm.layers import resample_abs_pos_embed
 
-from .anchorformer import AnchorAttention
+from .anchorformer import checkpoint_filter_fn, detect_layout
+from .factory import create_model
 
 __all__ = [
     "CheckpointMismatchError",
@@ -94,61 +93,6 @@ def read_state_dict(path_or_state_dict: str | os.PathLike | Mapping[str, Any]) -
     if sd and all(k.startswith("module.") for k in sd):
         sd = {k[len("module.") :]: v for k, v in sd.items()}
     return sd
-
-
-def detect_layout(state_dict: Mapping[str, torch.Tensor]) -> str:
-    """Name the layout of ``state_dict``: "official", "timm" or "anchorformer"."""
-    keys = list(state_dict)
-    if any(".attn.x_to_emb." in k or ".attn.dist_anchor_B." in k for k in keys):
-        return "official"
-    if any(".attn.qkv." in k for k in keys):
-        return "timm"
-    return "anchorformer"
-
-
-def _num_prefix_tokens(model: nn.Module) -> int:
-    return 0 if getattr(model, "no_embed_class", False) else int(getattr(model, "num_prefix_tokens", 1))
-
-
-def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """Convert ``state_dict`` (any supported layout) to the keys and grid of ``model``.
-
-    Pure: the input is not modified. Keys that do not apply (timm's qkv biases, a distillation
-    head for a plain model) are kept so that the caller can report them.
-    """
-    layout = detect_layout(state_dict)
-    is_anchor_model = any(isinstance(m, AnchorAttention) for m in model.modules())
-    out: dict[str, torch.Tensor] = {}
-    for k, v in state_dict.items():
-        if layout == "official":
-            k = re.sub(r"\.attn\.x_to_emb\.", ".attn.in_proj.", k)
-            k = re.sub(r"\.attn\.to_out\.0\.", ".attn.proj.", k)
-            if k.endswith(".attn.dist_anchor_B.weight"):
-                k = k[: -len("dist_anchor_B.weight")] + "anchors"
-        elif layout == "timm" and is_anchor_model and ".attn.qkv." in k:
-            prefix, kind = k.split(".attn.qkv.")
-            q, _, val = v.chunk(3, dim=0)
-            if kind == "weight":
-                out[f"{prefix}.attn.in_proj.weight"] = torch.cat([q, val], dim=0)
-            else:  # the official projection has no bias: keep the biases only to report them
-                out[f"{prefix}.attn.in_proj.bias"] = torch.cat([q, val], dim=0)
-            continue
-        out[k] = v
-    pos = out.get("pos_embed")
-    target = getattr(model, "pos_embed", None)
-    if pos is not None and isinstance(target, torch.Tensor) and pos.shape != target.shape and pos.dim() == 3:
-        n_prefix = _num_prefix_tokens(model)
-        old_patches = pos.shape[1] - n_prefix
-        side = int(round(old_patches**0.5))
-        if side * side == old_patches and pos.shape[2] == target.shape[2]:
-            out["pos_embed"] = resample_abs_pos_embed(
-                pos,
-                new_size=model.patch_embed.grid_size,
-                old_size=(side, side),
-                num_prefix_tokens=n_prefix,
-                verbose=False,
-            )
-    return out
 
 
 def load_checkpoint(
@@ -221,8 +165,6 @@ def model_from_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict[str,
         FileNotFoundError: no such file.
         CheckpointMismatchError: the file does not name its model, or the weights do not fit it.
     """
-    from .factory import create_model
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")

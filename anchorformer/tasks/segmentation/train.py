@@ -56,6 +56,7 @@ from ...engine.seeding import seed_everything
 from ...engine.trainer import TrainingRun, training_run
 from ...io import write_json_atomic
 from ...models.anchorformer import AnchorAttention
+from ...models.checkpoint import safetensors_beside
 from ...models.factory import backbone_kwargs, is_anchorformer
 from ...models.segmentation import SegmentationModel, build_segmentation_model, segmentation_model_from_config
 from ...ops.counting import count_macs, count_params
@@ -545,6 +546,7 @@ def _train(
     if info.is_main:
         weights = {"model": model.state_dict(), "model_config": model.config, "config": cfg.to_dict()}
         save_checkpoint(final, {**weights, "iteration": total, "profile": profile})
+        safetensors_beside(final)
     summary = {
         "iters": total,
         "train_time_s": round(train_time, 2),
