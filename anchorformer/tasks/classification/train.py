@@ -508,7 +508,8 @@ def _train(run: TrainingRun, data: Path, classes: list[str], model_kwargs: dict[
     global_batch = cfg["batch_size"] * dist_info.world_size
     if len(train_ds) < global_batch:
         raise ValueError(
-            f"{data / 'train'} holds {len(train_ds)} images, fewer than one global batch of {global_batch}"
+            f"{data / 'train'} holds {len(train_ds)} images, fewer than one global batch of {global_batch} "
+            f"(batch_size={cfg['batch_size']} x {dist_info.world_size} process(es)); lower batch_size"
         )
     sampler = build_imagenet_sampler(
         train_ds,

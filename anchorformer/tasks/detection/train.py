@@ -346,7 +346,8 @@ def _check_data_root(data: Path) -> None:
         )
 
 
-RESULTS = ("metrics.json", "model.pth", "model.safetensors", "detections.json", "run.json")  # a finished run's files
+# a finished run's files (run.json, the recipe, is written when training starts: rewritten by a resumed run)
+RESULTS = ("metrics.json", "model.pth", "model.safetensors", "detections.json")
 
 
 def train(
