@@ -7,6 +7,7 @@ mini COCO images, ``train seg`` on 4 mini ADE20K scenes.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import gc
 import json
@@ -314,6 +315,17 @@ def test_a_bad_training_file_fails_in_one_line_or_is_skipped_and_counted(task, d
     assert metrics["bad_files"] == 1
     records = [json.loads(line) for line in (out / "bad_files.jsonl").read_text().splitlines()]
     assert {r["path"] for r in records} == {str(bad)} and "cannot decode image" in records[0]["reason"]
+
+
+def test_every_recipe_takes_on_bad_as_data_verify_does():
+    from anchorformer.data.files import ON_BAD
+    from anchorformer.engine.recipe import TaskRecipe, load_preset
+
+    field = next(f for f in dataclasses.fields(TaskRecipe) if f.name == "on_bad")
+    assert field.metadata["choices"] == ON_BAD and field.metadata["resumable"]
+    for task in TASKS:
+        for profile in ("mini", "full"):
+            assert load_preset(task, profile)[0]["on_bad"] == "fail"
 
 
 def test_bad_file_errors_survive_pickling_and_worker_reports():

@@ -25,7 +25,6 @@ from typing import Any, ClassVar, TypeVar
 
 import yaml
 
-from ..data.files import ON_BAD
 from ..models.factory import check_num_anchors
 
 __all__ = [
@@ -352,6 +351,7 @@ def load_recipe(
 
 
 _ANCHOR_MODES = ("learned", "pooled")
+_ON_BAD = ("fail", "skip")  # anchorformer.data.files.ON_BAD (not imported: the recipes stay off the data floor)
 _ATTN_IMPLS = ("auto", "reference", "triton")
 
 
@@ -381,7 +381,7 @@ class TaskRecipe(Recipe):
     # a training file that does not decode: fail (one line naming it) | skip (logged, counted in
     # metrics.json, listed in OUT/bad_files.jsonl); resumable, so that a run stopped by a bad file
     # can go on with skip. Evaluation always fails on a bad file (its numbers must cover the split).
-    on_bad: str = setting(choices=ON_BAD, resumable=True)
+    on_bad: str = setting(choices=_ON_BAD, resumable=True)
     keep_checkpoints: int = setting(ge=1, resumable=True)  # per-epoch/iteration checkpoints kept
     log_every: int = setting(ge=1, resumable=True)  # steps between log lines
 
