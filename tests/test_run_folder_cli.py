@@ -187,6 +187,21 @@ def _disk_full_at(n: int, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch, "save", save)
 
 
+def test_disk_full_at_the_first_checkpoint(datasets, tmp_path, capsys, monkeypatch):
+    """Row 7 as the issue met it: ENOSPC and the file named in one line, no temporary file left;
+    the same command, once there is room, starts the run."""
+    out = tmp_path / "run"
+    argv = _argv("cls", datasets / "cls", out, steps=1)
+    with monkeypatch.context() as m:
+        _disk_full_at(1, m)
+        assert main(argv) == 2
+    err = _error(capsys)
+    assert f"{out / 'checkpoints' / 'checkpoint-000001.pth'}: cannot write the checkpoint: " in err
+    assert "(ENOSPC); no earlier checkpoint existed; nothing was replaced; free some space" in err
+    assert list((out / "checkpoints").iterdir()) == [] and not (out / LOCK_NAME).exists()
+    assert main(argv) == 0 and _checkpoints(out) == ["checkpoint-000001.pth"]
+
+
 class _Evil:
     """A class a weights-only load refuses to unpickle."""
 
