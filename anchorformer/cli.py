@@ -18,8 +18,9 @@ through ``add_train_arguments(parser)`` / ``add_eval_arguments(parser)`` and run
                                      [--epochs N]
     anchorformer eval  {cls,det,seg} --data ROOT --checkpoint PATH --out DIR [--set KEY=VALUE]...
 
-Errors a user can act on (a bad recipe value, a missing file, a folder in use) print one line
-and exit with status 2; ``--debug`` (or ``ANCHORFORMER_DEBUG=1``) shows the traceback.
+Errors a user can act on (a bad recipe value, a missing or unreadable file, a folder in use, a
+bad data file met in training, a full disk) print one line and exit with status 2; ``--debug``
+(or ``ANCHORFORMER_DEBUG=1``) shows the traceback.
 """
 
 from __future__ import annotations
@@ -133,8 +134,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = args.debug or os.environ.get("ANCHORFORMER_DEBUG", "") not in ("", "0")
     try:
         rc = args.func(args)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        # Bad input: one clear line, no traceback from deep inside a library.
+    except (ValueError, OSError, KeyError) as e:
+        # Bad input or a file system that refuses (disk full, no rights): one clear line, no
+        # traceback from deep inside a library.
         if debug:
             raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e

@@ -184,7 +184,8 @@ class ADE20KSegmentation(BadFilePolicy, Dataset):
                     self.root / "annotations" / split / f"{unpaired[0].stem}.png",
                     f"label map of {unpaired[0].name} ({len(unpaired)} images without one)",
                 )
-            self.bad_files.extend(str(p) for p in unpaired)
+            for p in unpaired:
+                self._skip(str(p), "its label map does not exist")
         if not pairs:
             raise FileNotFoundError(f"no image of {self.root / 'images' / split} has a label map")
         self.samples = pairs

@@ -36,6 +36,9 @@ def _summary(manifest: dict[str, Any]) -> str:
         if manifest["bad_files"]
         else ""
     )
+    anns = manifest.get("bad_annotations") or []
+    if anns:
+        bad += f"; {len(anns)} bad annotations skipped: " + "; ".join(anns[:10]) + ("; ..." if len(anns) > 10 else "")
     return (
         f"{manifest['dataset']} ({manifest['expect']}) OK at {manifest['root']}: {splits}; "
         f"{manifest['files']} files, {manifest['bytes'] / 2**20:.1f} MiB, list sha256 {manifest['file_list_sha256'][:12]}{bad}"
@@ -86,7 +89,7 @@ def _add_check_options(p: argparse.ArgumentParser) -> None:
         "--on-bad",
         choices=ON_BAD,
         default="fail",
-        help="a file that does not decode: fail, or skip and list it (default fail)",
+        help="a file that does not decode, an unusable annotation: fail, or skip and list it (default fail)",
     )
     p.add_argument("--no-decode", action="store_true", help="check layout, counts and references only")
     p.add_argument("--workers", type=int, default=None, help="decoding processes (default: CPU count, at most 16)")

@@ -142,7 +142,11 @@ class CocoDetection(BadFilePolicy, Dataset):
                 self._degenerate.add(ann["id"])
         self.num_degenerate = len(self._degenerate)
         if self.num_degenerate:
-            log.info("%s: dropped %d annotations with an empty box", self.ann_file, self.num_degenerate)
+            log.warning(
+                "%s: dropped %d annotations with an empty box (`anchorformer data verify coco ROOT` lists them)",
+                self.ann_file,
+                self.num_degenerate,
+            )
         ids = sorted(self.coco.imgs)
         if remove_empty:
             ids = [i for i in ids if any(a["id"] not in self._degenerate for a in self.coco.imgToAnns[i])]

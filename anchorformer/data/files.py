@@ -6,12 +6,20 @@ naming the file, never a bare traceback from inside PIL. Datasets take ``on_bad`
 
 - ``"fail"``: the error is raised (the default; a training run stops at the first bad file);
 - ``"skip"``: the file is logged once, recorded in the dataset's ``bad_files``, and the next
-  sample is returned instead (the counts are per process: each DataLoader worker keeps its own).
+  sample is returned instead (the counts are per process: each DataLoader worker keeps its own;
+  :meth:`BadFilePolicy.record_bad_files_in` names a file to which every process appends what it
+  skips, which :func:`read_bad_file_log` reads back).
+
+A :class:`BadFileError` raised in a DataLoader worker is rebuilt in the main process from the
+worker's message alone (the DataLoader calls ``type(e)(message)``), so it reaches the caller as
+the same error naming the same file, whatever the number of workers.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -31,6 +39,7 @@ __all__ = [
     "load_label_map",
     "load_rgb",
     "missing_path_error",
+    "read_bad_file_log",
 ]
 
 log = logging.getLogger(__name__)
@@ -78,24 +87,48 @@ ROOT/                           (the ADEChallengeData2016 folder)
       ..."""
 
 
+# the last line of a traceback formatted by a DataLoader worker: "pkg.BadFileError: PATH: REASON"
+_WORKER_LINE = re.compile(r"^(?:[\w.]+\.)?(?:BadFileError|MissingFileError): (.*)$", re.MULTILINE)
+
+
+def _split_message(text: str) -> tuple[str, str]:
+    """``(path, reason)`` of a message ``"PATH: REASON"``, or of a DataLoader worker's report of one."""
+    found = _WORKER_LINE.findall(text)
+    message = found[-1].strip() if found else text.strip().splitlines()[-1] if text.strip() else text
+    path, sep, reason = message.partition(": ")
+    return (path, reason) if sep else ("", message)
+
+
 class BadFileError(ValueError):
     """A file of a dataset exists but cannot be used (does not decode, wrong size or mode).
 
+    ``BadFileError(message)`` with one string (``"PATH: REASON"``, or the report of a DataLoader
+    worker that raised one) rebuilds the error: that is how pickling and the DataLoader re-raise it.
+
     Attributes:
         path: the offending file.
+        reason: what is wrong with it.
     """
 
-    def __init__(self, path: str | Path, reason: str) -> None:
+    def __init__(self, path: str | Path, reason: str | None = None) -> None:
+        report = str(path) if reason is None and "\n" in str(path) else None
+        if reason is None:
+            path, reason = _split_message(str(path))
         self.path = str(path)
         self.reason = reason
-        super().__init__(f"{path}: {reason}")
+        super().__init__(f"{path}: {reason}" if path else reason)
+        if report is not None:  # the worker's traceback, shown with --debug
+            self.add_note(report)
 
 
 class MissingFileError(BadFileError, FileNotFoundError):
     """A file that the dataset lists (an annotation, a label map's image) does not exist."""
 
-    def __init__(self, path: str | Path, what: str = "file") -> None:
-        super().__init__(path, f"{what} does not exist")
+    def __init__(self, path: str | Path, what: str | None = None) -> None:
+        if what is None:  # rebuilt from a message (pickling, a DataLoader worker)
+            super().__init__(path)
+        else:
+            super().__init__(path, f"{what} does not exist")
 
 
 def missing_path_error(path: str | Path, what: str, layout: str) -> FileNotFoundError:
@@ -172,6 +205,32 @@ def load_label_map(path: str | Path, expected_size: tuple[int, int] | None = Non
 T = TypeVar("T")
 
 
+def _append_record(log_file: str, path: str, reason: str) -> None:
+    # one short line per write(): appends from several processes (workers, ranks) do not interleave
+    with open(log_file, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"path": path, "reason": reason}) + "\n")
+
+
+def read_bad_file_log(log_file: str | Path) -> dict[str, str]:
+    """The files recorded by :meth:`BadFilePolicy.record_bad_files_in`: ``{path: reason}`` (each once).
+
+    A missing log means nothing was skipped; a line cut by a killed process is ignored.
+    """
+    found: dict[str, str] = {}
+    try:
+        lines = Path(log_file).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return found
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and "path" in record:
+            found.setdefault(str(record["path"]), str(record.get("reason", "")))
+    return found
+
+
 class BadFilePolicy:
     """Mixin of the datasets: apply ``on_bad`` around a per-index fetch.
 
@@ -181,10 +240,29 @@ class BadFilePolicy:
 
     on_bad: str
     bad_files: list[str]
+    bad_file_log: str | None = None
 
     def _init_bad_files(self, on_bad: str) -> None:
         self.on_bad = check_on_bad(on_bad)
         self.bad_files = []
+        self._bad_reasons: dict[str, str] = {}
+
+    def record_bad_files_in(self, log_file: str | Path) -> None:
+        """Append every file skipped from now on (and those skipped already) to ``log_file``, one
+        JSON line each; the DataLoader's workers and other processes append to the same file."""
+        self.bad_file_log = str(log_file)
+        for path in self.bad_files:
+            _append_record(self.bad_file_log, path, self._bad_reasons.get(path, ""))
+
+    def _skip(self, path: str, reason: str) -> None:
+        """Record ``path`` as skipped (logged once, with the reason)."""
+        if path in self.bad_files:
+            return
+        self.bad_files.append(path)
+        self._bad_reasons[path] = reason
+        log.warning("skipping bad file (%d so far): %s: %s", len(self.bad_files), path, reason)
+        if self.bad_file_log is not None:
+            _append_record(self.bad_file_log, path, reason)
 
     def _fetch(self, index: int, fn: Callable[[int], T]) -> T:
         n = len(self)  # type: ignore[arg-type]
@@ -195,10 +273,9 @@ class BadFilePolicy:
             except BadFileError as e:
                 if self.on_bad == "fail":
                     raise
-                if e.path not in self.bad_files:
-                    self.bad_files.append(e.path)
-                    log.warning("skipping bad file (%d so far): %s", len(self.bad_files), e)
-        raise RuntimeError(f"no sample of {type(self).__name__} could be read; bad files: {self.bad_files[:10]}")
+                self._skip(e.path, e.reason)
+        where = getattr(self, "root", type(self).__name__)
+        raise BadFileError(where, f"no sample could be read: all {n} are bad, e.g. {self.bad_files[:3]}")
 
     @property
     def num_bad(self) -> int:

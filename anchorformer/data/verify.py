@@ -9,13 +9,17 @@
 - that every image decodes (and, for ADE20K, every label map: single channel, the image's size,
   values 0..150; for COCO, that the decoded size is the one in the json and every segmentation
   decodes);
-- that annotations point to files that exist (COCO ``file_name``; ADE20K image/label pairs).
+- that annotations point to files that exist (COCO ``file_name``; ADE20K image/label pairs);
+- that COCO annotations can be trained on: a box has a positive width and height and overlaps its
+  image, a polygon has at least three points (the loader drops such boxes; pycocotools reads a
+  four-number "polygon" as a box).
 
 It returns a manifest: counts, the number and total size of the files, and a SHA-256 of the
 sorted list of (relative path, size). The manifest is small and deterministic, so DVC tracks it
 (``outputs/data/manifest_*.json``) in place of the full datasets, which are never copied.
 Problems are collected and raised together as a :class:`VerificationError`; with
-``on_bad="skip"`` files that do not decode are listed in the manifest instead.
+``on_bad="skip"`` files that do not decode are listed in the manifest instead (``bad_files``),
+and so are unusable annotations (``bad_annotations``, present only when there are some).
 """
 
 from __future__ import annotations
@@ -163,7 +167,7 @@ def _check_decodes(
 
 def _verify_imagenet(
     root: Path, expected: dict[str, int], expect: str, decode: bool, on_bad: str, workers: int
-) -> tuple[dict, list, list]:
+) -> tuple[dict, list, list, list]:
     from torchvision.datasets.folder import IMG_EXTENSIONS
 
     from .imagenet import find_imagenet_classes
@@ -192,18 +196,19 @@ def _verify_imagenet(
         if decode:
             _check_decodes(_map_files(_check_image, paths, workers, f"imagenet {split}"), problems, bad, on_bad)
         splits[split] = {"images": len(paths), "classes": len(classes)}
-    return splits, problems, bad
+    return splits, problems, bad, []
 
 
 def _verify_coco(
     root: Path, expected: dict[str, int], expect: str, decode: bool, on_bad: str, workers: int
-) -> tuple[dict, list, list]:
+) -> tuple[dict, list, list, list]:
     from pycocotools import mask as mask_utils
 
     from .coco import coco_paths, load_coco_api
 
     problems: list[str] = []
     bad: list[str] = []
+    bad_anns: list[str] = []
     splits: dict[str, Any] = {}
     for split, n_expected in expected.items():
         ann_file, img_dir = coco_paths(root, split)
@@ -234,6 +239,12 @@ def _verify_coco(
                 continue
             if ann.get("category_id") not in cat_ids:
                 problems.append(f"{where} has category_id {ann.get('category_id')}, not among the categories")
+            unusable = _unusable_annotation(ann, images[ann["image_id"]])
+            if unusable and on_bad == "skip":
+                bad_anns.append(f"{ann_file.name}: annotation {ann.get('id')} {unusable}")
+                log.warning("bad annotation (skipped): %s %s", where, unusable)
+            elif unusable:
+                problems.append(f"{where} {unusable}")
             if decode:
                 try:
                     rle = coco.annToRLE(ann)
@@ -255,7 +266,30 @@ def _verify_coco(
             "crowd": n_crowd,
             "categories": len(cat_ids),
         }
-    return splits, problems, bad
+    return splits, problems, bad, bad_anns
+
+
+def _unusable_annotation(ann: dict[str, Any], image: dict[str, Any]) -> str | None:
+    """Why a COCO annotation cannot be trained on (of image ``image``), or None."""
+    box = ann.get("bbox")
+    ok = isinstance(box, (list, tuple)) and len(box) == 4
+    if not ok or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box):
+        return f"(image {ann.get('image_id')}): bbox {box!r} is not [x, y, width, height]"
+    x, y, w, h = (float(v) for v in box)
+    if w <= 0 or h <= 0:
+        return f"(image {ann.get('image_id')}): degenerate box {box} (non-positive width or height)"
+    if min(x + w, image["width"]) <= max(x, 0.0) or min(y + h, image["height"]) <= max(y, 0.0):
+        return f"(image {ann.get('image_id')}): box {box} lies outside its {image['width']}x{image['height']} image"
+    seg = ann.get("segmentation")
+    if isinstance(seg, list):
+        for i, poly in enumerate(seg):
+            if not isinstance(poly, (list, tuple)) or len(poly) < 6 or len(poly) % 2:
+                n = len(poly) if isinstance(poly, (list, tuple)) else 0
+                return (
+                    f"(image {ann.get('image_id')}): polygon {i} has {n} coordinates; "
+                    "expected at least 3 points (x, y pairs)"
+                )
+    return None
 
 
 def _check_ade_pair(pair: tuple[str, str]) -> tuple[str, tuple[int, int] | None, str | None]:
@@ -275,7 +309,7 @@ def _check_ade_pair(pair: tuple[str, str]) -> tuple[str, tuple[int, int] | None,
 
 def _verify_ade20k(
     root: Path, expected: dict[str, int], expect: str, decode: bool, on_bad: str, workers: int
-) -> tuple[dict, list, list]:
+) -> tuple[dict, list, list, list]:
     from .ade20k import ade20k_pairs
 
     problems: list[str] = []
@@ -298,7 +332,7 @@ def _verify_ade20k(
             items = [(str(a), str(b)) for a, b in pairs]
             _check_decodes(_map_files(_check_ade_pair, items, workers, f"ade20k {split}"), problems, bad, on_bad)
         splits[split] = {"images": n_images, "annotations": len(pairs)}
-    return splits, problems, bad
+    return splits, problems, bad, []
 
 
 _VERIFIERS = {"imagenet": _verify_imagenet, "coco": _verify_coco, "ade20k": _verify_ade20k}
@@ -320,8 +354,9 @@ def verify_dataset(
         root: the dataset's root (for ADE20K the ``ADEChallengeData2016`` folder).
         expect: "full" (the released counts), "mini" (the counts of ``root/mini.json``) or "auto"
             (mini when ``mini.json`` exists).
-        on_bad: "fail": files that do not decode are problems; "skip": they are listed in the
-            manifest's ``bad_files`` (and logged) and verification goes on.
+        on_bad: "fail": files that do not decode and unusable annotations are problems; "skip":
+            they are listed in the manifest's ``bad_files`` and ``bad_annotations`` (and logged)
+            and verification goes on.
         decode: decode every image (and label map, and COCO segmentation); False checks only
             the layout, the counts and the references.
         workers: processes for decoding; default: the CPU count (at most 16).
@@ -344,7 +379,7 @@ def verify_dataset(
     expected = _expected_counts(dataset, expect, mini)
     workers = workers if workers is not None else min(16, os.cpu_count() or 1)
     log.info("verifying %s at %s (%s counts%s)", dataset, root_path, expect, ", decoding every file" if decode else "")
-    splits, problems, bad = _VERIFIERS[dataset](root_path, expected, expect, decode, on_bad, workers)
+    splits, problems, bad, bad_annotations = _VERIFIERS[dataset](root_path, expected, expect, decode, on_bad, workers)
     if problems:
         raise VerificationError(dataset, root_path, problems)
     manifest = {
@@ -356,6 +391,8 @@ def verify_dataset(
         "decoded": bool(decode),
         "bad_files": sorted(os.path.relpath(p, root_path) for p in bad),
     }
+    if bad_annotations:  # only then: the manifests of clean sets stay as they were
+        manifest["bad_annotations"] = bad_annotations
     if mini is not None:
         manifest["mini"] = {"seed": mini.get("seed"), "version": mini.get("version")}
     log.info("%s at %s: %s", dataset, root_path, json.dumps(splits))

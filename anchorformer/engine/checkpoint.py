@@ -10,12 +10,17 @@ Checkpoints are written atomically: the bytes go to a temporary file in the same
 never a truncated ``checkpoint-*.pth``; :func:`find_latest_checkpoint` skips temporary files
 and anything that is not a complete checkpoint archive.
 
+A write that fails for want of room or rights (disk full, quota, read-only folder) raises
+:class:`CheckpointWriteError`: one line naming the file, the cause (``ENOSPC``, ...) and the
+checkpoint left intact, whatever torch's serializer made of the failed ``write()``.
+
 Naming: :func:`checkpoint_path` gives ``OUT/checkpoints/checkpoint-{step:06d}.pth`` where the step
 is the number of completed epochs (classification) or iterations (detection, segmentation).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -29,7 +34,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..models.checkpoint import describe_load_error
+
 __all__ = [
+    "CheckpointWriteError",
     "capture_rng_state",
     "checkpoint_candidates",
     "checkpoint_path",
@@ -68,6 +76,37 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, quota, no rights); ``errno`` is the cause's.
+    Nothing was replaced: the message names the checkpoint that is intact."""
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    """The OSError with an errno in ``exc``'s chain (torch's serializer turns a failed ``write()``
+    into a RuntimeError "unexpected pos", the OSError being its context)."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno is not None:
+            return e
+        todo += [e.__cause__, e.__context__]
+    return None
+
+
+def _intact(path: Path) -> str:
+    """What a failed write of ``path`` left intact, in words."""
+    if path.exists():
+        return f"{path} is intact (unchanged)"
+    earlier = [p for _, p in checkpoint_candidates(path.parent) if p != path]
+    if earlier:
+        return f"the previous checkpoint {earlier[-1]} is intact"
+    return "no earlier checkpoint existed; nothing was replaced"
+
+
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
     """Write ``state`` to ``path`` atomically (temporary file, flush + fsync, ``os.replace``).
 
@@ -75,10 +114,17 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
         path: the destination; its folder is created.
         state: a dict of tensors, state dicts and Python primitives (readable with
             ``weights_only=True``).
+
+    Raises:
+        CheckpointWriteError: the file system refused the write (``ENOSPC``, ``EDQUOT``,
+            ``EACCES``, ...); the temporary file is removed and ``path`` is left as it was.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    except OSError as e:
+        raise _write_error(path, e) from e
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -86,10 +132,24 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        cause = _os_error(e) if isinstance(e, Exception) else None
+        if cause is not None:
+            raise _write_error(path, cause) from e
         raise
     _fsync_dir(path.parent)
+
+
+def _write_error(path: Path, cause: OSError) -> CheckpointWriteError:
+    code = cause.errno or 0
+    name = errno.errorcode.get(code, str(code))
+    err = CheckpointWriteError(
+        f"{path}: cannot write the checkpoint: {os.strerror(code) if code else cause} ({name}); {_intact(path)}"
+        + ("; free some space, then rerun the same command to resume" if code in (errno.ENOSPC, errno.EDQUOT) else "")
+    )
+    err.errno = code
+    return err
 
 
 def load_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -105,7 +165,7 @@ def load_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - re-raised with the file named
-        raise ValueError(f"{path}: not a readable weights-only PyTorch checkpoint ({type(e).__name__}: {e})") from e
+        raise ValueError(f"{path}: not a readable weights-only PyTorch checkpoint: {describe_load_error(e)}") from e
     if not isinstance(state, dict):
         raise ValueError(f"{path}: expected a dict checkpoint, found {type(state).__name__}")
     return state

@@ -351,6 +351,7 @@ def load_recipe(
 
 
 _ANCHOR_MODES = ("learned", "pooled")
+_ON_BAD = ("fail", "skip")  # anchorformer.data.files.ON_BAD (not imported: the recipes stay off the data floor)
 _ATTN_IMPLS = ("auto", "reference", "triton")
 
 
@@ -377,6 +378,10 @@ class TaskRecipe(Recipe):
     amp: bool = setting()  # autocast (bf16) on CUDA; on the CPU only when device is cpu and amp is set
     seed: int = setting(ge=0)
     num_workers: int = setting(ge=0, resumable=True)  # data-loader processes per training process
+    # a training file that does not decode: fail (one line naming it) | skip (logged, counted in
+    # metrics.json, listed in OUT/bad_files.jsonl); resumable, so that a run stopped by a bad file
+    # can go on with skip. Evaluation always fails on a bad file (its numbers must cover the split).
+    on_bad: str = setting(choices=_ON_BAD, resumable=True)
     keep_checkpoints: int = setting(ge=1, resumable=True)  # per-epoch/iteration checkpoints kept
     log_every: int = setting(ge=1, resumable=True)  # steps between log lines
 

@@ -175,11 +175,17 @@ def _move_aside(out: Path) -> Path:
 
 
 def _remove_results(out: Path, results: Iterable[str]) -> None:
-    for name in results:
+    found = [name for name in results if (out / name).exists()]
+    if found:
+        _logger.warning(
+            "resuming: removing %s of this run's earlier attempt (a result never outlives the weights it describes)",
+            ", ".join(found),
+        )
+    for name in found:
         p = out / name
         if p.is_dir():
             shutil.rmtree(p)
-        elif p.exists():
+        else:
             p.unlink()
 
 

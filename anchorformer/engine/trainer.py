@@ -7,6 +7,12 @@ undoes all of it when the run ends. The task supplies its model, data, step and 
 the ``with`` block, saves its training state with :func:`~.checkpoint.save_training_state`, logs
 with :class:`~.logging.MetricLogger` and ends with :func:`finish_run` (weights, then
 ``metrics.json`` last: its presence means the run finished).
+
+Bad training files (the recipe's ``on_bad``): the task hands its training set to
+:meth:`TrainingRun.watch_bad_files`; with ``skip``, every process (DataLoader workers and torchrun
+ranks included) appends what it skips to ``OUT/bad_files.jsonl``, and :meth:`TrainingRun.bad_files`
+reads the count back for ``metrics.json``. The log belongs to the run: kept when it is resumed,
+cleared when a run starts afresh.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..data.files import read_bad_file_log
 from ..io import write_json_atomic
 from ..models.checkpoint import safetensors_beside
 from .checkpoint import load_training_checkpoint, save_checkpoint
@@ -29,9 +36,11 @@ from .distributed import DistInfo, barrier, cleanup_distributed, init_distribute
 from .recipe import Recipe
 from .run import RunStart, open_run, release_run
 
-__all__ = ["TrainingRun", "finish_run", "training_run"]
+__all__ = ["BAD_FILES", "TrainingRun", "finish_run", "training_run"]
 
 _logger = logging.getLogger(__name__)
+
+BAD_FILES = "bad_files.jsonl"  # the training files skipped by on_bad=skip, one JSON line each
 
 
 @dataclass
@@ -47,6 +56,25 @@ class TrainingRun:
     def state(self) -> dict[str, Any] | None:
         """The checkpoint resumed from, or ``None`` for a fresh start."""
         return self.start.state
+
+    @property
+    def bad_file_log(self) -> Path:
+        return self.out / BAD_FILES
+
+    def watch_bad_files(self, dataset: Any) -> None:
+        """Have ``dataset`` (a dataset with the ``on_bad`` policy, or a ``Subset`` or wrapper of
+        one) record the files it skips in :attr:`bad_file_log`, from every process."""
+        while not hasattr(dataset, "record_bad_files_in") and hasattr(dataset, "dataset"):
+            dataset = dataset.dataset
+        if hasattr(dataset, "record_bad_files_in"):
+            dataset.record_bad_files_in(self.bad_file_log)
+
+    def bad_files(self) -> dict[str, str]:
+        """The training files skipped so far in this run (resumptions included): ``{path: reason}``."""
+        found = read_bad_file_log(self.bad_file_log)
+        if found:
+            _logger.warning("%d bad training file(s) skipped; listed in %s", len(found), self.bad_file_log)
+        return found
 
 
 @contextmanager
@@ -87,6 +115,9 @@ def training_run(
         assert start is not None
         if start.resumed:
             _logger.info("resuming from %s", start.checkpoint)
+        elif info.is_main and (out / BAD_FILES).exists():  # left by an attempt that wrote no checkpoint
+            (out / BAD_FILES).unlink()
+        barrier()  # the log is cleared before any process records in it
         yield TrainingRun(recipe, out, info, start)
     finally:
         release_run(start)

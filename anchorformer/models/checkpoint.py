@@ -32,7 +32,9 @@ from .factory import create_model
 __all__ = [
     "CheckpointMismatchError",
     "LoadReport",
+    "UnreadableCheckpointError",
     "checkpoint_filter_fn",
+    "describe_load_error",
     "load_checkpoint",
     "model_from_checkpoint",
     "read_state_dict",
@@ -47,6 +49,28 @@ _WRAPPER_KEYS = ("model_ema", "state_dict_ema", "model", "state_dict", "module")
 
 class CheckpointMismatchError(RuntimeError):
     """A checkpoint does not fit a model; the message lists every offending key."""
+
+
+class UnreadableCheckpointError(CheckpointMismatchError, ValueError):
+    """A checkpoint file that cannot be read (truncated, not a checkpoint, unsafe to unpickle);
+    the message names the file and the reason."""
+
+
+def describe_load_error(e: BaseException) -> str:
+    """One line saying why ``torch.load``/safetensors refused a file (torch's messages run to pages)."""
+    text = str(e).strip()
+    unsafe = re.search(r"WeightsUnpickler error: ([^\n]*)", text)
+    if unsafe:
+        what = unsafe.group(1).split(" Please use")[0].strip()
+        return f"refused as unsafe to load with weights_only=True ({what})"
+    line = text.splitlines()[0] if text else ""
+    if len(line) > 160 and ". " in line[40:]:
+        line = line[: line.index(". ", 40) + 1]
+    return f"{type(e).__name__}: {line}"
+
+
+def _unreadable(path: Path, kind: str, e: Exception) -> UnreadableCheckpointError:
+    return UnreadableCheckpointError(f"{path}: cannot be read as a {kind}: {describe_load_error(e)}")
 
 
 @dataclass
@@ -75,14 +99,15 @@ def read_state_dict(path_or_state_dict: str | os.PathLike | Mapping[str, Any]) -
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            obj = load_file(str(path), device="cpu")
+            try:
+                obj = load_file(str(path), device="cpu")
+            except Exception as e:  # noqa: BLE001 - re-raised with the file named
+                raise _unreadable(path, "safetensors file", e) from e
         else:
             try:
                 obj = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as e:  # noqa: BLE001 - re-raised with the file named
-                raise CheckpointMismatchError(
-                    f"{path}: cannot be read as a weights-only PyTorch checkpoint ({type(e).__name__}: {e})"
-                ) from e
+                raise _unreadable(path, "weights-only PyTorch checkpoint", e) from e
     for key in _WRAPPER_KEYS:
         if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping) and obj[key]:
             obj = obj[key]
@@ -163,12 +188,16 @@ def model_from_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict[str,
 
     Raises:
         FileNotFoundError: no such file.
+        UnreadableCheckpointError: the file cannot be read (a ValueError naming it).
         CheckpointMismatchError: the file does not name its model, or the weights do not fit it.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - re-raised with the file named
+        raise _unreadable(path, "weights-only PyTorch checkpoint", e) from e
     if not isinstance(state, Mapping) or "model_name" not in state or "model" not in state:
         raise CheckpointMismatchError(
             f"{path}: expected a training checkpoint with keys 'model_name', 'model_kwargs' and 'model'"

@@ -48,7 +48,7 @@ from ...engine.checkpoint import capture_rng_state, load_training_checkpoint, re
 from ...engine.distributed import DistInfo, all_reduce_mean, all_reduce_sum, barrier, unwrap_model
 from ...engine.launch import cli_arguments, launch
 from ...engine.logging import MetricLogger, progress
-from ...engine.recipe import load_recipe
+from ...engine.recipe import load_preset, load_recipe
 from ...engine.seeding import epoch_seed, seed_everything, seed_worker
 from ...engine.trainer import TrainingRun, finish_run, training_run
 from ...io import write_json_atomic
@@ -502,12 +502,14 @@ def _train(run: TrainingRun, data: Path, classes: list[str], model_kwargs: dict[
     teacher = build_teacher(cfg, num_classes).to(device) if kind != "none" else None
 
     train_tf, eval_tf = _transforms(cfg)
-    train_ds = build_imagenet_dataset(data, "train", transform=train_tf)
-    val_ds = build_imagenet_dataset(data, "val", transform=eval_tf)
+    train_ds = build_imagenet_dataset(data, "train", transform=train_tf, on_bad=cfg["on_bad"])
+    run.watch_bad_files(train_ds)
+    val_ds = build_imagenet_dataset(data, "val", transform=eval_tf)  # evaluation always fails on a bad file
     global_batch = cfg["batch_size"] * dist_info.world_size
     if len(train_ds) < global_batch:
         raise ValueError(
-            f"{data / 'train'} holds {len(train_ds)} images, fewer than one global batch of {global_batch}"
+            f"{data / 'train'} holds {len(train_ds)} images, fewer than one global batch of {global_batch} "
+            f"(batch_size={cfg['batch_size']} x {dist_info.world_size} process(es)); lower batch_size"
         )
     sampler = build_imagenet_sampler(
         train_ds,
@@ -687,6 +689,7 @@ def _train(run: TrainingRun, data: Path, classes: list[str], model_kwargs: dict[
             "distillation": kind,
             "train_time_s": round(time.perf_counter() - t_start, 2),
             "world_size": dist_info.world_size,
+            "bad_files": len(run.bad_files()),  # training files skipped (on_bad: skip)
             "config": cfg.to_dict(),
         }
         if "top1_ema" in final:
@@ -747,6 +750,8 @@ def evaluate_checkpoint(
     state = load_training_checkpoint(checkpoint) if checkpoint.suffix != ".safetensors" else {}
     if "model_name" in state and model in (None, state["model_name"]):
         stored = {k: v for k, v in dict(state["config"]).items() if k != "profile"}
+        preset, _ = load_preset(TASK, profile)  # keys the checkpoint predates (on_bad): the preset's
+        stored.update({k: preset[k] for k in ClsRecipe.keys() if k not in stored and k in preset})
         cfg = load_recipe(ClsRecipe, profile, overrides=overrides, preset=(stored, f"{checkpoint} (its recipe)"))
         if state.get("classes") and list(state["classes"]) != classes:
             raise ValueError(

@@ -166,8 +166,8 @@ def detector_config(cfg: Mapping[str, Any], num_classes: int) -> tuple[DetectorC
 # ---------------------------------------------------------------------------------------------
 
 
-def _coco_dataset(root: str | os.PathLike, split: str, transforms: Any = None) -> CocoDetection:
-    return CocoDetection(root, split, transforms=transforms)
+def _coco_dataset(root: str | os.PathLike, split: str, transforms: Any = None, on_bad: str = "fail") -> CocoDetection:
+    return CocoDetection(root, split, transforms=transforms, on_bad=on_bad)
 
 
 def _collate(batch: Sequence[tuple[torch.Tensor, dict[str, Any]]]) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
@@ -346,7 +346,8 @@ def _check_data_root(data: Path) -> None:
         )
 
 
-RESULTS = ("metrics.json", "model.pth", "model.safetensors", "detections.json", "run.json")  # a finished run's files
+# a finished run's files (run.json, the recipe, is written when training starts: rewritten by a resumed run)
+RESULTS = ("metrics.json", "model.pth", "model.safetensors", "detections.json")
 
 
 def train(
@@ -395,7 +396,15 @@ def train(
             backbone_checkpoint=backbone_checkpoint,
         )  # fmt: skip
         return launch(TASK, argv, nproc_per_node=nproc_per_node, nnodes=nnodes, torchrun_args=torchrun_args)
-    _, _, base = _datasets(recipe, data)  # both splits readable before anything starts
+    train_set, _, base = _datasets(recipe, data)  # both splits readable before anything starts
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if len(train_set) < recipe.batch_size * world:
+        raise ValueError(
+            f"{base.img_dir} holds {len(train_set)} training images"
+            + (f" (max_train_images={recipe.max_train_images})" if recipe.max_train_images else "")
+            + f", fewer than one global batch of {recipe.batch_size * world} (batch_size={recipe.batch_size} x "
+            f"{world} process(es)); lower batch_size"
+        )
     det_cfg, _ = detector_config(recipe, int(base.num_classes))
     with training_run(
         recipe, out_dir, resume=resume, overwrite=overwrite, if_different=if_different, results=RESULTS,
@@ -437,8 +446,9 @@ def _check_backbone_checkpoint(path: Any, backbone: str) -> None:
 def _datasets(cfg: DetRecipe, data_root: Path) -> tuple[Any, Any, Any]:
     """(train set, val set, the train set's CocoDetection); both splits are read before training."""
     hflip = float(cfg.hflip)
-    train_set = _coco_dataset(data_root, "train", transforms=RandomHorizontalFlip(hflip) if hflip > 0 else None)
-    val_set = _coco_dataset(data_root, str(cfg.eval_split))
+    flip = RandomHorizontalFlip(hflip) if hflip > 0 else None
+    train_set = _coco_dataset(data_root, "train", transforms=flip, on_bad=cfg.on_bad)
+    val_set = _coco_dataset(data_root, str(cfg.eval_split))  # evaluation always fails on a bad file
     if list(train_set.cat_ids) != list(val_set.cat_ids):
         raise ValueError(f"{data_root}: train and val categories differ: {train_set.cat_ids} vs {val_set.cat_ids}")
     if cfg.max_train_images:
@@ -456,6 +466,7 @@ def _train(run: TrainingRun, data_root: Path, backbone_ckpt: Any) -> dict[str, A
     seed_everything(seed + info.rank)
     device = info.device
     train_set, val_set, base = _datasets(cfg, data_root)
+    run.watch_bad_files(base)
     num_classes = int(base.num_classes)
     det_cfg, macs_info = detector_config(cfg, num_classes)
     _check_backbone_checkpoint(backbone_ckpt, det_cfg.backbone)
@@ -609,6 +620,8 @@ def _train(run: TrainingRun, data_root: Path, backbone_ckpt: Any) -> dict[str, A
         "min_size": det_cfg.min_size,
         "epochs": epochs,
         "iterations": it,
+        "bad_files": len(run.bad_files()),  # training files skipped (on_bad: skip)
+        "degenerate_boxes": int(base.num_degenerate),  # training annotations dropped for an empty box
         "train_seconds": round(train_seconds, 1),
         "eval_seconds": round(eval_seconds, 1),
         "total_seconds": round(time.perf_counter() - t_start, 1),

@@ -241,11 +241,11 @@ def model_complexity(model: nn.Module, img_size: int | tuple[int, int] = 512) ->
 # ---------------------------------------------------------------------------------------------
 
 
-def _ade20k(root: str | os.PathLike, split: str, cfg: Mapping[str, Any], train: bool) -> Dataset:
+def _ade20k(root: str | os.PathLike, split: str, cfg: Mapping[str, Any], train: bool, on_bad: str = "fail") -> Dataset:
     from ...data.ade20k import ADE20KSegmentation
 
     return ADE20KSegmentation(
-        root, split, crop_size=int(cfg["crop_size"]), train=train, scale_range=tuple(cfg["scale_range"])
+        root, split, crop_size=int(cfg["crop_size"]), train=train, scale_range=tuple(cfg["scale_range"]), on_bad=on_bad
     )
 
 
@@ -400,10 +400,18 @@ def train(
         raise RecipeError(f"give {both}, not both")
     recipe = resolve_recipe(profile, overrides, model=model, head=head, iters=iters, source=source)
     data, out_dir = Path(data), Path(out_dir)
-    train_set = _ade20k(data, "training", recipe, train=True)  # checks the data layout before any work
+    # both splits' layouts are checked before any work (evaluation always fails on a bad file)
+    train_set = _ade20k(data, "training", recipe, train=True, on_bad=recipe.on_bad)
+    _ade20k(data, "validation", recipe, train=False)
+    n_train = len(train_set)  # type: ignore[arg-type]
+    if n_train < recipe.batch_size:
+        raise ValueError(
+            f"{data / 'images' / 'training'} holds {n_train} images with a label map, fewer than one global "
+            f"batch of {recipe.batch_size} (batch_size); lower batch_size"
+        )
     if epochs is not None:
         where = _flag(source, "--epochs")
-        passes = iters_for_epochs(epochs, len(train_set), recipe.batch_size, where)  # type: ignore[arg-type]
+        passes = iters_for_epochs(epochs, n_train, recipe.batch_size, where)
         recipe = recipe.replace(where, iters=passes)
     if int(nproc_per_node) * int(nnodes) > 1 and "WORLD_SIZE" not in os.environ:
         evaluating = recipe.eval_at_end if evaluate is None else bool(evaluate)
@@ -453,6 +461,7 @@ def _train(
 ) -> dict[str, Any]:
     cfg, info, out, resume_state = run.recipe, run.dist, run.out, run.state
     assert isinstance(cfg, SegRecipe)
+    run.watch_bad_files(train_set)
     device = info.device
     bs = int(cfg.batch_size)
     if bs % info.world_size:
@@ -551,6 +560,7 @@ def _train(
         "iters": total,
         "train_time_s": round(train_time, 2),
         "final_loss": last.get("loss"),
+        "bad_files": len(run.bad_files()),  # training files skipped (on_bad: skip)
         **complexity,
         "checkpoint": str(final),
     }
@@ -570,6 +580,7 @@ def _train(
             **run_description(cfg, model, profile),
             "iters": total,
             "train_time_s": summary["train_time_s"],
+            "bad_files": summary["bad_files"],
             **complexity,
         },
     )
