@@ -131,8 +131,20 @@ def _load_tile(PTR, b, h, offs_n, offs_d, stride_b, stride_h, stride_n, stride_d
 
 
 @triton.jit
+def _round_bf16(x):
+    """fp32 -> the nearest bf16 (ties to even), still in fp32. The GPU's cast rounds so; the
+    interpreter's truncates, which would double the rounding error the tests measure."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _store_tile(PTR, x, b, h, offs_n, offs_d, stride_b, stride_h, stride_n, stride_d, mask):
+    """Store a fp32 (BLOCK_N, BLOCK_D) tile into a (B, H, N, D) tensor, rounded to nearest."""
     ptrs = PTR + b * stride_b + h * stride_h + offs_n[:, None] * stride_n + offs_d[None, :] * stride_d
+    if PTR.dtype.element_ty == tl.bfloat16:
+        x = _round_bf16(x)
     tl.store(ptrs, x.to(PTR.dtype.element_ty), mask=mask)
 
 
@@ -1048,8 +1060,8 @@ def anchor_attention_triton(
             f"anchor_attention_triton: qk, v and anchors must be on one device; got {qk.device}, {v.device}, "
             f"{anchors.device}"
         )
-    check_triton_device(qk.device)
     reason = fused_unsupported(qk, anchors)
     if reason is not None:
         raise ValueError(f"anchor_attention_triton: {reason}")
+    check_triton_device(qk.device)
     return AnchorAttentionFunction.apply(qk, v, anchors.to(qk.dtype), bool(normalize), bool(deterministic))
