@@ -434,6 +434,7 @@ def _batch_for(batch: int, img: int) -> int:
 
 
 MODEL_PROCESSES = ("fresh", "shared")
+MALLOC_MODES = ("default", "tuned")
 
 
 def model_benchmark(
@@ -450,6 +451,7 @@ def model_benchmark(
     budget_s: float = 3.0,
     process: str = "fresh",
     threads: int | None = None,
+    malloc: str = "default",
     on_progress: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Images/s of DeiT and AnchorFormer (distilled, ``attn_impl="auto"``) at each size and side.
@@ -465,10 +467,13 @@ def model_benchmark(
             mmap and trim thresholds move with the sizes freed before); ``"shared"``: all of them
             in this process, one after another, as a server of several resolutions runs them.
         threads: torch's CPU threads during the measurements (None: leave as is).
+        malloc: ``"tuned"``: on the CPU, fix glibc malloc's mmap and trim thresholds first
+            (:func:`anchorformer.ops.cpu.tune_glibc_malloc`; in a shared process it stays set);
+            ``"default"``: glibc's dynamic thresholds.
 
     Returns:
         One row per (size, side, mode, family): ``family``, ``size`` (T/S/B), ``img_size``,
-        ``tokens``, ``batch``, ``mode`` (``infer``/``train``), ``process``, ``threads``,
+        ``tokens``, ``batch``, ``mode`` (``infer``/``train``), ``process``, ``threads``, ``malloc``,
         ``gmacs`` (per image, every matmul counted), ``median_ms``, ``min_ms``, ``images_per_s``,
         ``peak_bytes`` (CUDA).
     """
@@ -477,6 +482,8 @@ def model_benchmark(
             raise ValueError(f"bench: unknown model size {s!r}; expected one of {MODEL_SIZES}")
     if process not in MODEL_PROCESSES:
         raise ValueError(f"bench: model process must be one of {MODEL_PROCESSES}; got {process!r}")
+    if malloc not in MALLOC_MODES:
+        raise ValueError(f"bench: malloc must be one of {MALLOC_MODES}; got {malloc!r}")
     rows: list[dict[str, Any]] = []
     for size in sizes:
         for img in sorted(set(img_sizes) | set(train_img_sizes)):
@@ -492,6 +499,7 @@ def model_benchmark(
                 "repeats": repeats,
                 "budget_s": budget_s,
                 "threads": threads,
+                "malloc": malloc,
             }
             new = _models_in_fresh_process(job) if process == "fresh" else _models_at(**job)
             for row in new:
@@ -571,11 +579,14 @@ def _models_at(
     repeats: int,
     budget_s: float,
     threads: int | None,
+    malloc: str = "default",
 ) -> list[dict[str, Any]]:
     """The rows of one (size, side) configuration, measured in this process."""
     from .models import create_model
+    from .ops.cpu import tune_glibc_malloc
 
     dev = torch.device(device)
+    tuned = malloc == "tuned" and dev.type == "cpu" and tune_glibc_malloc()
     torch_dtype = DTYPES[dtype]
     autocast_on = dev.type == "cuda" and torch_dtype != torch.float32
     autocast = torch.autocast("cuda", dtype=torch_dtype) if autocast_on else contextlib.nullcontext()
@@ -611,6 +622,7 @@ def _models_at(
                     "mode": mode,
                     "dtype": dtype if autocast_on else "float32",
                     "threads": torch.get_num_threads() if dev.type == "cpu" else None,
+                    "malloc": "tuned" if tuned else "default",
                     "status": status,
                     **timings.get(family, {}),
                 }
@@ -749,7 +761,7 @@ def summarize_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 speedup = d["median_ms"] / a["median_ms"] if d and a else None
                 macs = d["gmacs"] / a["gmacs"] if d and a and d.get("gmacs") and a.get("gmacs") else None
                 note = (
-                    f"speed-up {speedup:.2f}x (median {a['median_ms']:.1f} ms vs {d['median_ms']:.1f} ms; fastest runs "
+                    f"glibc malloc {a.get('malloc', 'default')}; speed-up {speedup:.2f}x (median {a['median_ms']:.1f} ms vs {d['median_ms']:.1f} ms; fastest runs "
                     f"{d['min_ms'] / a['min_ms']:.2f}x), MAC ratio {_fmt(macs, '.2f')}x"
                     if d and a
                     else ""
@@ -895,6 +907,8 @@ def bench_config(profile: str, overrides: Sequence[str] | str | None = None) -> 
     for key in (*keys, "model_processes"):
         if not isinstance(cfg[key], list):
             raise ValueError(f"bench config: {key} must be a list, e.g. {key}=[a,b]; got {cfg[key]!r}")
+    if cfg["malloc"] not in MALLOC_MODES:
+        raise ValueError(f"bench config: malloc must be one of {MALLOC_MODES}; got {cfg['malloc']!r}")
     bad = [p for p in cfg["model_processes"] if p not in MODEL_PROCESSES]
     if bad:
         raise ValueError(f"bench config: model_processes items must be in {MODEL_PROCESSES}; got {bad}")
@@ -1000,6 +1014,7 @@ def _run(
                 budget_s=cfg["budget_s"],
                 process=process,
                 threads=cfg["threads"],
+                malloc=cfg["malloc"],
                 on_progress=lambda rows, done=done: write_json_atomic(json_path, {**results, "models": done + rows}),
             )
         results["models_seconds"] = round(time.perf_counter() - t1, 1)

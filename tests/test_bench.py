@@ -33,10 +33,12 @@ def test_presets_load_and_overrides_apply():
         assert set(cfg["op_impls"]) <= set(bench.OP_IMPLS) and cfg["op_tokens"]
     mini = bench.bench_config("mini")
     assert mini["dtype"] == "float32" and max(mini["op_tokens"]) <= 4096  # the CPU preset stays small
-    assert mini["model_processes"] == ["fresh", "shared"] and mini["threads"] == 1
+    assert mini["model_processes"] == ["fresh", "shared"] and mini["threads"] == 1 and mini["malloc"] == "tuned"
     assert bench.bench_config("full")["model_processes"][0] == "fresh"  # fresh processes by default
     with pytest.raises(ValueError, match="model_processes items"):
         bench.bench_config("mini", ["model_processes=[forked]"])
+    with pytest.raises(ValueError, match="malloc must be one of"):
+        bench.bench_config("mini", ["malloc=jemalloc"])
     full = bench.bench_config("full")
     assert (full["op_batch"], full["op_heads"], full["op_head_dim"], full["op_anchors"]) == (8, 6, 64, 30)
     assert full["op_tokens"] == [196, 1024, 4096, 16384, 65536] and full["dtype"] == "bfloat16"
@@ -267,7 +269,7 @@ def test_models_in_fresh_and_shared_processes():
     common = dict(batch=1, anchors=4, dtype=torch.float32, device=torch.device("cpu"), repeats=1, budget_s=0.05)
     rows = []
     for process in ("fresh", "shared"):
-        rows += bench.model_benchmark(["tiny"], [32], [], process=process, threads=1, **common)
+        rows += bench.model_benchmark(["tiny"], [32], [], process=process, threads=1, malloc="tuned", **common)
     assert [(r["family"], r["process"]) for r in rows] == [
         ("DeiT", "fresh"),
         ("AnchorFormer", "fresh"),
@@ -276,6 +278,7 @@ def test_models_in_fresh_and_shared_processes():
     ]
     for r in rows:
         assert r["status"] == "ok" and r["median_ms"] > 0 and r["threads"] == 1 and r["gmacs"] > 0
+        assert r["malloc"] == "tuned"
     # the counted MACs: AnchorFormer's attention is cheaper than DeiT's, the linear layers alike
     assert rows[1]["gmacs"] < rows[0]["gmacs"]
     with pytest.raises(ValueError, match="model process must be one of"):
