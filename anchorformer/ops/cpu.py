@@ -24,7 +24,7 @@ __all__ = ["MMAP_THRESHOLD", "TRIM_THRESHOLD", "tune_glibc_malloc"]
 
 log = logging.getLogger(__name__)
 
-MMAP_THRESHOLD = 32 * 2**20  # glibc's largest mmap threshold on 64-bit systems
+MMAP_THRESHOLD = 32 * 2**20  # the largest block glibc's dynamic threshold would ever take from the heap
 TRIM_THRESHOLD = 256 * 2**20
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
 
@@ -33,14 +33,14 @@ def tune_glibc_malloc(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int 
     """Fix glibc malloc's mmap and trim thresholds for this process (``mallopt``).
 
     Args:
-        mmap_threshold: blocks of at least this many bytes are mapped with mmap (at most 32 MiB).
+        mmap_threshold: blocks of at least this many bytes are mapped with mmap.
         trim_threshold: free heap above this many bytes is returned to the system.
 
     Returns:
         True if set; False where the C library is not glibc (nothing changed).
 
     Raises:
-        ValueError: glibc refused a value (e.g. an mmap threshold above 32 MiB).
+        ValueError: a value that is not a C int >= 0, or one glibc refused.
     """
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         log.info("tune_glibc_malloc: not glibc (%s), nothing set", platform.libc_ver())
