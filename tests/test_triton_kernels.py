@@ -297,7 +297,8 @@ def test_logit_gap_sweep_has_no_nan(dtype, M):
     overflowed (degree ~1e-19) and 1/deg did (denormal degrees), no NaN and fp64 agreement."""
     from anchorformer.ops.anchor_attention.triton import anchor_attention_triton
 
-    gaps = [float(g) for g in range(0, 151, 1 if M <= 64 else 3)]  # one head per gap; every 3rd with two chunks
+    # One head per gap: every 2nd with one chunk of anchors, every 5th with two (50 and 95 included).
+    gaps = [float(g) for g in range(0, 151, 2 if M <= 64 else 5)]
     qk, v, u, grad = (t.to(DEVICE, dtype) for t in logit_gap_inputs(gaps, N=40, M=M))
     leaves = [t.clone().requires_grad_(True) for t in (qk, v, u)]
     out = anchor_attention_triton(*leaves)
@@ -372,7 +373,7 @@ def test_kernels_under_interpreter(tmp_path):
         "no:cacheprovider",
         f"--junitxml={junit}",
     ]
-    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=1800)
     report = proc.stdout[-6000:] + proc.stderr[-3000:]
     assert junit.exists(), f"the interpreter run wrote no report:\n{report}"
     suite = ET.parse(junit).getroot()
