@@ -196,12 +196,12 @@ def anchor_attention_reference(
     Returns:
         (B, H, N, D) in the dtype of ``v``. The softmax, the degrees and both products are
         accumulated in fp32 (fp64 for fp64 inputs). Degrees at or below :func:`degree_floor`
-        count as 0 (1/deg -> 0). Without autograd the result is stored token-major (a view of a
-        (B, N, H, D) tensor), as the fused kernels return it.
+        count as 0 (1/deg -> 0). Without autograd (and outside ``torch.compile``) the result is
+        stored token-major (a view of a (B, N, H, D) tensor), as the fused kernels return it.
     """
     check_inputs(qk, v, anchors)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (qk, v, anchors))
-    if needs_grad:
+    if needs_grad or torch.compiler.is_compiling():  # a compiler fuses the formula itself (and takes no strided out=)
         out = _reference_autograd(qk, v, anchors, normalize)
     else:
         out = _reference_inference(qk, v, anchors, normalize)
