@@ -92,8 +92,8 @@ def main() -> None:
         with torch.inference_mode():
             af(x)
             anchor_attention(qk, v, u, impl="reference")
-            op = allocations(lambda: anchor_attention(qk, v, u, impl="reference"))
-            whole = allocations(lambda: af(x))
+            op = allocations(lambda qk=qk, v=v, u=u: anchor_attention(qk, v, u, impl="reference"))
+            whole = allocations(lambda af=af, x=x: af(x))
         fresh = forward_faults_and_ms(af, x, args.repeats)
         report[str(img)] = {"operator": op, "model": whole, "faults_fresh": fresh[0], "ms_fresh": fresh[1]}
         del af
