@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from anchor_helpers import fp64_truth, logit_gap_inputs
 
 from anchorformer.ops import anchor_attention
 from anchorformer.ops.anchor_attention import resolve_impl
@@ -155,3 +156,99 @@ def test_impl_resolution(monkeypatch):
         resolve_impl("auto", cpu)
     with pytest.raises(ValueError, match="impl must be one of"):
         resolve_impl("fast", cpu)
+
+
+# ---------------------------------------------------------------------------------------------
+# Numerics near dead anchors, the inference path, its allocations
+# ---------------------------------------------------------------------------------------------
+
+GAPS = [float(g) for g in range(0, 151)]  # scaled logit gap of anchor 0 below the others, per head
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_logit_gap_sweep_has_no_nan_and_matches_fp64(normalize):
+    """Gaps 0..150: the degree of anchor 0 runs from ~N/M through the old NaN window (an
+    overflowing Λ^-2 near 1e-19, 1/denormal near 1e-40) to exact underflow; outputs and every
+    gradient stay finite and match an fp64 ground truth."""
+    qk, v, u, grad = logit_gap_inputs(GAPS)
+    leaves = [t.clone().requires_grad_(True) for t in (qk, v, u)]
+    out = anchor_attention(*leaves, normalize=normalize, impl="reference")
+    out.backward(grad)
+    want, want_grads = fp64_truth(qk, v, u, grad, normalize=normalize)
+    for name, got, ref in zip(
+        ("out", "d qk", "d v", "d anchors"), [out] + [t.grad for t in leaves], [want] + want_grads
+    ):
+        bad = (~torch.isfinite(got)).nonzero()
+        assert bad.numel() == 0, (
+            f"{name}: non-finite at gaps {sorted({GAPS[int(i[1 if got.dim() == 4 else 0])] for i in bad})}"
+        )
+        scale = ref.abs().max().item()
+        torch.testing.assert_close(
+            got.double(), ref, rtol=1e-4, atol=1e-5 * scale, msg=lambda m, name=name: f"{name}: {m}"
+        )
+
+
+def test_degree_floor_and_inverse():
+    from anchorformer.ops.anchor_attention.reference import degree_floor, inverse_degree
+
+    assert degree_floor(torch.float32) == 2.0**-63
+    deg = torch.tensor([0.0, 1e-40, 2.0**-63, 2.0**-62, 0.5])
+    assert inverse_degree(deg).tolist() == [0.0, 0.0, 0.0, 2.0**62, 2.0]
+    assert torch.isfinite(inverse_degree(deg) ** 2).all()
+
+
+def _strided_inputs(B, H, N, D, M, anchors_dim, dtype=torch.float32, seed=0):
+    """qk, v as views of a packed (B, N, 2, H, D) projection (the model's layout), and anchors."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(B, N, 2, H, D, generator=g).to(dtype)
+    qk, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (B, H, N, D)
+    shape = {2: (M, D), 3: (H, M, D), 4: (B, H, M, D)}[anchors_dim]
+    return qk, v, torch.randn(*shape, generator=g).to(dtype)
+
+
+@pytest.mark.parametrize("anchors_dim", [2, 3, 4])
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_inference_path_matches_autograd_path(anchors_dim, normalize, dtype):
+    """Without autograd the reference takes its buffer-reusing path; same numbers, token-major output."""
+    qk, v, u = _strided_inputs(3, 2, 41, 16, 7, anchors_dim, dtype)
+    with torch.no_grad():
+        fast = anchor_attention(qk, v, u, normalize=normalize, impl="reference")
+    leaves = [t.clone().requires_grad_(True) for t in (qk, v, u)]
+    slow = anchor_attention(*leaves, normalize=normalize, impl="reference")
+    assert fast.dtype == slow.dtype == dtype and fast.shape == slow.shape
+    tol = {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float64: 1e-12}[dtype]
+    torch.testing.assert_close(fast, slow.detach(), rtol=tol, atol=tol)
+    # (B, H, N, D) stored as (B, N, H, D): merging the heads is a view
+    assert fast.transpose(1, 2).is_contiguous()
+    with torch.inference_mode():
+        torch.testing.assert_close(anchor_attention(qk, v, u, normalize=normalize, impl="reference"), fast)
+
+
+def _allocations(fn) -> list[int]:
+    """Sizes in bytes of the tensors allocated during one call of ``fn`` (profiler memory events)."""
+    import json
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = f"{tmp}/trace.json"
+        prof.export_chrome_trace(path)
+        events = json.load(open(path))["traceEvents"]
+    return [e["args"]["Bytes"] for e in events if e.get("name") == "[memory]" and e["args"]["Bytes"] > 0]
+
+
+@pytest.mark.parametrize("B", [1, 2])
+def test_inference_allocates_one_probability_buffer_and_the_output(B):
+    """No copy of qk or v, one (B, H, N, M) buffer, the output, and only (M, D)-sized others."""
+    H, N, D, M = 3, 1000, 64, 30
+    qk, v, u = _strided_inputs(B, H, N, D, M, 2)
+    with torch.inference_mode():
+        sizes = _allocations(lambda: anchor_attention(qk, v, u, impl="reference"))
+    probs, out = B * H * N * M * 4, B * H * N * D * 4
+    large = sorted(s for s in sizes if s > B * H * M * D * 4)
+    assert large == sorted([probs, out]), f"allocations above the (B, H, M, D) size: {large}"
+    assert sum(sizes) < probs + out + 64 * B * H * M * D, f"{len(sizes)} allocations, {sum(sizes)} bytes"

@@ -9,7 +9,9 @@ bipartite attention (see ``reference.py`` for the maths). Implementations:
   without it, CPU tensors get a ``ValueError`` saying so);
 - ``"auto"``: Triton for CUDA tensors when Triton is importable, the reference otherwise.
 
-The environment variable ``ANCHORFORMER_ATTN_IMPL`` overrides ``"auto"``. The Triton kernels
+The environment variable ``ANCHORFORMER_ATTN_IMPL`` overrides ``"auto"``. Shapes beyond the
+kernels' limits (``limits.py``: D > 128, B*H > 65535) go to the reference under ``"auto"`` and
+raise a ``ValueError`` under ``"triton"``. The Triton kernels
 reduce over tokens with fp32 atomics; under ``torch.use_deterministic_algorithms(True)`` they
 use fixed-order partial sums instead (bitwise reproducible).
 """
@@ -20,6 +22,7 @@ import os
 
 import torch
 
+from .limits import fused_unsupported
 from .reference import anchor_attention_reference, anchor_probabilities, check_inputs
 
 __all__ = [
@@ -78,10 +81,13 @@ def anchor_attention(
         (B, H, N, D) in the dtype of ``v``.
     """
     check_inputs(qk, v, anchors)
+    requested = impl
     impl = resolve_impl(impl, qk.device)
     if impl == "triton" and anchors.dim() == 4:
         # Per-image anchors exist only for the non-differentiable "fixed anchors" ablation.
         impl = "reference"
+    if impl == "triton" and requested == "auto" and fused_unsupported(qk, anchors) is not None:
+        impl = "reference"  # "auto" serves shapes beyond the kernels' limits (D > 128, ...) by the reference
     if impl == "reference":
         return anchor_attention_reference(qk, v, anchors, normalize=normalize)
     try:

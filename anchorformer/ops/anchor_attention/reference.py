@@ -12,6 +12,20 @@ anchors. Per head, with a shared query/key embedding ``qk`` and values ``v``:
 Markov chain) standing in for softmax(Q K^T / sqrt(D)); it is never formed, so the cost is
 O(N M D) instead of O(N^2 D).
 
+Two numerical rules, shared with the fused kernels:
+
+- an anchor whose degree is below ``degree_floor`` (sqrt of the accumulation dtype's smallest
+  normal number: 2^-63 in fp32) is treated as weighing nothing (1/deg -> 0). Above it 1/deg and
+  1/deg^2 are finite; below it the anchor's contribution to any output is < deg * max|v|.
+- the degree's gradient is computed from bounded factors, ``ddeg = -rowsum(W * dKV)`` with
+  ``W = Λ^-1 KV`` (the anchors' mean values) and ``dKV = Λ^-1 A^T dO``, never through Λ^-2,
+  which overflows once an anchor's degree falls below ~1e-19.
+
+Without gradients the forward runs with one (B, H, N, M) buffer (logits, then probabilities, in
+place) and writes the output token-major, as a view of a (B, N, H, D) tensor, so that merging
+the heads afterwards is free; on the CPU these transient tensors are what the allocator would
+otherwise map and fault in on every call.
+
 Letters used in shapes: B batch, H heads, N tokens, D head dim, M anchors.
 """
 
@@ -19,7 +33,14 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["accumulation_dtype", "anchor_attention_reference", "anchor_probabilities", "check_inputs"]
+__all__ = [
+    "accumulation_dtype",
+    "anchor_attention_reference",
+    "anchor_probabilities",
+    "check_inputs",
+    "degree_floor",
+    "inverse_degree",
+]
 
 
 def check_inputs(qk: torch.Tensor, v: torch.Tensor, anchors: torch.Tensor) -> None:
@@ -71,6 +92,28 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def degree_floor(dtype: torch.dtype) -> float:
+    """Degrees at or below this are treated as 0: sqrt(smallest normal) of ``dtype`` (2^-63 in fp32).
+
+    Above it, 1/deg and 1/deg^2 are finite and the anchor's mean value Λ^-1 KV is computed from
+    normal numbers; below it (e.g. an anchor whose logit sits ~45 below the others for every
+    token) the anchor changes no output by more than deg * max|v|.
+    """
+    return torch.finfo(dtype).tiny ** 0.5
+
+
+def inverse_degree(deg: torch.Tensor) -> torch.Tensor:
+    """1/deg where deg > :func:`degree_floor`, else 0, without ever computing 1/0 or 1/denormal."""
+    floor = degree_floor(deg.dtype)
+    return deg.clamp_min(floor).reciprocal_().masked_fill_(deg <= floor, 0.0)
+
+
+def _scaled_anchors(anchors: torch.Tensor, D: int, dtype: torch.dtype) -> torch.Tensor:
+    """U / sqrt(D) in the accumulation dtype, broadcast to (1 or B, 1 or H, M, D): the logits'
+    scale folded into the (M, D)-sized anchors instead of a pass over the (B, H, N, M) logits."""
+    return _broadcast_anchors(anchors).to(dtype) * D**-0.5
+
+
 def anchor_probabilities(qk: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
     """p(anchor | token): softmax over anchors of the scaled token-anchor logits, in fp32.
 
@@ -81,11 +124,64 @@ def anchor_probabilities(qk: torch.Tensor, anchors: torch.Tensor) -> torch.Tenso
     Returns:
         (B, H, N, M) in fp32 (fp64 for fp64 inputs); every row sums to 1.
     """
-    D = qk.shape[-1]
     acc = accumulation_dtype(qk.dtype)
-    u = _broadcast_anchors(anchors).to(acc)
-    logits = qk.to(acc) @ u.transpose(-1, -2) * D**-0.5  # (B, H, N, M)
+    logits = qk.to(acc) @ _scaled_anchors(anchors, qk.shape[-1], acc).transpose(-1, -2)  # (B, H, N, M)
     return logits.softmax(dim=-1)
+
+
+class _NormalizeByDegree(torch.autograd.Function):
+    """W = Λ^-1 KV with Λ^-1 from :func:`inverse_degree`; backward from bounded factors:
+    dKV = Λ^-1 dW and ddeg = -rowsum(W * dKV) (= -Λ^-2 rowsum(KV * dW), without forming Λ^-2)."""
+
+    @staticmethod
+    def forward(ctx, kv: torch.Tensor, deg: torch.Tensor) -> torch.Tensor:
+        inv = inverse_degree(deg)  # (B, H, M)
+        w = kv * inv[..., None]  # (B, H, M, D): the anchors' mean values, |W| <= max|v|
+        ctx.save_for_backward(w, inv)
+        return w
+
+    @staticmethod
+    def backward(ctx, dw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w, inv = ctx.saved_tensors
+        dkv = dw * inv[..., None]  # (B, H, M, D), |dKV| <= max|dO| when dw = A^T dO
+        return dkv, -(w * dkv).sum(dim=-1)
+
+
+def _reference_autograd(qk, v, anchors, normalize):
+    """The formula as written, differentiable; (B, H, N, D) in the accumulation dtype."""
+    a = anchor_probabilities(qk, anchors)  # (B, H, N, M)
+    kv = a.transpose(-1, -2) @ v.to(a.dtype)  # (B, H, M, D): sum_n p(m|n) v_n
+    if normalize:
+        kv = _NormalizeByDegree.apply(kv, a.sum(dim=-2))  # the anchors' mean values
+    return a @ kv  # (B, H, N, D)
+
+
+@torch.no_grad()
+def _reference_inference(qk, v, anchors, normalize):
+    """The same maths without autograd and with few transient tensors: per image, the logits go
+    into one (H, M, N) slice of a buffer of A^T (anchors by tokens: the softmax over anchors
+    then runs along contiguous tokens, several times faster than along a row of M = 30), the
+    softmax is taken in place, and ``A W`` is written straight into a token-major output
+    (B, N, H, D); ``out=`` forms throughout, batched over heads, so the strided views of a
+    packed projection are read without copies."""
+    B, H, N, D = qk.shape
+    M = anchors.shape[-2]
+    acc = accumulation_dtype(qk.dtype)
+    u = _scaled_anchors(anchors, D, acc).expand(B, H, M, D)  # (B, H, M, D)
+    probs_t = qk.new_empty((B, H, M, N), dtype=acc)  # logits^T, then p(m|n)^T in place
+    kv = qk.new_empty((B, H, M, D), dtype=acc)
+    out = qk.new_empty((B, N, H, D), dtype=acc).permute(0, 2, 1, 3)  # (B, H, N, D), token-major
+    qk_acc, v_acc = qk.to(acc), v.to(acc)
+    for b in range(B):
+        torch.matmul(u[b], qk_acc[b].transpose(-1, -2), out=probs_t[b])  # (H, M, N) logits^T
+    torch.softmax(probs_t, dim=-2, out=probs_t)  # over anchors
+    for b in range(B):
+        torch.matmul(probs_t[b], v_acc[b], out=kv[b])  # (H, M, D)
+    if normalize:
+        kv.mul_(inverse_degree(probs_t.sum(dim=-1)).unsqueeze(-1))  # (B, H, M, D) the anchors' mean values
+    for b in range(B):
+        torch.matmul(probs_t[b].transpose(-1, -2), kv[b], out=out[b])  # (H, N, D) into (N, H, D) storage
+    return out
 
 
 def anchor_attention_reference(
@@ -94,23 +190,21 @@ def anchor_attention_reference(
     """Anchor attention, computed right to left in O(N M D).
 
     Args:
-        qk: (B, H, N, D) shared query/key embedding, fp32/bf16/fp16.
+        qk: (B, H, N, D) shared query/key embedding, fp32/bf16/fp16/fp64; any strides.
         v: (B, H, N, D) values, same dtype as ``qk``.
         anchors: (M, D), (H, M, D) or (B, H, M, D).
         normalize: divide by the anchor degrees Λ (the method); ``False`` drops Λ^-1 (ablation).
 
     Returns:
         (B, H, N, D) in the dtype of ``v``. The softmax, the degrees and both products are
-        accumulated in fp32. An anchor no token weighs (degree 0) contributes 0 (1/0 -> 0).
+        accumulated in fp32 (fp64 for fp64 inputs). Degrees at or below :func:`degree_floor`
+        count as 0 (1/deg -> 0). Without autograd (and outside ``torch.compile``) the result is
+        stored token-major (a view of a (B, N, H, D) tensor), as the fused kernels return it.
     """
     check_inputs(qk, v, anchors)
-    a = anchor_probabilities(qk, anchors)  # (B, H, N, M) fp32
-    kv = a.transpose(-1, -2) @ v.to(a.dtype)  # (B, H, M, D): sum_n p(m|n) v_n
-    if normalize:
-        deg = a.sum(dim=-2)  # (B, H, M)
-        nonzero = deg > 0
-        # 1/0 -> 0 without ever computing 1/0, so no inf/NaN leaks into the backward pass.
-        inv = torch.where(nonzero, 1.0 / torch.where(nonzero, deg, torch.ones_like(deg)), torch.zeros_like(deg))
-        kv = kv * inv[..., None]  # (B, H, M, D): the anchors' mean values
-    out = a @ kv  # (B, H, N, D)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (qk, v, anchors))
+    if needs_grad or torch.compiler.is_compiling():  # a compiler fuses the formula itself (and takes no strided out=)
+        out = _reference_autograd(qk, v, anchors, normalize)
+    else:
+        out = _reference_inference(qk, v, anchors, normalize)
     return out.to(v.dtype)

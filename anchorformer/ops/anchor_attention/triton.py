@@ -13,7 +13,7 @@ and deg (N split across programs; splits combined with fp32 atomics or, in deter
 mode, through per-split partials summed in a fixed order); ``_out_kernel`` recomputes A and
 writes ``A W``.
 
-Backward, with dO = dL/d out, dW = A^T dO, dKV = Λ^-1 dW, ddeg = -Λ^-2 rowsum(dW * KV):
+Backward, with dO = dL/d out, dW = A^T dO, dKV = Λ^-1 dW, ddeg = -rowsum(W * dKV) (bounded factors):
 
     dA    = dO W^T + v dKV^T + 1 ddeg^T          (N, M)
     delta = rowsum(A * dA) = rowsum(dO * out) + rowsum(v * dv) + A ddeg     (N,)
@@ -30,8 +30,11 @@ reductions get one program per chunk, and dU comes from ``_du_kernel``, which us
 per-token ``delta`` stored by ``_bwd_kernel``. Shared memory and registers stay bounded
 for M up to 256 and beyond.
 
-Everything is accumulated in fp32; matrix products take their operands in the input dtype
-(bf16/fp16 tensor cores; exact IEEE products for fp32).
+Everything is accumulated in fp32, and every product is as accurate as the reference's, which
+keeps the probabilities, W, dKV and dZ in fp32: fp32 inputs multiply as exact IEEE products;
+with bf16/fp16 inputs two inputs (qk U^T) multiply on tensor cores in their dtype, and a product
+with an fp32 factor is summed from bf16 tensor-core products of its split hi + lo parts (see
+``_mm``). Degrees at or below 2^-63 count as 0, as in the reference.
 
 Letters used in shapes: B batch, H heads, N tokens, D head dim, M anchors, S splits of N.
 
@@ -41,12 +44,16 @@ under the Triton interpreter (slow; for tests).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+from .limits import fused_unsupported
+from .reference import check_inputs
 
 __all__ = ["INTERPRETED", "AnchorAttentionFunction", "anchor_attention_triton", "check_triton_device"]
 
@@ -57,17 +64,54 @@ __all__ = ["INTERPRETED", "AnchorAttentionFunction", "anchor_attention_triton", 
 
 
 @triton.jit
-def _mm(a, b, acc, DTYPE: tl.constexpr, F32_DOT: tl.constexpr):
-    """acc + a @ b: operands rounded to DTYPE (the input dtype), products accumulated in fp32."""
-    a = a.to(DTYPE)
-    b = b.to(DTYPE)
+def _dot(a, b, acc, F32_DOT: tl.constexpr):
+    """acc + a @ b for operands already in the dtype to multiply in (fp32 accumulation)."""
     if F32_DOT:
-        # fp32 inputs (exact IEEE products, no TF32), and bf16 under the interpreter, whose dot
-        # would read bf16 storage as integers: the operands are already rounded to bf16, and a
-        # bf16 x bf16 product is exact in fp32, so this matches tensor cores up to summation order.
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        # The interpreter's dot would read bf16 storage as integers: multiply the (already
+        # rounded) operands in fp32, where a product of two 16-bit floats is exact, so this
+        # matches tensor cores up to summation order.
+        r = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     else:
-        return tl.dot(a, b, acc)
+        r = tl.dot(a, b, acc)
+    return r
+
+
+@triton.jit
+def _split(x):
+    """x ~ hi + lo with hi, lo in bf16: 16 significant bits, fp32's range. Exact for bf16 and fp16 x."""
+    hi = x.to(tl.bfloat16)
+    lo = (x.to(tl.float32) - hi.to(tl.float32)).to(tl.bfloat16)
+    return hi, lo
+
+
+@triton.jit
+def _mm(a, b, acc, A32: tl.constexpr, B32: tl.constexpr, PREC: tl.constexpr, F32_DOT: tl.constexpr):
+    """acc + a @ b with fp32 accumulation, as accurate as the reference's fp32 products.
+
+    ``A32``/``B32`` flag an operand that is an fp32 intermediate (probabilities, the anchors'
+    mean values, dKV, dZ); the others are inputs (qk, v, U, dO), exact in the input dtype.
+    PREC 0 (fp32 inputs): IEEE fp32 products. PREC 1 (bf16) and 2 (fp16): two inputs multiply in
+    the input dtype (exact products); an fp32 operand is split into bf16 hi + lo (16 bits) and
+    the product summed from bf16 tensor-core products, hi*hi + hi*lo + lo*hi (an fp16 input is
+    split exactly), dropping only lo*lo (~2^-16 relative) instead of rounding the fp32 operand
+    to 8 bits (bf16) or to fp16's range (unnormalised products overflow it).
+    """
+    if PREC == 0:
+        r = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    elif not A32 and not B32:
+        if PREC == 1:
+            r = _dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc, F32_DOT)
+        else:
+            r = _dot(a.to(tl.float16), b.to(tl.float16), acc, F32_DOT)
+    else:
+        a_hi, a_lo = _split(a)
+        b_hi, b_lo = _split(b)
+        r = _dot(a_hi, b_hi, acc, F32_DOT)
+        if B32 or PREC == 2:  # b_lo is 0 for a bf16 input
+            r = _dot(a_hi, b_lo, r, F32_DOT)
+        if A32 or PREC == 2:
+            r = _dot(a_lo, b_hi, r, F32_DOT)
+    return r
 
 
 @triton.jit
@@ -87,8 +131,20 @@ def _load_tile(PTR, b, h, offs_n, offs_d, stride_b, stride_h, stride_n, stride_d
 
 
 @triton.jit
+def _round_bf16(x):
+    """fp32 -> the nearest bf16 (ties to even), still in fp32. The GPU's cast rounds so; the
+    interpreter's truncates, which would double the rounding error the tests measure."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _store_tile(PTR, x, b, h, offs_n, offs_d, stride_b, stride_h, stride_n, stride_d, mask):
+    """Store a fp32 (BLOCK_N, BLOCK_D) tile into a (B, H, N, D) tensor, rounded to nearest."""
     ptrs = PTR + b * stride_b + h * stride_h + offs_n[:, None] * stride_n + offs_d[None, :] * stride_d
+    if PTR.dtype.element_ty == tl.bfloat16:
+        x = _round_bf16(x)
     tl.store(ptrs, x.to(PTR.dtype.element_ty), mask=mask)
 
 
@@ -100,21 +156,21 @@ def _load_anchors(U, h, offs_m, offs_d, stride_uh, stride_um, stride_ud, M, D):
 
 
 @triton.jit
-def _logits(qk, u, scale, mask_m, F32_DOT: tl.constexpr):
+def _logits(qk, u, scale, mask_m, PREC: tl.constexpr, F32_DOT: tl.constexpr):
     """Z / sqrt(D) for a tile of tokens and a chunk of anchors, fp32, -inf on padded anchors."""
-    z = _mm(qk, tl.trans(u), tl.zeros((qk.shape[0], u.shape[0]), dtype=tl.float32), qk.dtype, F32_DOT)
+    z = _mm(qk, tl.trans(u), tl.zeros((qk.shape[0], u.shape[0]), dtype=tl.float32), False, False, PREC, F32_DOT)
     return tl.where(mask_m[None, :], z * scale, float("-inf"))
 
 
 @triton.jit
-def _probs(qk, u, lse, scale, mask_n, mask_m, SINGLE: tl.constexpr, F32_DOT: tl.constexpr):
+def _probs(qk, u, lse, scale, mask_n, mask_m, SINGLE: tl.constexpr, PREC: tl.constexpr, F32_DOT: tl.constexpr):
     """p(anchor | token) for a tile x chunk, (BLOCK_N, BLOCK_M) fp32, 0 on padded rows/anchors.
 
     With a single chunk the softmax is taken here; otherwise ``lse`` (BLOCK_N,) holds the
     log-sum-exp over all anchors. An anchor far below a token's best one underflows to exactly
     0 (degree 0 if it does so for every token).
     """
-    z = _logits(qk, u, scale, mask_m, F32_DOT)
+    z = _logits(qk, u, scale, mask_m, PREC, F32_DOT)
     if SINGLE:
         p = tl.exp(z - tl.max(z, axis=1)[:, None])
         p = p / tl.sum(p, axis=1)[:, None]
@@ -125,11 +181,13 @@ def _probs(qk, u, lse, scale, mask_n, mask_m, SINGLE: tl.constexpr, F32_DOT: tl.
 
 @triton.jit
 def _inverse_degree(DEG, bh, offs_m, M, NORMALIZE: tl.constexpr):
-    """Λ^-1 for a chunk of anchors, (BLOCK_M,) fp32, with 1/0 -> 0; ones without NORMALIZE."""
+    """Λ^-1 for a chunk of anchors, (BLOCK_M,) fp32; ones without NORMALIZE. Degrees at or below
+    2^-63 (the reference's ``degree_floor`` in fp32) count as 0: 1/deg -> 0."""
     mask_m = offs_m < M
     if NORMALIZE:
         deg = tl.load(DEG + bh * M + offs_m, mask=mask_m, other=0.0)
-        return tl.where(deg > 0, 1.0 / tl.where(deg > 0, deg, 1.0), 0.0)
+        live = deg > 1.0842021724855044e-19  # 2^-63
+        return tl.where(live, 1.0 / tl.where(live, deg, 1.0), 0.0)
     else:
         return tl.where(mask_m, 1.0, 0.0)
 
@@ -144,15 +202,19 @@ def _load_md(PTR, bh, offs_m, offs_d, M, D):
 @triton.jit
 def _grad_consts(KV, DEG, DW, bh, offs_m, offs_d, M, D, NORMALIZE: tl.constexpr):
     """For a chunk of anchors: W = Λ^-1 KV, dKV = Λ^-1 dW (BLOCK_M, BLOCK_D) and
-    ddeg = dL/ddeg = -Λ^-2 rowsum(dW * KV) (BLOCK_M,), 0 where Λ^-1 = 0; all fp32."""
+    ddeg = dL/ddeg = -rowsum(W * dKV) (BLOCK_M,), 0 where Λ^-1 = 0; all fp32. The degree's
+    gradient comes from these bounded factors (|W| <= max|v|, |dKV| <= max|dO|), never from
+    Λ^-2, which overflows once a degree falls below ~1e-19."""
     kv = _load_md(KV, bh, offs_m, offs_d, M, D)
     dw = _load_md(DW, bh, offs_m, offs_d, M, D)
     inv = _inverse_degree(DEG, bh, offs_m, M, NORMALIZE)
+    w = kv * inv[:, None]
+    dkv = dw * inv[:, None]
     if NORMALIZE:
-        ddeg = -inv * inv * tl.sum(dw * kv, axis=1)
+        ddeg = -tl.sum(w * dkv, axis=1)
     else:
         ddeg = inv * 0.0
-    return kv * inv[:, None], dw * inv[:, None], ddeg
+    return w, dkv, ddeg
 
 
 @triton.jit
@@ -173,6 +235,7 @@ def _lse_kernel(
     D,
     N_KEY,  # power of two >= N: an autotuning key (unused in the body)
     scale,
+    PREC: tl.constexpr,
     F32_DOT: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -193,7 +256,7 @@ def _lse_kernel(
     for c in range(0, tl.cdiv(M, BLOCK_M)):
         offs_m = c * BLOCK_M + tl.arange(0, BLOCK_M)
         u = _load_anchors(U, h, offs_m, offs_d, stride_uh, stride_um, stride_ud, M, D)
-        z = _logits(qk, u, scale, offs_m < M, F32_DOT)  # every chunk has at least one real anchor
+        z = _logits(qk, u, scale, offs_m < M, PREC, F32_DOT)  # every chunk has at least one real anchor
         m_new = tl.maximum(m_i, tl.max(z, axis=1))
         l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
         m_i = m_new
@@ -230,6 +293,7 @@ def _reduce_kernel(
     WITH_DEG: tl.constexpr,
     ATOMIC: tl.constexpr,
     SINGLE: tl.constexpr,
+    PREC: tl.constexpr,
     F32_DOT: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -257,10 +321,10 @@ def _reduce_kernel(
             lse = 0.0
         else:
             lse = tl.load(LSE + bh * N + offs_n, mask=mask_n, other=0.0)
-        p = _probs(qk, u, lse, scale, mask_n, mask_m, SINGLE, F32_DOT)  # (BLOCK_N, BLOCK_M)
+        p = _probs(qk, u, lse, scale, mask_n, mask_m, SINGLE, PREC, F32_DOT)  # (BLOCK_N, BLOCK_M)
         if WITH_DEG:
             deg += tl.sum(p, axis=0)
-        acc = _mm(tl.trans(p), x, acc, x.dtype, F32_DOT)  # += A_tile^T X_tile
+        acc = _mm(tl.trans(p), x, acc, True, False, PREC, F32_DOT)  # += A_tile^T X_tile
 
     if ATOMIC:
         row = 0
@@ -307,6 +371,7 @@ def _out_kernel(
     scale,
     NORMALIZE: tl.constexpr,
     SINGLE: tl.constexpr,
+    PREC: tl.constexpr,
     F32_DOT: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -331,8 +396,8 @@ def _out_kernel(
         u = _load_anchors(U, h, offs_m, offs_d, stride_uh, stride_um, stride_ud, M, D)
         inv = _inverse_degree(DEG, bh, offs_m, M, NORMALIZE)
         w = _load_md(KV, bh, offs_m, offs_d, M, D) * inv[:, None]  # Λ^-1 KV: the anchors' mean values
-        p = _probs(qk, u, lse, scale, mask_n, offs_m < M, SINGLE, F32_DOT)
-        out = _mm(p, w, out, qk.dtype, F32_DOT)
+        p = _probs(qk, u, lse, scale, mask_n, offs_m < M, SINGLE, PREC, F32_DOT)
+        out = _mm(p, w, out, True, True, PREC, F32_DOT)
     _store_tile(OUT, out, b, h, offs_n, offs_d, stride_ob, stride_oh, stride_on, stride_od, mask_nd)
 
 
@@ -385,6 +450,7 @@ def _bwd_kernel(
     NORMALIZE: tl.constexpr,
     ATOMIC: tl.constexpr,
     SINGLE: tl.constexpr,
+    PREC: tl.constexpr,
     F32_DOT: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -396,7 +462,6 @@ def _bwd_kernel(
     h = bh % H
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
-    DT = QK.dtype.element_ty
     if SINGLE:  # everything about the anchors fits in one chunk: load it once
         offs_m = tl.arange(0, BLOCK_M)
         mask_m = offs_m < M
@@ -414,14 +479,14 @@ def _bwd_kernel(
         do = _load_tile(DO, b, h, offs_n, offs_d, stride_gb, stride_gh, stride_gn, stride_gd, mask_nd)
         zeros_nd = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
         if SINGLE:
-            p = _probs(qk, u, 0.0, scale, mask_n, mask_m, True, F32_DOT)  # (BLOCK_N, BLOCK_M)
+            p = _probs(qk, u, 0.0, scale, mask_n, mask_m, True, PREC, F32_DOT)  # (BLOCK_N, BLOCK_M)
             # dA = dO W^T + v dKV^T + 1 ddeg^T
-            da = _mm(do, tl.trans(w), tl.broadcast_to(ddeg[None, :], (BLOCK_N, BLOCK_M)), DT, F32_DOT)
-            da = _mm(v, tl.trans(dkv), da, DT, F32_DOT)
+            da = _mm(do, tl.trans(w), tl.broadcast_to(ddeg[None, :], (BLOCK_N, BLOCK_M)), False, True, PREC, F32_DOT)
+            da = _mm(v, tl.trans(dkv), da, False, True, PREC, F32_DOT)
             dz = p * (da - tl.sum(p * da, axis=1)[:, None]) * scale  # softmax backward; 0 on padding
-            dqk = _mm(dz, u, zeros_nd, DT, F32_DOT)
-            dv = _mm(p, dkv, zeros_nd, DT, F32_DOT)
-            du = _mm(tl.trans(dz), qk, du, DT, F32_DOT)
+            dqk = _mm(dz, u, zeros_nd, True, False, PREC, F32_DOT)
+            dv = _mm(p, dkv, zeros_nd, True, True, PREC, F32_DOT)
+            du = _mm(tl.trans(dz), qk, du, True, False, PREC, F32_DOT)
         else:
             lse = tl.load(LSE + bh * N + offs_n, mask=mask_n, other=0.0)
             # First sweep over the chunks: dv = A dKV and delta = rowsum(dO * out) + rowsum(v * dv) + A ddeg.
@@ -432,9 +497,9 @@ def _bwd_kernel(
                 offs_c = c * BLOCK_M + tl.arange(0, BLOCK_M)
                 u_c = _load_anchors(U, h, offs_c, offs_d, stride_uh, stride_um, stride_ud, M, D)
                 w_c, dkv_c, ddeg_c = _grad_consts(KV, DEG, DW, bh, offs_c, offs_d, M, D, NORMALIZE)
-                p = _probs(qk, u_c, lse, scale, mask_n, offs_c < M, False, F32_DOT)
-                dv = _mm(p, dkv_c, dv, DT, F32_DOT)
-                out = _mm(p, w_c, out, DT, F32_DOT)
+                p = _probs(qk, u_c, lse, scale, mask_n, offs_c < M, False, PREC, F32_DOT)
+                dv = _mm(p, dkv_c, dv, True, True, PREC, F32_DOT)
+                out = _mm(p, w_c, out, True, True, PREC, F32_DOT)
                 a_ddeg += tl.sum(p * ddeg_c[None, :], axis=1)
             delta = tl.sum(do.to(tl.float32) * out, axis=1) + tl.sum(v.to(tl.float32) * dv, axis=1) + a_ddeg
             tl.store(DELTA + bh * N + offs_n, delta, mask=mask_n)
@@ -444,11 +509,13 @@ def _bwd_kernel(
                 offs_c = c * BLOCK_M + tl.arange(0, BLOCK_M)
                 u_c = _load_anchors(U, h, offs_c, offs_d, stride_uh, stride_um, stride_ud, M, D)
                 w_c, dkv_c, ddeg_c = _grad_consts(KV, DEG, DW, bh, offs_c, offs_d, M, D, NORMALIZE)
-                p = _probs(qk, u_c, lse, scale, mask_n, offs_c < M, False, F32_DOT)
-                da = _mm(do, tl.trans(w_c), tl.broadcast_to(ddeg_c[None, :], (BLOCK_N, BLOCK_M)), DT, F32_DOT)
-                da = _mm(v, tl.trans(dkv_c), da, DT, F32_DOT)
+                p = _probs(qk, u_c, lse, scale, mask_n, offs_c < M, False, PREC, F32_DOT)
+                da = _mm(
+                    do, tl.trans(w_c), tl.broadcast_to(ddeg_c[None, :], (BLOCK_N, BLOCK_M)), False, True, PREC, F32_DOT
+                )
+                da = _mm(v, tl.trans(dkv_c), da, False, True, PREC, F32_DOT)
                 dz = p * (da - delta[:, None]) * scale
-                dqk = _mm(dz, u_c, dqk, DT, F32_DOT)
+                dqk = _mm(dz, u_c, dqk, True, False, PREC, F32_DOT)
         _store_tile(DQK, dqk, b, h, offs_n, offs_d, stride_dqb, stride_dqh, stride_dqn, stride_dqd, mask_nd)
         _store_tile(DV, dv, b, h, offs_n, offs_d, stride_dvb, stride_dvh, stride_dvn, stride_dvd, mask_nd)
 
@@ -503,6 +570,7 @@ def _du_kernel(
     scale,
     NORMALIZE: tl.constexpr,
     ATOMIC: tl.constexpr,
+    PREC: tl.constexpr,
     F32_DOT: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -516,7 +584,6 @@ def _du_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < M
     mask_d = offs_d < D
-    DT = QK.dtype.element_ty
     u = _load_anchors(U, h, offs_m, offs_d, stride_uh, stride_um, stride_ud, M, D)
     w, dkv, ddeg = _grad_consts(KV, DEG, DW, bh, offs_m, offs_d, M, D, NORMALIZE)
     du = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
@@ -530,11 +597,11 @@ def _du_kernel(
         do = _load_tile(DO, b, h, offs_n, offs_d, stride_gb, stride_gh, stride_gn, stride_gd, mask_nd)
         lse = tl.load(LSE + bh * N + offs_n, mask=mask_n, other=0.0)
         delta = tl.load(DELTA + bh * N + offs_n, mask=mask_n, other=0.0)
-        p = _probs(qk, u, lse, scale, mask_n, mask_m, False, F32_DOT)
-        da = _mm(do, tl.trans(w), tl.broadcast_to(ddeg[None, :], (BLOCK_N, BLOCK_M)), DT, F32_DOT)
-        da = _mm(v, tl.trans(dkv), da, DT, F32_DOT)
+        p = _probs(qk, u, lse, scale, mask_n, mask_m, False, PREC, F32_DOT)
+        da = _mm(do, tl.trans(w), tl.broadcast_to(ddeg[None, :], (BLOCK_N, BLOCK_M)), False, True, PREC, F32_DOT)
+        da = _mm(v, tl.trans(dkv), da, False, True, PREC, F32_DOT)
         dz = p * (da - delta[:, None]) * scale
-        du = _mm(tl.trans(dz), qk, du, DT, F32_DOT)
+        du = _mm(tl.trans(dz), qk, du, True, False, PREC, F32_DOT)
 
     if ATOMIC:
         row = 0
@@ -587,15 +654,16 @@ def _fixed_config(M: int, D: int) -> dict[str, int]:
     return {"BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
 
 
-def _meta(M: int, D: int) -> dict[str, int]:
+def _tuned(deterministic: bool) -> bool:
+    """Whether launches are autotuned. Never in deterministic mode: the autotuner picks BLOCK_N by
+    timing, which would move the split boundaries, and with them the order of the sums, from one
+    process to the next; a fixed configuration gives the same bits in every process."""
+    return _AUTOTUNE and not deterministic
+
+
+def _meta(M: int, D: int, deterministic: bool) -> dict[str, int]:
     """Launch parameters passed explicitly: none when autotuning."""
-    return {} if _AUTOTUNE else _fixed_config(M, D)
-
-
-def _min_block_n(M: int, D: int) -> int:
-    """The smallest BLOCK_N a launch may use (sizes the deterministic partial buffers)."""
-    candidates = _CONFIGS + _BWD_CONFIGS
-    return min(c.kwargs["BLOCK_N"] for c in candidates) if _AUTOTUNE else _fixed_config(M, D)["BLOCK_N"]
+    return {} if _tuned(deterministic) else _fixed_config(M, D)
 
 
 if _AUTOTUNE:  # pragma: no cover - needs a GPU
@@ -609,9 +677,17 @@ else:
     _lse, _reduce, _out, _bwd, _du = _lse_kernel, _reduce_kernel, _out_kernel, _bwd_kernel, _du_kernel
 
 
+def _kernel(tuned, plain, deterministic: bool):
+    """The autotuned kernel, or the plain one with a fixed configuration (see ``_tuned``)."""
+    return tuned if _tuned(deterministic) else plain
+
+
+_PREC = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # see _mm
+
+
 def _f32_dot(dtype: torch.dtype) -> bool:
-    """Whether the kernels multiply in fp32 (see ``_mm``)."""
-    return dtype == torch.float32 or (INTERPRETED and dtype == torch.bfloat16)
+    """Whether the kernels' dots take fp32 operands (see ``_dot``): fp32 inputs, and the interpreter."""
+    return dtype == torch.float32 or INTERPRETED
 
 
 @functools.lru_cache(maxsize=16)
@@ -649,12 +725,24 @@ def _lse_shape(qk: torch.Tensor, anchors: torch.Tensor) -> tuple[int, ...]:
     return (B, H, N) if _blocks(anchors.shape[-2], D)[1] > 1 else (0,)
 
 
-def _launch_common(qk: torch.Tensor, anchors: torch.Tensor) -> tuple[dict[str, object], int]:
+def _launch_common(qk: torch.Tensor, anchors: torch.Tensor, deterministic: bool) -> tuple[dict[str, object], int]:
     """(keyword arguments shared by every launch, number of anchor chunks)."""
     M, D = anchors.shape[-2], qk.shape[-1]
     block_m, chunks, block_d = _blocks(M, D)
-    kw = dict(scale=D**-0.5, F32_DOT=_f32_dot(qk.dtype), BLOCK_M=block_m, BLOCK_D=block_d, **_meta(M, D))
+    kw = dict(
+        scale=D**-0.5,
+        PREC=_PREC[qk.dtype],
+        F32_DOT=_f32_dot(qk.dtype),
+        BLOCK_M=block_m,
+        BLOCK_D=block_d,
+        **_meta(M, D, deterministic),
+    )
     return kw, chunks
+
+
+def _on_device(t: torch.Tensor):
+    """Launch on ``t``'s GPU, not the current one."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _reduce_launch(
@@ -669,15 +757,15 @@ def _reduce_launch(
     """A^T x and (with ``with_deg``) A^T 1: ((B, H, M, D) fp32, (B, H, M) fp32)."""
     B, H, N, D = qk.shape
     M = anchors.shape[-2]
-    kw, chunks = _launch_common(qk, anchors)
+    kw, chunks = _launch_common(qk, anchors, deterministic)
     target = _target_programs(qk.device.index if qk.device.type == "cuda" else None)
-    # Deterministic: one partial per split (at most `rows` splits), summed below in a fixed order.
-    rows = _num_splits(N, _min_block_n(M, D), B * H * chunks, target) if deterministic else 1
+    # Deterministic: one partial per split (fixed configuration), summed below in a fixed order.
+    rows = _num_splits(N, kw["BLOCK_N"], B * H * chunks, target) if deterministic else 1
     acc = torch.zeros((rows, B * H, M, D), device=qk.device, dtype=torch.float32)
     deg = torch.zeros((rows, B * H, M) if with_deg else (1,), device=qk.device, dtype=torch.float32)
     max_splits = rows if deterministic else N
     grid = lambda meta: (min(max_splits, _num_splits(N, meta["BLOCK_N"], B * H * chunks, target)), B * H, chunks)
-    _reduce[grid](
+    _kernel(_reduce, _reduce_kernel, deterministic)[grid](
         qk,
         x,
         anchors,
@@ -711,16 +799,16 @@ def _forward(
     lse (B, H, N) fp32 or an empty tensor when the anchors fit in one chunk)."""
     B, H, N, D = qk.shape
     M = anchors.shape[-2]
-    kw, chunks = _launch_common(qk, anchors)
+    kw, chunks = _launch_common(qk, anchors, deterministic)
     lse = torch.empty(_lse_shape(qk, anchors), device=qk.device, dtype=torch.float32)
     tiles = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * H)
     if chunks > 1:
-        _lse[tiles](
+        _kernel(_lse, _lse_kernel, deterministic)[tiles](
             qk, anchors, lse, *qk.stride(), *_anchor_strides(anchors), H, N, M, D, triton.next_power_of_2(N), **kw
         )
     kv, deg = _reduce_launch(qk, v, anchors, lse, with_deg=True, deterministic=deterministic)
     out = _empty_like_bnhd(v)
-    _out[tiles](
+    _kernel(_out, _out_kernel, deterministic)[tiles](
         qk,
         anchors,
         lse,
@@ -756,7 +844,7 @@ def _backward(
     """Returns (dqk, dv, danchors) shaped and typed like (qk, v, anchors)."""
     B, H, N, D = qk.shape
     M = anchors.shape[-2]
-    kw, chunks = _launch_common(qk, anchors)
+    kw, chunks = _launch_common(qk, anchors, deterministic)
     grad_out = grad_out.to(qk.dtype)
     dw, _ = _reduce_launch(qk, grad_out, anchors, lse, with_deg=False, deterministic=deterministic)
     dqk = _empty_like_bnhd(qk)
@@ -766,7 +854,7 @@ def _backward(
     per_head = anchors.dim() == 3
     if deterministic:
         # One partial per (split, b, h), reduced below in a fixed order.
-        rows = _num_splits(N, _min_block_n(M, D), B * H * chunks, target)
+        rows = _num_splits(N, kw["BLOCK_N"], B * H * chunks, target)
         du = torch.zeros((rows, B, H, M, D), device=qk.device, dtype=torch.float32)
         du_strides = du.stride()[:3]
     else:
@@ -781,7 +869,7 @@ def _backward(
     )
     sizes = (H, N, M, D, triton.next_power_of_2(N))
     grid = lambda meta: (min(rows, _num_splits(N, meta["BLOCK_N"], B * H, target)), B * H)
-    _bwd[grid](
+    _kernel(_bwd, _bwd_kernel, deterministic)[grid](
         qk,
         v,
         grad_out,
@@ -806,7 +894,7 @@ def _backward(
     )
     if chunks > 1:
         grid = lambda meta: (min(rows, _num_splits(N, meta["BLOCK_N"], B * H * chunks, target)), B * H, chunks)
-        _du[grid](
+        _kernel(_du, _du_kernel, deterministic)[grid](
             qk,
             v,
             grad_out,
@@ -838,7 +926,8 @@ def _backward(
 def _forward_op(
     qk: torch.Tensor, v: torch.Tensor, anchors: torch.Tensor, normalize: bool, deterministic: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _forward(qk, v, anchors, normalize, deterministic)
+    with _on_device(qk):
+        return _forward(qk, v, anchors, normalize, deterministic)
 
 
 @_forward_op.register_fake
@@ -866,12 +955,13 @@ def _backward_op(
     normalize: bool,
     deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(grad_out, qk, v, anchors, kv, deg, lse, normalize, deterministic)
+    with _on_device(qk):
+        return _backward(grad_out, qk, v, anchors, kv, deg, lse, normalize, deterministic)
 
 
 @_backward_op.register_fake
 def _(grad_out, qk, v, anchors, kv, deg, lse, normalize, deterministic):
-    return _empty_like_bnhd(qk), _empty_like_bnhd(v), torch.empty_like(anchors)
+    return _empty_like_bnhd(qk), _empty_like_bnhd(v), anchors.new_empty(anchors.shape)  # contiguous, as the kernel's
 
 
 # ---------------------------------------------------------------------------------------------
@@ -885,8 +975,11 @@ class AnchorAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qk, v, anchors, normalize, deterministic):
-        fwd = _forward_op if torch.compiler.is_compiling() else _forward
-        out, kv, deg, lse = fwd(qk, v, anchors, normalize, deterministic)
+        if torch.compiler.is_compiling():
+            out, kv, deg, lse = _forward_op(qk, v, anchors, normalize, deterministic)
+        else:
+            with _on_device(qk):
+                out, kv, deg, lse = _forward(qk, v, anchors, normalize, deterministic)
         ctx.save_for_backward(qk, v, anchors, kv, deg, lse)
         ctx.normalize = normalize
         ctx.deterministic = deterministic
@@ -895,8 +988,12 @@ class AnchorAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         qk, v, anchors, kv, deg, lse = ctx.saved_tensors
-        bwd = _backward_op if torch.compiler.is_compiling() else _backward
-        dqk, dv, du = bwd(grad_out, qk, v, anchors, kv, deg, lse, ctx.normalize, ctx.deterministic)
+        args = (grad_out, qk, v, anchors, kv, deg, lse, ctx.normalize, ctx.deterministic)
+        if torch.compiler.is_compiling():
+            dqk, dv, du = _backward_op(*args)
+        else:
+            with _on_device(qk):
+                dqk, dv, du = _backward(*args)
         return dqk, dv, du, None, None
 
 
@@ -944,10 +1041,9 @@ def anchor_attention_triton(
         (B, H, N, D) in ``v``'s dtype, stored token-major (a view of a (B, N, H, D) tensor).
 
     Raises:
-        ValueError: bad shapes or dtypes, or CPU tensors without the Triton interpreter.
+        ValueError: bad shapes or dtypes, shapes beyond the kernels' limits (D > 128,
+            B * H > 65535; see ``limits.py``), or CPU tensors without the Triton interpreter.
     """
-    from .reference import check_inputs
-
     check_inputs(qk, v, anchors)
     if anchors.dim() == 4:
         raise ValueError(
@@ -964,5 +1060,8 @@ def anchor_attention_triton(
             f"anchor_attention_triton: qk, v and anchors must be on one device; got {qk.device}, {v.device}, "
             f"{anchors.device}"
         )
+    reason = fused_unsupported(qk, anchors)
+    if reason is not None:
+        raise ValueError(f"anchor_attention_triton: {reason}")
     check_triton_device(qk.device)
     return AnchorAttentionFunction.apply(qk, v, anchors.to(qk.dtype), bool(normalize), bool(deterministic))

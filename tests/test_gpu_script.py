@@ -1,0 +1,63 @@
+"""benchmarks/gpu.sh: syntax, a clear message without the virtual environment, one budget for all."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu.sh"
+pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash")
+
+
+def _run(env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", str(SCRIPT)], cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_syntax():
+    proc = subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_missing_virtual_environment_is_a_clear_error(tmp_path):
+    proc = _run({"PYTHON": str(tmp_path / "no-venv" / "bin" / "python")})
+    assert proc.returncode == 2
+    assert "no Python at" in proc.stderr and "make env" in proc.stderr
+
+
+def test_dry_run_lists_every_part_under_its_cap(tmp_path):
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\nexit 0\n")
+    fake.chmod(0o755)
+    proc = _run({"PYTHON": str(fake), "DRY_RUN": "1", "OUT_DIR": str(tmp_path / "out"), "BUDGET_S": "600"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    caps = [int(line.split("at most ")[1].split(" s)")[0]) for line in proc.stdout.splitlines() if "would run" in line]
+    parts = [line for line in proc.stdout.splitlines() if "would run" in line]
+    assert any("anchorformer.cli bench --profile full" in p for p in parts)
+    assert any("-m gpu and not slow" in p for p in parts)
+    assert sum("anchorformer.cli train" in p for p in parts) == 3
+    assert all(0 < c <= 300 for c in caps), caps
+    assert not any(p.name.startswith("dry_run") for p in (ROOT / "benchmarks" / "results").iterdir())
+
+
+@pytest.mark.slow
+def test_the_whole_script_keeps_its_budget(tmp_path):
+    """Every part hangs (a Python that sleeps): the script still ends within BUDGET_S."""
+    fake = tmp_path / "python"
+    # the import and CUDA checks pass; everything else (bench, tests, tasks) hangs
+    fake.write_text('#!/bin/sh\ncase "$*" in\n  *"-c "*) echo Fake GPU; exit 0;;\nesac\nexec sleep 1000\n')
+    fake.chmod(0o755)
+    budget = 45
+    t0 = time.monotonic()
+    proc = _run({"PYTHON": str(fake), "BUDGET_S": str(budget), "OUT_DIR": str(tmp_path / "out")}, timeout=budget + 60)
+    elapsed = time.monotonic() - t0
+    assert proc.returncode != 0
+    assert elapsed <= budget + 3, f"took {elapsed:.0f} s for a budget of {budget} s\n{proc.stdout}\n{proc.stderr}"
+    assert "skipped" in proc.stdout + proc.stderr  # the parts after the hanging benchmark had no time left
