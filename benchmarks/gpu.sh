@@ -112,13 +112,13 @@ if [ "${SKIP_TASKS:-0}" != "1" ]; then
   }
   run_task cls "$PY" -m anchorformer.cli train cls --data "$work/data/imagenet" \
     --model anchorformer_tiny_patch16_224 --out "$out/${name}_cls" --profile mini --epochs 2 \
-    --set device=cuda amp=true amp_dtype=bfloat16 threads=null num_workers=4
+    --set device=cuda --set amp=true --set amp_dtype=bfloat16 --set threads=null --set num_workers=4
   run_task det "$PY" -m anchorformer.cli train det --data "$work/data/coco" \
-    --backbone anchorformer_tiny_patch16_224 --out "$out/${name}_det" --profile mini --epochs 2 \
+    --model anchorformer_tiny_patch16_224 --out "$out/${name}_det" --profile mini --epochs 2 \
     --set device=cuda --set amp=true --set threads=null
   run_task seg "$PY" -m anchorformer.cli train seg --data "$work/data/ade20k/ADEChallengeData2016" \
-    --backbone anchorformer_tiny_patch16_224 --head fpn --out "$out/${name}_seg" --profile mini --iters 100 \
-    --set device=cuda amp=true threads=null
+    --model anchorformer_tiny_patch16_224 --head fpn --out "$out/${name}_seg" --profile mini --iters 100 \
+    --set device=cuda --set amp=true --set threads=null
   if [ "$DRY_RUN" != "1" ]; then
     for task in cls det seg; do
       if [ -f "$out/${name}_${task}/metrics.json" ]; then
