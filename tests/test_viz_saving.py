@@ -85,3 +85,10 @@ def test_anchor_maps_figure_is_small_and_its_title_above_the_rows(tmp_path):
     png = save_figure(fig, tmp_path / "maps", dpi=110)[0].read_bytes()
     width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
     assert width <= 700 and height <= 2200, (width, height)
+
+
+@pytest.mark.parametrize("n, text", [(1, "(1 problem)"), (2, "(2 problems)")])
+def test_verification_counts_problems_in_the_singular_and_plural(n, text):
+    from anchorformer.data.verify import VerificationError
+
+    assert text in str(VerificationError("coco", "/x", [f"p{i}" for i in range(n)]))
