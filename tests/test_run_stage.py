@@ -160,3 +160,16 @@ def test_the_package_log_reaches_the_terminal_and_not_the_notebook(tmp_path):
     out = nbformat.read(tmp_path / "sub" / "out.ipynb", as_version=4)
     texts = [o.get("text", "") for c in out.cells for o in c.get("outputs", [])]
     assert "printed 3\n" in texts and not any("epoch" in t for t in texts)
+
+
+def test_make_env_registers_the_kernel_inside_the_venv_and_lab_runs_as_root():
+    makefile = (ROOT / "Makefile").read_text()
+    assert "ipykernel install --sys-prefix --name anchorformer" in makefile and "--user" not in makefile
+    assert "env: $(STAMP) $(KERNEL)" in makefile
+    lab = makefile[makefile.index("\nlab:") :]
+    assert "$(LAB_FLAGS)" in lab.splitlines()[2] and "--allow-root" in makefile
+    done = subprocess.run(
+        ["make", "-n", "lab", "VENV=/nonexistent", "LAB_FLAGS=--allow-root"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.stdout.strip().splitlines()[-1] == "/nonexistent/bin/jupyter lab notebooks --allow-root", done.stdout
