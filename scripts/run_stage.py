@@ -18,8 +18,9 @@ values typed as papermill types them) and adds three things:
 2. **Progress.** The cells' output and the package's log (``logging``: epochs, losses, metrics)
    stream to the terminal while the notebook runs; the log is not stored in the notebook.
 3. **Determinism.** The executed notebook carries no timestamps: papermill's and nbclient's timing
-   metadata (start and end times, durations) are removed, so the same parameters and seed give
-   the same file when the printed values are the same.
+   metadata (start and end times, durations) are removed and the injected parameters cell gets
+   a fixed id, so the same parameters and seed give the same file when the printed values are
+   the same.
 """
 
 from __future__ import annotations
@@ -91,13 +92,18 @@ def resolve_type(value: str) -> Any:
 
 
 def strip_timing(nb: Any) -> Any:
-    """``nb`` (a notebook node) without papermill's and nbclient's timestamps and durations, in place."""
+    """``nb`` (a notebook node) without papermill's and nbclient's timestamps and durations, in place.
+
+    The cell papermill inserts for the parameters gets a fixed id instead of its random one.
+    """
     meta = nb.get("metadata", {}).get("papermill")
     if meta is not None:
         for key in TIMING_KEYS:
             meta.pop(key, None)
     for cell in nb.get("cells", []):
         cell_meta = cell.get("metadata", {})
+        if "injected-parameters" in cell_meta.get("tags", []):
+            cell["id"] = "injected-parameters"  # papermill gives the cell it inserts a random id
         cell_meta.pop("execution", None)  # nbclient: iopub.execute_input, shell.execute_reply, ...
         pm = cell_meta.get("papermill")
         if pm is not None:

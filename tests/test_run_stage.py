@@ -51,10 +51,13 @@ def test_timestamps_are_stripped():
     cell = nbformat.v4.new_code_cell("1")
     cell.metadata.papermill = {"start_time": "t", "end_time": "t", "duration": 1.0, "status": "completed"}
     cell.metadata.execution = {"iopub.execute_input": "t", "shell.execute_reply": "t"}
-    nb.cells = [cell]
+    injected = nbformat.v4.new_code_cell("a = 1", metadata={"tags": ["injected-parameters"]})
+    nb.cells = [cell, injected]
     run_stage.strip_timing(nb)
+    assert injected.id == "injected-parameters"
     assert nb.metadata.papermill == {"parameters": {"a": 1}}
     assert nb.cells[0].metadata == {"papermill": {"status": "completed"}}
+    nbformat.validate(nb)
 
 
 def _fake_repo(tmp_path: Path) -> Path:
@@ -122,7 +125,7 @@ def test_same_parameters_give_the_same_notebook_and_figures(tmp_path):
     first, a = _run_complexity(tmp_path, "a")
     _, b = _run_complexity(tmp_path, "b")
     # the cells' output streams to the terminal while the notebook runs
-    assert "Executing Cell" in first.stderr and "| model | size |" in first.stderr
+    assert "Executing Cell 5" in first.stderr and "Ending Cell 5" in first.stderr
     executed = nbformat.read(a / "01_complexity.ipynb", as_version=4)
     assert executed.metadata.kernelspec.name == "anchorformer"
     assert "start_time" not in executed.metadata.papermill
