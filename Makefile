@@ -13,7 +13,11 @@ export PYTHONHASHSEED := 0
 
 .PHONY: env repro test test-fast test-notebooks lint lab clean-venv
 
-env: $(STAMP)
+# The project's Jupyter kernel, registered inside .venv (not in ~/.local): JupyterLab lists it as
+# "anchorformer (.venv)" and the notebooks name it; the stages and nbval run the current interpreter.
+KERNEL := $(VENV)/share/jupyter/kernels/anchorformer/kernel.json
+
+env: $(STAMP) $(KERNEL)
 
 # Every version comes from requirements.lock; the project is installed editable with all its extras.
 # timm's source distribution gives its own model tests (tests/test_timm_models.py), run on ours.
@@ -25,6 +29,9 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/python -m pip install --quiet -r requirements.lock -e ".[$(EXTRAS)]"
 	$(BIN)/python -m pip download --quiet --no-deps --no-binary :all: -c requirements.lock timm -d $(VENV)/src
 	touch $(STAMP)
+
+$(KERNEL): $(STAMP)
+	$(BIN)/python -m ipykernel install --sys-prefix --name anchorformer --display-name "anchorformer (.venv)"
 
 repro: env
 	$(BIN)/dvc repro
@@ -54,9 +61,11 @@ lint: env
 	$(BIN)/python scripts/clean_notebooks.py --check
 	$(BIN)/python scripts/dvc_deps.py --check
 
+# JupyterLab on notebooks/ with the project's kernel; as root (containers) it needs --allow-root.
+LAB_FLAGS ?= $(if $(filter 0,$(shell id -u)),--allow-root)
+
 lab: env
-	$(BIN)/python -m ipykernel install --user --name anchorformer --display-name "anchorformer (.venv)"
-	$(BIN)/jupyter lab notebooks
+	$(BIN)/jupyter lab notebooks $(LAB_FLAGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FuncFormatter, NullFormatter, NullLocator  # noqa: E402
 
 __all__ = [
     "anchor_map_entropy",
@@ -22,18 +23,57 @@ __all__ = [
     "plot_segmentation",
     "real_photographs",
     "save_figure",
+    "SavedFigure",
 ]
 
 
-def save_figure(fig: Any, path: str | Path, formats: Sequence[str] = ("png", "svg")) -> list[Path]:
-    """Save ``fig`` as ``path`` with each suffix in ``formats`` (the folder is created); close it."""
+# Saved figures are byte-identical for the same figure: no date in SVG, a fixed salt for SVG ids,
+# no software version in PNG (matplotlib writes no time into PNG).
+SAVE_DPI = 150
+_SVG_SALT = "anchorformer"
+_METADATA = {"svg": {"Date": None, "Creator": None}, "png": {"Software": None}}
+
+
+class SavedFigure(list):
+    """The paths :func:`save_figure` wrote; shown in a notebook as the figure (its PNG, else SVG)."""
+
+    dpi: float = 150.0
+
+    def _file(self, suffix: str) -> Path | None:
+        return next((p for p in self if p.suffix == suffix and p.is_file()), None)
+
+    def _repr_png_(self) -> tuple[bytes, dict[str, int]] | None:
+        path = self._file(".png")
+        if path is None:
+            return None
+        data = path.read_bytes()
+        width = int.from_bytes(data[16:20], "big")  # the PNG header (IHDR): width, height
+        return data, {"width": round(width * 96 / self.dpi)}  # the size the figure was drawn at
+
+    def _repr_svg_(self) -> str | None:
+        if self._file(".png") is not None:
+            return None  # one image per figure in the notebook
+        path = self._file(".svg")
+        return None if path is None else path.read_text(encoding="utf-8")
+
+
+def save_figure(
+    fig: Any, path: str | Path, formats: Sequence[str] = ("png", "svg"), dpi: float = SAVE_DPI
+) -> SavedFigure:
+    """Save ``fig`` as ``path`` with each suffix in ``formats`` (the folder is created); close it.
+
+    The files are deterministic (no dates, fixed SVG ids). The returned list of paths shows as the
+    figure when it is a notebook cell's value (``display(save_figure(...))`` elsewhere in a cell).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    written = []
-    for fmt in formats:
-        p = path.with_suffix("." + fmt)
-        fig.savefig(p, dpi=150, bbox_inches="tight")
-        written.append(p)
+    written = SavedFigure()
+    written.dpi = dpi
+    with plt.rc_context({"svg.hashsalt": _SVG_SALT}):
+        for fmt in formats:
+            p = path.with_suffix("." + fmt)
+            fig.savefig(p, dpi=dpi, bbox_inches="tight", metadata=_METADATA.get(fmt))
+            written.append(p)
     plt.close(fig)
     return written
 
@@ -62,6 +102,9 @@ def plot_gmacs_vs_resolution(resolution_rows: list[dict[str, Any]], title: str =
             label=f"AnchorFormer-{size} (M={rows[0]['num_anchors']})",
         )
     ax.set_xscale("log", base=2)
+    sides = sorted({r["img_size"] for r in resolution_rows})
+    ax.set_xticks(sides, [str(s) for s in sides])  # the sides themselves, not powers of two
+    ax.xaxis.set_minor_locator(NullLocator())
     ax.set_yscale("log")
     ax.set_xlabel("image side (pixels)")
     ax.set_ylabel("GMACs")
@@ -223,7 +266,10 @@ def plot_anchor_maps(
     import numpy as np
 
     rows = [(b, layer) for b in range(len(shown)) for layer in layers]
-    fig, axes = plt.subplots(len(rows), num_anchors + 1, figsize=(1.8 * (num_anchors + 1), 1.8 * len(rows)))
+    cell = 1.0  # inches per panel: 18 rows of 5 panels are 550 x 2,000 pixels at 110 dpi (notebook 40)
+    fig, axes = plt.subplots(
+        len(rows), num_anchors + 1, figsize=(cell * (num_anchors + 1), cell * len(rows) + 0.4), layout="constrained"
+    )
     axes = np.atleast_2d(axes)
     for r, (b, layer) in enumerate(rows):
         img = shown[b]
@@ -242,11 +288,10 @@ def plot_anchor_maps(
                 extent=(0, img.shape[1], img.shape[0], 0),
                 interpolation="bilinear",
             )
-            axes[r, c].set_title(f"anchor {m} (deg {float(deg[m]):.1f})", fontsize=6)
+            axes[r, c].set_title(f"anchor {m}\n(deg {float(deg[m]):.1f})", fontsize=6)
     for ax in axes.flat:
         ax.axis("off")
-    fig.suptitle("p(token | anchor): where each anchor gathers from", fontsize=9)
-    fig.tight_layout()
+    fig.suptitle("p(token | anchor): where each anchor gathers from", fontsize=9)  # above the rows (constrained)
     return fig
 
 
@@ -333,6 +378,11 @@ def plot_ap_vs_gmacs(
     ax.plot([], [], "o", color="C0", label="AnchorFormer")
     ax.plot([], [], "s", color="C1", label="DeiT")
     ax.set_xscale("log")
+    ax.margins(x=0.25, y=0.12)  # room for the run names written right of the points
+    plain = FuncFormatter(lambda v, _: f"{v:g}")  # 0.14, 0.2, 10: not 1.4×10⁻¹
+    lo, hi = ax.get_xlim()
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain if hi < 10 * lo else NullFormatter())  # minor labels within a decade
     ax.set_xlabel(xlabel)
     ax.set_ylabel(metric.replace("_", " "))
     ax.set_title(title or f"{metric} vs backbone GMACs")

@@ -3,7 +3,7 @@
 The notebooks in ``notebooks/`` are the source (edit them in JupyterLab, lint them with ruff).
 Stored, each has:
 
-- notebook metadata: the ``python3`` kernelspec and the language name only;
+- notebook metadata: the project's kernelspec (``anchorformer``) and the language name only;
 - code cells without outputs or execution counts, except the cells marked ``# NBVAL_CHECK_OUTPUT``
   (or tagged ``nbval-check-output``): those keep their text outputs (``stream``, ``execute_result``,
   consecutive streams merged) with execution count 1, which nbval compares with a fresh run;
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import ast
 import copy
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -32,7 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 CHECK_MARKER = "NBVAL_CHECK_OUTPUT"
 CHECK_TAG = "nbval-check-output"
-KERNELSPEC = {"display_name": "Python 3", "language": "python", "name": "python3"}
+# the project's kernel: `make env` registers it inside .venv; the stages run it with their own
+# interpreter (scripts/run_stage.py), nbval with the current one (--nbval-current-env)
+KERNELSPEC = {"display_name": "anchorformer (.venv)", "language": "python", "name": "anchorformer"}
 KEPT_OUTPUTS = ("stream", "execute_result")
 
 
@@ -140,8 +143,13 @@ def store_outputs(path: Path) -> None:
     """Run ``path`` with its smoke defaults from the repository root and keep the checked cells' outputs."""
     import papermill
 
+    spec = importlib.util.spec_from_file_location("run_stage", Path(__file__).with_name("run_stage.py"))
+    run_stage = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_stage)
+
     nb = nbformat.read(path, as_version=4)
-    executed = papermill.execute_notebook(str(path), None, cwd=str(ROOT), progress_bar=False)
+    with run_stage.kernel_of_this_interpreter(KERNELSPEC["name"]) as kernel:
+        executed = papermill.execute_notebook(str(path), None, cwd=str(ROOT), kernel_name=kernel, progress_bar=False)
     ran = {c.id: c for c in executed.cells}
     for cell in nb.cells:
         if is_checked(cell):

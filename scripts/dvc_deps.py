@@ -1,6 +1,7 @@
 """Derive the package dependencies of each DVC stage from the imports of the notebooks it runs.
 
-A stage of ``dvc.yaml`` runs notebooks through papermill. It depends on every package module
+A stage of ``dvc.yaml`` runs notebooks through papermill (``scripts/run_stage.py NOTEBOOK ...``
+or ``papermill NOTEBOOK ...``). It depends on every package module
 those notebooks import, transitively: ``import anchorformer.x``, ``from anchorformer.x import y``
 (``y`` a submodule or a name), relative imports inside the package, imports inside functions,
 ``importlib.import_module("anchorformer.x")`` and ``python -m anchorformer.x`` command lines; the
@@ -228,7 +229,7 @@ def notebook_refs(path: Path) -> Refs:
     return refs
 
 
-_PAPERMILL = re.compile(r"papermill\s+(\S+\.ipynb)")
+_PAPERMILL = re.compile(r"(?:papermill|run_stage\.py)\s+(\S+\.ipynb)")  # papermill or its runner
 
 
 def stages(dvc_yaml: dict) -> dict[str, dict]:

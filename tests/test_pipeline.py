@@ -1,4 +1,4 @@
-"""dvc.yaml, params.yaml and the notebooks agree; a stage's papermill command runs as written."""
+"""dvc.yaml, params.yaml and the notebooks agree; a stage's command (scripts/run_stage.py) runs as written."""
 
 from __future__ import annotations
 
@@ -38,11 +38,16 @@ def resolved_stages() -> dict[str, dict]:
 
 
 def papermill_calls(cmd: str) -> list[tuple[str, str, dict[str, str]]]:
-    """(input notebook, output notebook, {-p name: value}) for each papermill call in ``cmd``."""
+    """(input notebook, output notebook, {-p name: value}) for each notebook run in ``cmd``.
+
+    A run is ``papermill IN OUT ...`` or ``python3 scripts/run_stage.py IN OUT ...`` (papermill's arguments).
+    """
     calls = []
     for part in cmd.split("&&"):
         words = shlex.split(part)
-        if not words or Path(words[0]).name != "papermill":
+        if words and Path(words[0]).name.startswith("python") and len(words) > 1:
+            words = words[1:]  # python3 scripts/run_stage.py ...
+        if not words or Path(words[0]).name not in ("papermill", "run_stage.py"):
             continue
         positional = [
             w for i, w in enumerate(words[1:], 1) if not w.startswith("-") and not words[i - 1].startswith("-")
@@ -109,7 +114,7 @@ def test_complexity_stage_command_runs_as_written(tmp_path):
         "img_sizes": "224",
         "resolutions": "224 448",
     }
-    argv = [sys.executable, "-m", "papermill", notebook, str(tmp_path / Path(out).name), "--cwd", "."]
+    argv = [sys.executable, "scripts/run_stage.py", notebook, str(tmp_path / Path(out).name), "--cwd", "."]
     for k, v in smoke.items():
         argv += ["-p", k, v]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}

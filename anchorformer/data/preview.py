@@ -110,7 +110,7 @@ def plot_coco_samples(root: str | Path, split: str = "val", *, n: int = 8, cols:
             )
             ax.text(x0, y0, ds.class_names[label - 1] + (" (crowd)" if crowd else ""), fontsize=6, va="bottom", color="white",
                     bbox={"facecolor": colours(label % 10), "pad": 1, "lw": 0})  # fmt: skip
-        ax.set_title(f"image {t['image_id']}: {len(t['labels'])} objects", fontsize=7)
+        ax.set_title(f"image {t['image_id']}: {len(t['labels'])} object{'s' * (len(t['labels']) != 1)}", fontsize=7)
     fig.suptitle(f"COCO format: {root} / {split}", fontsize=9)
     fig.tight_layout()
     return fig

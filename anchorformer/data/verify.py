@@ -75,7 +75,9 @@ class VerificationError(ValueError):
         self.problems = problems
         shown = "\n".join(f"  - {p}" for p in problems[:MAX_LISTED])
         more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
-        super().__init__(f"{dataset} at {root} failed verification ({len(problems)} problems):\n{shown}{more}")
+        super().__init__(
+            f"{dataset} at {root} failed verification ({len(problems)} problem{'s' * (len(problems) != 1)}):\n{shown}{more}"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
