@@ -16,7 +16,9 @@ ViTDet drops the class token; keeping it leaves a classification checkpoint load
 The same blocks serve timm's DeiT (:class:`WindowedBlock`) and AnchorFormer
 (:class:`WindowedAnchorBlock`; anchor attention is already global and linear in N, so AnchorFormer
 stays global by default and windows are an ablation). State-dict keys are those of the plain
-blocks: a checkpoint of the global model loads into the windowed one and back.
+blocks: a checkpoint of the global model loads into the windowed one and back. The patch grid of the
+forward pass in progress reaches the blocks through a forward hook of ``patch_embed``; with gradient
+checkpointing, run the backward of a pass before a forward pass at another input size.
 
 Letters used in shapes: B batch, N tokens (P prefix + h*w patches), C channels, h/w the patch
 grid, S the window side, hp/wp the grid padded to a multiple of S.
