@@ -60,7 +60,10 @@ def test_pairs_and_gains(tmp_path) -> None:
     assert at_input(af) == ("64x80", af["input_gmacs"])
     md = results_markdown(rows, pairs, standard=[])
     assert "+150.0%" in md and "+100.0%" in md
-    assert f"| deit | DeiT-T (48 ch, 2 blocks, 3 heads, patch 8) | global | 64×80 | 1.000 | {deit['input_gmacs']:.3f} |" in md
+    assert (
+        f"| deit | DeiT-T (48 ch, 2 blocks, 3 heads, patch 8) | global | 64×80 | 1.000 | {deit['input_gmacs']:.3f} |"
+        in md
+    )
     assert af["attention"] == "anchor (global), M 4"
     assert "1333" not in md  # nothing here ran at 1333x800
     paths = write_summary(tmp_path / "summary", rows, pairs, standard=[])
