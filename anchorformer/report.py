@@ -578,8 +578,9 @@ def _detection_section(doc: _Doc, det: dict | None, profile: str | None) -> None
     doc.heading(3, f"Trained detectors (profile {profile or 'not given'})")
     if det and det.get("runs"):
         doc.add(
-            "Mask R-CNN over each backbone as it was trained (its shape in brackets), with the backbone's GMACs at "
-            "the input the run trained and evaluated on (shorter × longer side, after the input scale).\n"
+            "Mask R-CNN over each backbone as it was trained (its shape in brackets, the attention it runs: global, "
+            "ViTDet-windowed or anchor), with the backbone's GMACs at the input the run trained and evaluated on "
+            "(shorter × longer side, after the input scale).\n"
         )
         rows = [
             {**r, "backbone_label": r.get("backbone_label") or _shape_label(r["backbone"], profile)}
@@ -603,7 +604,8 @@ def _detection_section(doc: _Doc, det: dict | None, profile: str | None) -> None
     if det and det.get("standard_backbones"):
         doc.add(
             "The full recipe's backbones (standard T/S/B shapes, patch 16, M = 30) at the COCO input 1333×800, "
-            "where the full protocol compares them; none of these was trained here.\n"
+            "where the full protocol compares them: DeiT with global attention, DeiT with ViTDet's windowed "
+            "attention (14×14 windows, global blocks 2, 5, 8, 11) and AnchorFormer; none of these was trained here.\n"
         )
         doc.add(det_results.standard_backbones_markdown(det["standard_backbones"]))
     elif det:
@@ -624,9 +626,9 @@ def _segmentation_section(doc: _Doc, seg: dict | None, seg_complexity: list | No
     doc.heading(3, f"Trained models (profile {profile or 'not given'})")
     if seg and seg.get("runs"):
         doc.add(
-            "Single-scale mIoU / mAcc / aAcc (percent) on the validation split; params and GMACs of backbone, pyramid "
-            "and decode head as trained, GMACs counted at 512² (the protocol's crop) whatever crop the run trained on "
-            "(the crop column).\n"
+            "Single-scale mIoU / mAcc / aAcc (percent) on the validation split; params and GMACs of backbone, neck "
+            "(multilevel: blocks 2, 5, 8, 11, or 0–3 of the mini backbones, as mmsegmentation) and decode head as "
+            "trained, GMACs counted at 512² (the protocol's crop) whatever crop the run trained on (the crop column).\n"
         )
         doc.add(seg_results.results_markdown(seg["runs"]))
     else:

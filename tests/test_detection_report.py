@@ -60,7 +60,11 @@ def test_pairs_and_gains(tmp_path) -> None:
     assert at_input(af) == ("64x80", af["input_gmacs"])
     md = results_markdown(rows, pairs, standard=[])
     assert "+150.0%" in md and "+100.0%" in md
-    assert f"| deit | DeiT-T (48 ch, 2 blocks, 3 heads, patch 8) | 64×80 | 1.000 | {deit['input_gmacs']:.3f} |" in md
+    assert (
+        f"| deit | DeiT-T (48 ch, 2 blocks, 3 heads, patch 8) | global | 64×80 | 1.000 | {deit['input_gmacs']:.3f} |"
+        in md
+    )
+    assert af["attention"] == "anchor (global), M 4"
     assert "1333" not in md  # nothing here ran at 1333x800
     paths = write_summary(tmp_path / "summary", rows, pairs, standard=[])
     saved = json.loads(paths["json"].read_text())
@@ -76,7 +80,9 @@ def test_at_input_of_a_summary_without_input_gmacs() -> None:
 
 def test_standard_backbones_at_1333x800() -> None:
     rows = standard_backbones(("tiny",))
-    deit, af = rows
+    deit, windowed, af = rows
+    assert (deit["attention"], windowed["attention"]) == ("global", "windowed 14×14, global blocks 2, 5, 8, 11")
+    assert windowed["gmacs"] == pytest.approx(53.45, abs=0.01) and windowed["params_m"] == deit["params_m"]
     assert (deit["label"], af["label"]) == (
         "DeiT-T (192 ch, 12 blocks, 3 heads, patch 16)",
         "AnchorFormer-T (192 ch, 12 blocks, 3 heads, patch 16, M 30)",

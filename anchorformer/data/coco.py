@@ -39,6 +39,7 @@ __all__ = [
     "COCO_SPLITS",
     "CocoDetection",
     "Compose",
+    "LargeScaleJitter",
     "RandomHorizontalFlip",
     "ResizeShorterSide",
     "build_coco_transforms",
@@ -297,6 +298,59 @@ class RandomHorizontalFlip:
 
     def __repr__(self) -> str:
         return f"RandomHorizontalFlip(p={self.p})"
+
+
+class LargeScaleJitter:
+    """Large-scale jitter (Ghiasi et al., "Simple Copy-Paste", CVPR 2021), as ViTDet trains with it.
+
+    detectron2's ``ResizeScale(min_scale, max_scale, size, size)`` then ``FixedSizeCrop((size, size),
+    pad=False)``: the image is resized (aspect ratio kept) to fit a ``size`` x ``size`` square
+    times a scale drawn uniformly from ``scale_range``, then a random ``size`` x ``size`` window
+    of it is kept (all of it when smaller). Boxes are recomputed from the cropped masks, as
+    ViTDet does (``recompute_boxes``); objects cut away get empty boxes, which the training
+    targets drop (:func:`anchorformer.models.detection.sanitize_targets`). Padding to the square
+    is the detector's (``size_divisible``). Random numbers come from torch's RNG.
+
+    Args:
+        size: the square's side (1024 in ViTDet).
+        scale_range: (min, max) scale (0.1, 2.0 in ViTDet).
+    """
+
+    def __init__(self, size: int, scale_range: Sequence[float] = (0.1, 2.0)) -> None:
+        lo, hi = (float(v) for v in scale_range)
+        if size <= 0 or not 0 < lo <= hi:
+            raise ValueError(f"LargeScaleJitter: expected size > 0 and 0 < min <= max; got {size}, {scale_range}")
+        self.size, self.scale_range = int(size), (lo, hi)
+
+    def __call__(self, image: torch.Tensor, target: Target) -> tuple[torch.Tensor, Target]:
+        h, w = image.shape[-2:]
+        lo, hi = self.scale_range
+        scale = lo + (hi - lo) * float(torch.rand(()))
+        ratio = min(self.size * scale / h, self.size * scale / w)
+        nh, nw = max(1, round(h * ratio)), max(1, round(w * ratio))
+        target = dict(target)
+        masks = target["masks"]
+        if (nh, nw) != (h, w):
+            image = F.interpolate(image[None], size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)[0]
+            if masks.shape[0]:
+                masks = F.interpolate(masks[None].float(), size=(nh, nw), mode="nearest")[0].to(torch.uint8)
+            else:
+                masks = torch.zeros((0, nh, nw), dtype=torch.uint8)
+        y0 = int(torch.randint(0, nh - self.size + 1, ())) if nh > self.size else 0
+        x0 = int(torch.randint(0, nw - self.size + 1, ())) if nw > self.size else 0
+        image = image[:, y0 : y0 + self.size, x0 : x0 + self.size]
+        masks = masks[:, y0 : y0 + self.size, x0 : x0 + self.size]
+        boxes = torch.zeros((masks.shape[0], 4), dtype=torch.float32)
+        for k, m in enumerate(masks):  # (x0, y0, x1, y1) of the mask's pixels
+            ys, xs = torch.nonzero(m, as_tuple=True)
+            if ys.numel():
+                boxes[k] = torch.stack([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]).float()
+        target["masks"], target["boxes"] = masks, boxes
+        target["area"] = masks.flatten(1).sum(1).float() if masks.shape[0] else torch.zeros(0)
+        return image, target
+
+    def __repr__(self) -> str:
+        return f"LargeScaleJitter(size={self.size}, scale_range={self.scale_range})"
 
 
 def build_coco_transforms(

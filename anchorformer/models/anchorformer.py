@@ -279,7 +279,7 @@ class _AnchorMixin:
         _check_img_size(kwargs.get("img_size", 224), kwargs.get("patch_size", 16))
         kwargs.setdefault("qkv_bias", False)
         kwargs.setdefault("norm_layer", partial(nn.LayerNorm, eps=1e-6))
-        kwargs["block_fn"] = partial(AnchorBlock, **anchor)
+        kwargs["block_fn"] = partial(kwargs.get("block_fn", AnchorBlock), **anchor)  # windowed: a subclass
         return kwargs
 
     def set_attn_impl(self, impl: str) -> None:

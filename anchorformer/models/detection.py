@@ -88,6 +88,8 @@ class DetectorConfig:
     box_detections_per_img: int = 100
     mask_head_layers: int = 4  # 3x3 convolutions of the mask head
     mask_head_channels: int = 256
+    train_resize: bool = True  # resize training images to min_size/max_size (false: the data did it, LSJ)
+    size_divisible: int = 32  # a batch is zero-padded to a multiple of this (LSJ: the square, ViTDet's square pad)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> DetectorConfig:
@@ -255,6 +257,8 @@ def build_detector(
             mask_predictor=MaskRCNNPredictor(cfg.mask_head_channels, cfg.mask_head_channels, n_cls),
             **common,
         )
+    model.transform.size_divisible = int(cfg.size_divisible)
+    model.transform._skip_resize = not cfg.train_resize  # torchvision's switch (its references' LSJ)
     model.detector_config = cfg
     return model
 

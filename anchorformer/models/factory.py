@@ -9,6 +9,7 @@ import timm
 import torch.nn as nn
 
 from .anchorformer import DEFAULT_NUM_ANCHORS, MODEL_NAMES, check_num_anchors
+from .windowed import WindowedAnchorBlock, WindowedBlock, set_window_attention
 
 __all__ = ["DEFAULT_NUM_ANCHORS", "backbone_kwargs", "check_num_anchors", "create_model", "is_anchorformer", "is_vit"]
 
@@ -40,7 +41,10 @@ def backbone_kwargs(name: str, recipe: Mapping[str, Any]) -> dict[str, Any]:
     ``model_sizes`` for the size word (tiny/small/base) in ``name``. For AnchorFormer also the
     anchor settings: ``num_anchors`` (M; ``None`` keeps the model's default,
     :data:`DEFAULT_NUM_ANCHORS`), ``anchor_mode``, ``normalize``, ``per_head_anchors`` and
-    ``attn_impl``; baselines take none. ``model_kwargs`` come last and win.
+    ``attn_impl``; baselines take none. For ViTs with ``window_size`` > 0 (ViTDet's windowed
+    attention, dense tasks): ``window_size`` and ``global_blocks``; with 0 (global attention) neither
+    is passed, so a recipe without windows builds the model it always built. ``model_kwargs`` come
+    last and win.
 
     Args:
         name: a registered AnchorFormer variant or a timm model name.
@@ -59,6 +63,10 @@ def backbone_kwargs(name: str, recipe: Mapping[str, Any]) -> dict[str, Any]:
         size = _size_word(name)
         if size is not None:
             kw.update((get("model_sizes") or {}).get(size) or {})
+        if get("window_size"):
+            kw["window_size"] = int(get("window_size"))
+            if get("global_blocks") is not None:
+                kw["global_blocks"] = [int(i) for i in get("global_blocks")]
     if is_anchorformer(name):
         if get("num_anchors") is not None:
             kw["num_anchors"] = check_num_anchors(get("num_anchors"))
@@ -79,11 +87,24 @@ def create_model(name: str, *, pretrained: bool = False, **kwargs: Any) -> nn.Mo
         **kwargs: model arguments (``num_classes``, ``img_size``, ``drop_path_rate``,
             ``in_chans``, ...); for AnchorFormer also ``num_anchors``, ``attn_impl``,
             ``normalize``, ``per_head_anchors`` and ``anchor_mode``. Anchor arguments given for a
-            baseline are an error; ``attn_impl`` is ignored for baselines.
+            baseline are an error; ``attn_impl`` is ignored for baselines. ``window_size`` (S,
+            default 0: global attention in every block) and ``global_blocks`` (default: ViTDet's,
+            :func:`anchorformer.models.windowed.default_global_blocks`) window the attention of the
+            other blocks in S x S windows of the patch grid, for ``deit_*`` and AnchorFormer alike
+            (:mod:`anchorformer.models.windowed`); the weights and their keys are unchanged.
 
     Raises:
-        ValueError: unknown model name, or an anchor argument for a non-AnchorFormer model.
+        ValueError: unknown model name, an anchor argument for a non-AnchorFormer model, or
+            windows for a model that is not a plain ViT.
     """
+    window_size = kwargs.pop("window_size", 0) or 0
+    global_blocks = kwargs.pop("global_blocks", None)
+    if window_size:
+        if not is_vit(name):
+            raise ValueError(f"{name}: window_size applies to plain ViTs (AnchorFormer, deit_*, vit_*) only")
+        if isinstance(window_size, bool) or not isinstance(window_size, int) or window_size < 0:
+            raise ValueError(f"window_size must be an integer >= 0; got {window_size!r}")
+        kwargs["block_fn"] = WindowedAnchorBlock if is_anchorformer(name) else WindowedBlock
     if not is_anchorformer(name):
         if not timm.is_model(name):
             close = sorted(n for n in MODEL_NAMES + timm.list_models("deit_*") if name.split("_")[0] in n)
@@ -93,6 +114,8 @@ def create_model(name: str, *, pretrained: bool = False, **kwargs: Any) -> nn.Mo
         if bad:
             raise ValueError(f"{name} is not an AnchorFormer model; it takes no {bad}")
     model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    if window_size:
+        set_window_attention(model, window_size, global_blocks)
     if "deit" in name and "distilled" in name and hasattr(model, "set_distilled_training"):
         model.set_distilled_training(True)
     return model

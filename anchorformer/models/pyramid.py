@@ -1,4 +1,4 @@
-"""Dense features from a plain ViT: the simple feature pyramid of ViTDet.
+"""Dense features from a plain ViT: the simple feature pyramid of ViTDet, mmsegmentation's multi-level neck.
 
 Li, Mao, Girshick, He, "Exploring Plain Vision Transformer Backbones for Object Detection"
 (ECCV 2022): the last map of a plain (non-hierarchical) backbone, at stride P (the patch size),
@@ -12,6 +12,11 @@ Inputs are zero-padded at the bottom and right to a multiple of P; absolute posi
 are resampled (bicubic, timm's ``resample_abs_pos_embed``) from the pre-training grid to the
 input's grid on every forward. At 1333x800 a stride-16 backbone sees 84 x 50 = 4,200 tokens:
 there AnchorFormer's O(N·M) attention matters.
+
+:class:`MultiLevelNeck` is the neck of mmsegmentation's ViT/DeiT + UperNet (``MultiLevelNeck``,
+``upernet_vit-b16_mln``): the maps of four blocks (2, 5, 8, 11 of 12, the last of each quarter;
+:func:`default_neck_indices`), taken without the final norm, each through a 1x1 convolution,
+resized by 4, 2, 1 and 0.5 (bilinear; strides 4, 8, 16, 32 at P = 16) and a 3x3 convolution.
 
 Letters used in shapes: B batch, C channels, H/W input height/width, h/w the stride-P grid
 (``ceil(H / P)``, ``ceil(W / P)``), P the patch size.
@@ -36,8 +41,11 @@ from .checkpoint import CheckpointMismatchError, detect_layout, load_checkpoint,
 from .factory import create_model
 
 __all__ = [
+    "NECKS",
+    "MultiLevelNeck",
     "SimpleFeaturePyramid",
     "backbone_macs",
+    "default_neck_indices",
     "build_backbone",
     "param_groups_layer_decay",
 ]
@@ -45,6 +53,7 @@ __all__ = [
 _logger = logging.getLogger(__name__)
 
 _SCALES = (4.0, 2.0, 1.0, 0.5, 0.25)
+NECKS = ("multilevel", "simple")  # mmsegmentation's multi-level neck | ViTDet's simple feature pyramid
 _NORMS = ("LN", "GN", "BN", "")
 
 
@@ -167,26 +176,11 @@ class SimpleFeaturePyramid(nn.Module):
         norm = norm or ""  # None: no normalisation
         if norm not in _NORMS:
             raise ValueError(f"SimpleFeaturePyramid: norm must be one of {_NORMS}; got {norm!r}")
-        if isinstance(backbone, str):
-            backbone = build_backbone(
-                backbone, drop_path_rate=drop_path_rate, checkpoint=checkpoint, **dict(backbone_kwargs or {})
-            )
-        else:
-            if checkpoint is not None:
-                load_backbone_checkpoint(backbone, checkpoint)
-            if hasattr(backbone, "reset_classifier"):
-                backbone.reset_classifier(0)
-            if not getattr(backbone, "dynamic_img_size", False):
-                _enable_dynamic_size(backbone)
-        if not hasattr(backbone, "forward_intermediates") or not hasattr(backbone, "patch_embed"):
-            raise ValueError(f"SimpleFeaturePyramid: expected a timm VisionTransformer; got {type(backbone).__name__}")
-        if grad_checkpointing:
-            backbone.set_grad_checkpointing(True)
+        backbone = _plain_backbone(
+            backbone, drop_path_rate, checkpoint, grad_checkpointing, backbone_kwargs, "SimpleFeaturePyramid"
+        )
         self.backbone = backbone
-        patch = backbone.patch_embed.patch_size
-        if patch[0] != patch[1]:
-            raise ValueError(f"SimpleFeaturePyramid: square patches expected; got {patch}")
-        self.patch_size = int(patch[0])
+        self.patch_size = int(backbone.patch_embed.patch_size[0])
         self.embed_dim = int(backbone.embed_dim)
         self.out_channels = int(out_channels)
         self.scales = scales
@@ -260,6 +254,141 @@ class SimpleFeaturePyramid(nn.Module):
         return OrderedDict((str(i), stage(feat)) for i, stage in enumerate(self.stages))
 
 
+def default_neck_indices(depth: int, levels: int = 4) -> list[int]:
+    """The blocks a multi-level neck reads: the last block of each of ``levels`` equal parts of the depth.
+
+    12 blocks: 2, 5, 8, 11 (mmsegmentation's ViT/DeiT UperNet); 24: 5, 11, 17, 23; 4 blocks (the
+    mini backbones): 0, 1, 2, 3; fewer blocks than levels repeat blocks (3: 0, 1, 1, 2).
+    """
+    if depth < 1:
+        raise ValueError(f"depth must be >= 1; got {depth}")
+    return [max(0, round((j + 1) * depth / levels) - 1) for j in range(levels)]
+
+
+class MultiLevelNeck(nn.Module):
+    """mmsegmentation's multi-level neck over a plain AnchorFormer or DeiT backbone.
+
+    Attributes:
+        backbone: the timm ViT (headless, ``dynamic_img_size``).
+        indices: the blocks read, one per output level (finest first).
+        out_channels: channels of every output map.
+        strides: stride of each output map, ``patch_size / scale``.
+        patch_size: P.
+        embed_dim: the backbone's C.
+    """
+
+    def __init__(
+        self,
+        backbone: str | nn.Module,
+        out_channels: int = 256,
+        scales: Sequence[float] = (4.0, 2.0, 1.0, 0.5),
+        indices: Sequence[int] | None = None,
+        *,
+        drop_path_rate: float = 0.0,
+        checkpoint: str | os.PathLike | Mapping[str, Any] | None = None,
+        grad_checkpointing: bool = False,
+        backbone_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        """
+        Args:
+            backbone: a model name for :func:`build_backbone`, or a timm ViT module.
+            out_channels: channels of every level (mmsegmentation: the backbone's C).
+            scales: resize factor of each level's map, e.g. 4, 2, 1, 0.5 (P = 16) or 2, 1, 0.5,
+                0.25 (P = 8) for strides 4, 8, 16, 32.
+            indices: the blocks read, one per scale; None: :func:`default_neck_indices`.
+            drop_path_rate, checkpoint, grad_checkpointing, backbone_kwargs: as for
+                :class:`SimpleFeaturePyramid`.
+        """
+        super().__init__()
+        self.backbone = _plain_backbone(
+            backbone, drop_path_rate, checkpoint, grad_checkpointing, backbone_kwargs, "MultiLevelNeck"
+        )
+        self.scales = tuple(float(s) for s in scales)
+        depth = len(self.backbone.blocks)
+        self.indices = list(default_neck_indices(depth, len(self.scales)) if indices is None else indices)
+        if len(self.indices) != len(self.scales) or not all(0 <= int(i) < depth for i in self.indices):
+            raise ValueError(
+                f"MultiLevelNeck: indices {self.indices} must give one block in 0..{depth - 1} per scale {self.scales}"
+            )
+        self.indices = [int(i) for i in self.indices]
+        self.patch_size = int(self.backbone.patch_embed.patch_size[0])
+        self.embed_dim = int(self.backbone.embed_dim)
+        self.out_channels = int(out_channels)
+        self.strides = tuple(self.patch_size / s for s in self.scales)
+        self.strides = tuple(int(s) if float(s).is_integer() else s for s in self.strides)
+        C = self.embed_dim
+        self.lateral_convs = nn.ModuleList(nn.Conv2d(C, out_channels, 1) for _ in self.scales)
+        self.convs = nn.ModuleList(nn.Conv2d(out_channels, out_channels, 3, padding=1) for _ in self.scales)
+        for m in (*self.lateral_convs, *self.convs):  # mmsegmentation: xavier_init(distribution="uniform")
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def forward_backbone(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The maps of the blocks in ``indices`` (no final norm, as mmsegmentation's ViT).
+
+        Args:
+            x: (B, 3, H, W) normalised images, any H and W (zero-padded to a multiple of P).
+
+        Returns:
+            One (B, C, h, w) map per index, h = ceil(H / P), w = ceil(W / P).
+        """
+        if x.dim() != 4:
+            raise ValueError(f"MultiLevelNeck: expected images (B, C, H, W); got shape {tuple(x.shape)}")
+        H, W = x.shape[-2:]
+        pad_h, pad_w = (-H) % self.patch_size, (-W) % self.patch_size
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h))  # zeros at the bottom and right
+        taken = sorted(set(self.indices))
+        maps = self.backbone.forward_intermediates(
+            x, indices=taken, norm=False, output_fmt="NCHW", intermediates_only=True
+        )
+        by_block = dict(zip(taken, maps))
+        return [by_block[i] for i in self.indices]  # each (B, C, h, w)
+
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        """Args: x (B, 3, H, W). Returns an OrderedDict "0", "1", ... of (B, out_channels, ·, ·) maps,
+        level i at ``floor(h · scale_i)`` x ``floor(w · scale_i)`` (at least 1), i.e. at ``self.strides``."""
+        out = OrderedDict()
+        for i, (feat, scale) in enumerate(zip(self.forward_backbone(x), self.scales)):
+            y = self.lateral_convs[i](feat)  # (B, out_channels, h, w)
+            if scale != 1.0:
+                h, w = y.shape[-2:]
+                size = (max(1, math.floor(h * scale)), max(1, math.floor(w * scale)))
+                y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+            out[str(i)] = self.convs[i](y)
+        return out
+
+
+def _plain_backbone(
+    backbone: str | nn.Module,
+    drop_path_rate: float,
+    checkpoint: str | os.PathLike | Mapping[str, Any] | None,
+    grad_checkpointing: bool,
+    backbone_kwargs: Mapping[str, Any] | None,
+    who: str,
+) -> nn.Module:
+    """The headless dynamic-size ViT a neck reads: built by name, or a module made ready."""
+    if isinstance(backbone, str):
+        backbone = build_backbone(
+            backbone, drop_path_rate=drop_path_rate, checkpoint=checkpoint, **dict(backbone_kwargs or {})
+        )
+    else:
+        if checkpoint is not None:
+            load_backbone_checkpoint(backbone, checkpoint)
+        if hasattr(backbone, "reset_classifier"):
+            backbone.reset_classifier(0)
+        if not getattr(backbone, "dynamic_img_size", False):
+            _enable_dynamic_size(backbone)
+    if not hasattr(backbone, "forward_intermediates") or not hasattr(backbone, "patch_embed"):
+        raise ValueError(f"{who}: expected a timm VisionTransformer; got {type(backbone).__name__}")
+    if grad_checkpointing:
+        backbone.set_grad_checkpointing(True)
+    patch = backbone.patch_embed.patch_size
+    if patch[0] != patch[1]:
+        raise ValueError(f"{who}: square patches expected; got {patch}")
+    return backbone
+
+
 class _BackboneOnly(nn.Module):
     """The pyramid's backbone pass alone (padding included), for counting."""
 
@@ -316,7 +445,8 @@ def param_groups_layer_decay(
     the names in ``no_weight_decay`` get no weight decay.
 
     Args:
-        model: a module containing one or more :class:`SimpleFeaturePyramid` (or one itself).
+        model: a module containing one or more :class:`SimpleFeaturePyramid` or :class:`MultiLevelNeck`
+            (or one itself).
         lr: base learning rate.
         weight_decay: weight decay of the decayed parameters.
         layer_decay: per-layer factor; 1.0 disables the decay.
@@ -328,7 +458,7 @@ def param_groups_layer_decay(
     """
     if not 0.0 < layer_decay <= 1.0:
         raise ValueError(f"layer_decay must be in (0, 1]; got {layer_decay}")
-    pyramids = [m for m in model.modules() if isinstance(m, SimpleFeaturePyramid)]
+    pyramids = [m for m in model.modules() if isinstance(m, (SimpleFeaturePyramid, MultiLevelNeck))]
     layer_of: dict[int, tuple[int, int]] = {}  # id(param) -> (layer, depth)
     skip_ids: set[int] = set()
     for pyr in pyramids:

@@ -1,9 +1,12 @@
-"""Semantic segmentation over the shared feature pyramid: Semantic FPN and UperNet (experiment E6).
+"""Semantic segmentation over a plain backbone's feature pyramid: Semantic FPN and UperNet (experiment E6).
 
-The plain backbone (AnchorFormer or DeiT) gives one stride-16 map that the shared
-:class:`anchorformer.models.pyramid.SimpleFeaturePyramid` turns into maps at strides 4, 8, 16
-and 32 (the ViTDet manner). Two decode heads read those maps, as the field builds them for
-ADE20K (MMSegmentation's ``FPNHead`` and ``UPerHead``):
+The plain backbone (AnchorFormer or DeiT) gives maps at strides 4, 8, 16 and 32 through one of two
+necks (``neck``): ``"multilevel"``, MMSegmentation's ``MultiLevelNeck`` over four blocks (2, 5, 8,
+11 of 12, rescaled by 4, 2, 1, 0.5), as its ViT/DeiT + UperNet configs do
+(:class:`anchorformer.models.pyramid.MultiLevelNeck`); or ``"simple"``, ViTDet's simple feature
+pyramid from the last block's stride-16 map (:class:`anchorformer.models.pyramid.SimpleFeaturePyramid`,
+the ablation, and what models saved before the choice existed use). Two decode heads read the
+four maps, as the field builds them for ADE20K (MMSegmentation's ``FPNHead`` and ``UPerHead``):
 
 - **Semantic FPN** (Kirillov et al., "Panoptic Feature Pyramid Networks", CVPR 2019): each
   level goes through 3x3 conv-norm-ReLU blocks and 2x upsamplings until stride 4, the levels
@@ -378,10 +381,12 @@ def build_segmentation_model(
     drop_path_rate: float = 0.0,
     backbone_kwargs: dict[str, Any] | None = None,
     checkpoint: str | os.PathLike | None = None,
+    neck: str = "simple",
+    neck_indices: Sequence[int] | None = None,
 ) -> SegmentationModel:
-    """Build a Semantic FPN or UperNet segmentation model over the shared pyramid.
+    """Build a Semantic FPN or UperNet segmentation model over a multi-level neck or the simple pyramid.
 
-    The pyramid's scales are chosen from the backbone's patch size P so that the four maps are
+    The neck's scales are chosen from the backbone's patch size P so that the four maps are
     at strides 4, 8, 16 and 32 (P = 16: scales 4, 2, 1, 1/2; P = 8: 2, 1, 1/2, 1/4).
 
     Args:
@@ -403,13 +408,20 @@ def build_segmentation_model(
             ``num_heads``, ``patch_size``, ``img_size`` of the pre-training grid, ``num_anchors``, ...).
         checkpoint: classification weights to initialise the backbone (an E1 checkpoint);
             not part of ``config``.
+        neck: ``"multilevel"`` (four blocks, MMSegmentation's ViT neck; ``pyramid_norm`` unused)
+            or ``"simple"`` (ViTDet's pyramid from the last block; the default of models saved
+            before this choice).
+        neck_indices: the blocks the multi-level neck reads; None: the last of each quarter
+            (:func:`anchorformer.models.pyramid.default_neck_indices`: 2, 5, 8, 11 of 12).
 
     Returns:
         A :class:`SegmentationModel` whose ``config`` holds these arguments (when ``backbone``
         is a name), so that :func:`segmentation_model_from_config` can rebuild it.
     """
-    from .pyramid import SimpleFeaturePyramid, build_backbone
+    from .pyramid import NECKS, MultiLevelNeck, SimpleFeaturePyramid, build_backbone
 
+    if neck not in NECKS:
+        raise ValueError(f"neck must be one of {NECKS}; got {neck!r}")
     if head not in HEADS:
         raise ValueError(f"head must be one of {HEADS}; got {head!r}")
     if norm not in NORMS:
@@ -429,6 +441,8 @@ def build_segmentation_model(
         "pool_scales": [int(s) for s in pool_scales],
         "drop_path_rate": float(drop_path_rate),
         "backbone_kwargs": dict(backbone_kwargs or {}),
+        "neck": neck,
+        "neck_indices": None if neck_indices is None else [int(i) for i in neck_indices],
     }
     if isinstance(backbone, str):
         backbone = build_backbone(
@@ -439,9 +453,14 @@ def build_segmentation_model(
     if 32 % patch or patch < 2:
         raise ValueError(f"the backbone's patch size must divide 32 (2, 4, 8, 16 or 32); got {patch}")
     scales = tuple(patch / s for s in (4, 8, 16, 32))
-    pyramid = SimpleFeaturePyramid(
-        backbone, out_channels=pyramid_channels, scales=scales, norm=pyramid_norm, checkpoint=checkpoint
-    )
+    if neck == "multilevel":
+        pyramid: nn.Module = MultiLevelNeck(
+            backbone, out_channels=pyramid_channels, scales=scales, indices=neck_indices, checkpoint=checkpoint
+        )
+    else:
+        pyramid = SimpleFeaturePyramid(
+            backbone, out_channels=pyramid_channels, scales=scales, norm=pyramid_norm, checkpoint=checkpoint
+        )
     channels = int(pyramid.out_channels)
     if head == "fpn":
         decode: nn.Module = SemanticFPNHead(channels, num_classes, head_channels or 128, norm=norm, dropout=dropout)
@@ -479,4 +498,6 @@ _CONFIG_KEYS = (
     "pool_scales",
     "drop_path_rate",
     "backbone_kwargs",
+    "neck",
+    "neck_indices",
 )

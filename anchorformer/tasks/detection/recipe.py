@@ -1,17 +1,21 @@
-"""The detection recipe (``anchorformer/configs/det.yaml``): Mask R-CNN 1x over a plain backbone, typed.
+"""The detection recipe (``anchorformer/configs/det.yaml``): Mask R-CNN over a plain backbone, typed.
 
 full: Mask R-CNN 1x (12 epochs, AdamW 1e-4 at batch 16, weight decay 0.05, steps at 8 and 11) with
-ViTDet's simple feature pyramid. mini: the same code on the embedded COCO-format set.
+ViTDet's simple feature pyramid; ``recipe: lsj`` applies ``recipes.lsj``, ViTDet's own recipe
+(large-scale jitter at 1024², 100 epochs, batch 64). mini: the same code on the embedded
+COCO-format set. ``window_size`` > 0 windows the backbone's attention as ViTDet does.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from ...engine.recipe import TaskRecipe, setting
 
-__all__ = ["DetRecipe"]
+__all__ = ["RECIPES", "DetRecipe"]
+
+RECIPES = ("1x", "lsj")  # Mask R-CNN 1x | ViTDet's large-scale jitter
 
 
 @dataclasses.dataclass
@@ -67,6 +71,12 @@ class DetRecipe(TaskRecipe):
     eval_batch_size: int = setting(ge=1, resumable=True)  # 1: results independent of batch padding
     max_train_images: int | None = setting(ge=1)  # null: all
     max_eval_images: int | None = setting(ge=1, resumable=True)
+    # --- windowed attention (ViTDet) and the training recipe --------------------------------------
+    window_size: int = setting(ge=0)  # 0: global attention in every block; S > 0: S x S windows (ViTDet)
+    global_blocks: list[int] | None = setting()  # blocks left global when windowed; null: ViTDet's rule
+    recipe: str = setting(choices=RECIPES)  # 1x: resize to min_size/max_size | lsj: large-scale jitter
+    lsj_scale: list[float] = setting()  # lsj: [min, max] scale of the max_size square images are resized to
+    recipes: dict[str, Any] = setting(resumable=True)  # per recipe: the settings applied when it is chosen
 
     def check(self) -> list[str]:
         problems = super().check()
@@ -74,4 +84,19 @@ class DetRecipe(TaskRecipe):
             problems.append(f"lr_steps={self.lr_steps}: expected epochs in 1..{self.epochs}")
         if len(self.match_size) != 2 or min(self.match_size) < 1:
             problems.append(f"match_size={self.match_size}: expected [height, width]")
+        if len(self.lsj_scale) != 2 or not 0 < self.lsj_scale[0] <= self.lsj_scale[1]:
+            problems.append(f"lsj_scale={self.lsj_scale}: expected [min, max] with 0 < min <= max")
+        if self.recipe == "lsj" and self.min_size != self.max_size:
+            problems.append(f"recipe=lsj: min_size ({self.min_size}) must equal max_size ({self.max_size}), the square")
+        if self.global_blocks is not None and any(i < 0 for i in self.global_blocks):
+            problems.append(f"global_blocks={self.global_blocks}: expected block indices >= 0")
+        for name, values in self.recipes.items():
+            if name not in RECIPES:
+                problems.append(f"recipes.{name}: unknown recipe; expected some of {list(RECIPES)}")
+            elif values is not None and not isinstance(values, dict):
+                problems.append(f"recipes.{name}={values!r}: expected a mapping of recipe keys")
+            else:
+                bad = sorted(set(values or {}) - (set(self.keys()) - {"recipes", "recipe"}))
+                if bad:
+                    problems.append(f"recipes.{name}: unknown recipe key(s) {bad}")
         return problems

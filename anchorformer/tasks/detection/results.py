@@ -15,7 +15,10 @@ Two kinds of backbone GMACs are kept apart. A run's backbone is counted at the i
 (the detector's ``min_size`` x ``max_size``, input scale applied) with the shape it was trained
 with (``input_gmacs``, ``input_size``, ``backbone_label``): in the mini profile that is a small
 backbone on ~128x160 images. The standard T/S/B backbones of the full recipe are counted
-separately at 1333x800 (:func:`standard_backbones`), without training anything.
+separately at 1333x800 (:func:`standard_backbones`), without training anything: DeiT with global
+attention, DeiT with ViTDet's windows (14x14, global blocks 2, 5, 8, 11; the baseline the field
+puts under Mask R-CNN) and AnchorFormer (anchor attention in every block, global and linear in N).
+Every row says which attention its backbone runs (``attention``).
 """
 
 from __future__ import annotations
@@ -31,7 +34,9 @@ from ...tables import markdown_table
 
 __all__ = [
     "COCO_SIZE",
+    "STANDARD_WINDOW",
     "at_input",
+    "attention_label",
     "backbone_label",
     "comparable_flops_pairs",
     "input_backbone_gmacs",
@@ -47,6 +52,7 @@ __all__ = [
 
 COCO_SIZE = (800, 1333)  # (H, W): the COCO protocol's input, at which standard backbones are compared
 _LETTER = {"tiny": "T", "small": "S", "base": "B"}
+STANDARD_WINDOW = 14  # ViTDet's window side at patch 16 (global blocks: its default, 2, 5, 8, 11 of 12)
 
 _ROW_KEYS = (
     "bbox_AP", "bbox_AP50", "bbox_AP75", "bbox_APs", "bbox_APm", "bbox_APl",
@@ -105,6 +111,20 @@ def backbone_label(name: str, vit: Any) -> str:
     return f"{family}-{size} ({', '.join(parts)})"
 
 
+def attention_label(vit: Any) -> str:
+    """Which attention a backbone runs: ``global``, ``windowed 14×14, global blocks 2, 5, 8, 11``,
+    ``anchor (global), M 30`` (or ``anchor in 8×8 windows, ...`` for the windowed ablation)."""
+    from ...models.windowed import window_config
+
+    anchors = _num_anchors(vit)
+    windows = window_config(vit)
+    if windows is None:
+        return "global" if anchors is None else f"anchor (global), M {anchors}"
+    size, glob = windows
+    where = f"{size}×{size}, global blocks {', '.join(str(i) for i in glob)}"
+    return f"windowed {where}" if anchors is None else f"anchor in windows {where}, M {anchors}"
+
+
 def _num_anchors(vit: Any) -> int | None:
     return next((int(m.num_anchors) for m in vit.modules() if hasattr(m, "num_anchors")), None)
 
@@ -140,6 +160,7 @@ def input_backbone_gmacs(detector_config: dict[str, Any]) -> dict[str, Any]:
         "input_size": f"{int(h)}x{int(w)}",
         "input_gmacs": float(f"{backbone_macs(pyramid, (int(h), int(w))) / 1e9:.6g}"),
         "backbone_label": backbone_label(name, pyramid.backbone),
+        "attention": attention_label(pyramid.backbone),
     }
 
 
@@ -149,7 +170,9 @@ def standard_backbones(
     """Params and GMACs at ``img_size`` (default 1333x800) of the full recipe's DeiT and AnchorFormer backbones.
 
     Built on the meta device from the ``full`` preset of ``configs/det.yaml`` (the standard
-    T/S/B shapes, M = the preset's or the model's 30): counted, never trained.
+    T/S/B shapes, M = the preset's or the model's 30): counted, never trained. Per size: DeiT with
+    global attention, DeiT with ViTDet's windows (:data:`STANDARD_WINDOW`, global blocks 2, 5, 8,
+    11), AnchorFormer; ``attention`` says which.
     """
     from ...models.factory import backbone_kwargs
     from ...models.pyramid import backbone_macs
@@ -158,13 +181,14 @@ def standard_backbones(
     cfg = resolve_recipe(profile="full")
     rows = []
     for size in sizes:
-        for family in ("DeiT", "AnchorFormer"):
+        for family, window in (("DeiT", 0), ("DeiT", STANDARD_WINDOW), ("AnchorFormer", 0)):
             name = f"{'deit' if family == 'DeiT' else 'anchorformer'}_{size}_patch16_224"
-            pyramid = _meta_pyramid(name, backbone_kwargs(name, cfg))
+            pyramid = _meta_pyramid(name, backbone_kwargs(name, cfg.replace(window_size=window)))
             rows.append(
                 {
                     "model": name,
                     "label": backbone_label(name, pyramid.backbone),
+                    "attention": attention_label(pyramid.backbone),
                     "family": family,
                     "size": _LETTER[size],
                     "num_anchors": _num_anchors(pyramid.backbone),
@@ -262,9 +286,10 @@ def runs_markdown(rows: Sequence[dict[str, Any]]) -> str:
         )
     return markdown_table(
         shown,
-        ["run", "label", "input", "scale", "gmacs_input", "bbox_AP", "bbox_AP50", "bbox_AP75", "segm_AP", "train_seconds"],
-        ["run", "backbone (as trained)", "input H×W", "input scale", "backbone GMACs at that input", "box AP",
-         "AP50", "AP75", "mask AP", "train (s)"],
+        ["run", "label", "attention", "input", "scale", "gmacs_input", "bbox_AP", "bbox_AP50", "bbox_AP75", "segm_AP",
+         "train_seconds"],
+        ["run", "backbone (as trained)", "attention", "input H×W", "input scale", "backbone GMACs at that input",
+         "box AP", "AP50", "AP75", "mask AP", "train (s)"],
         digits={"scale": 3, "gmacs_input": 3, "bbox_AP": 1, "bbox_AP50": 1, "bbox_AP75": 1, "segm_AP": 1,
                 "train_seconds": 0},
     )  # fmt: skip
@@ -299,22 +324,26 @@ def pairs_markdown(pairs: Sequence[dict[str, Any]]) -> str:
 
 
 def standard_backbones_markdown(rows: Sequence[dict[str, Any]]) -> str:
-    """:func:`standard_backbones` (no heading), with each DeiT / AnchorFormer GMACs ratio."""
-    deit = {r["size"]: r["gmacs"] for r in rows if r["family"] == "DeiT"}
+    """:func:`standard_backbones` (no heading), with each DeiT's GMACs over AnchorFormer's of its size."""
+    anchor = {r["size"]: r["gmacs"] for r in rows if r["family"] == "AnchorFormer"}
     shown = [
         {
             **r,
+            "attention": r.get("attention", "global" if r["family"] == "DeiT" else "anchor (global)"),
             "input": str(r.get("input_size", "")).replace("x", "×"),
-            "ratio": None if r["family"] == "DeiT" or not r["gmacs"] else f"{deit.get(r['size'], 0) / r['gmacs']:.2f}×",
+            "ratio": f"{r['gmacs'] / anchor[r['size']]:.2f}×"
+            if r["family"] == "DeiT" and anchor.get(r["size"])
+            else None,
         }
         for r in rows
     ]
     return markdown_table(
         shown,
-        ["label", "input", "params_m", "gmacs", "ratio"],
-        ["backbone (standard shape, untrained)", "input H×W", "params (M)", "GMACs", "DeiT / AnchorFormer"],
+        ["label", "attention", "input", "params_m", "gmacs", "ratio"],
+        ["backbone (standard shape, untrained)", "attention", "input H×W", "params (M)", "GMACs",
+         "GMACs / AnchorFormer's"],
         digits={"params_m": 2, "gmacs": 1},
-    )
+    )  # fmt: skip
 
 
 def results_markdown(

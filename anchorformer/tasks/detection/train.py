@@ -7,6 +7,12 @@ horizontal flips; evaluation with pycocotools on ``val2017`` (:mod:`.coco_eval`)
 profile runs the same code on the embedded mini set in minutes on a CPU
 (``anchorformer/configs/det.yaml``).
 
+``recipe: lsj`` is ViTDet's own recipe (``recipes.lsj`` of the preset applied over it): large-scale
+jitter of the training images (:class:`anchorformer.data.coco.LargeScaleJitter`, resized to the
+``max_size`` square times U(``lsj_scale``), cropped to it), the detector's own training resize
+off, batches padded to the square (ViTDet's square pad), evaluation at the longer side
+``max_size``. ``window_size`` > 0 windows the backbone's attention (:mod:`anchorformer.models.windowed`).
+
 "Comparable FLOPs": with ``match_macs_of`` set to another backbone, the run's input scale is
 chosen so that its backbone's MACs at 1333x800 x scale equal that backbone's at 1333x800
 (:func:`anchorformer.models.detection.comparable_input_scale`); the scale multiplies
@@ -20,6 +26,7 @@ DIR [--model NAME] [--profile mini|full] [--set k=v]...`` and ``anchorformer eva
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -34,12 +41,12 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from ...data.coco import CocoDetection, RandomHorizontalFlip, detection_collate
+from ...data.coco import CocoDetection, Compose, LargeScaleJitter, RandomHorizontalFlip, detection_collate
 from ...engine.checkpoint import capture_rng_state, load_training_checkpoint, restore_rng_state, save_training_state
 from ...engine.distributed import DistInfo, barrier, cleanup_distributed, init_distributed, unwrap_model
 from ...engine.launch import cli_arguments, launch
 from ...engine.logging import MetricLogger, progress
-from ...engine.recipe import load_recipe
+from ...engine.recipe import RecipeError, apply_overrides, load_preset, load_recipe
 from ...engine.seeding import seed_everything, seed_worker
 from ...engine.trainer import TrainingRun, finish_run, training_run
 from ...models.detection import DetectorConfig, build_detector, comparable_input_scale, sanitize_targets
@@ -78,16 +85,36 @@ def resolve_recipe(
     epochs: Any = None,
     source: str = "argument",
 ) -> DetRecipe:
-    """The recipe: the ``profile`` preset, then ``overrides`` (``--set``), then ``model``/``epochs``.
+    """The recipe: the ``profile`` preset with the chosen ``recipes`` entry, then ``overrides``
+    (``--set``), then ``model``/``epochs``.
 
-    ``epochs`` shorter than the preset's schedule keeps the lr steps that fit (or one at the end).
+    The training recipe (``recipe: 1x | lsj``) is the one the preset and ``overrides`` choose
+    together; its entry of ``recipes`` replaces the preset's values, and ``overrides`` and the
+    explicit values are applied over the result. ``epochs`` shorter than the preset's schedule
+    keeps the lr steps that fit (or one at the end).
 
     Raises:
         RecipeError: an unknown key, a value of the wrong type or out of range.
     """
     flag = (lambda f: f) if source == "cli" else (lambda f: f"{source}: {f.lstrip('-')}")
     explicit: dict[str, tuple[Any, str]] = {"model": (model, flag("--model")), "epochs": (epochs, flag("--epochs"))}
-    recipe = load_recipe(DetRecipe, profile, overrides=overrides, explicit={"model": explicit["model"]})
+    values, label = load_preset(TASK, profile)
+    first = copy.deepcopy(values)  # only to learn the recipe chosen and its entry as the user set them
+    apply_overrides(first, {}, overrides, DetRecipe.keys())
+    chosen, entries = first.get("recipe"), first.get("recipes")
+    entry = entries.get(chosen) if isinstance(entries, Mapping) and isinstance(chosen, str) else None
+    preset = copy.deepcopy(values)
+    if entry:
+        if not isinstance(entry, Mapping):
+            raise RecipeError(f"recipes.{chosen}={entry!r} ({label}): expected a mapping of recipe keys")
+        unknown = sorted(k for k in entry if k not in DetRecipe.keys() or k in ("recipe", "recipes"))
+        if unknown:
+            raise RecipeError(f"recipes.{chosen}: unknown recipe key(s) {unknown} ({label})")
+        preset.update(copy.deepcopy(dict(entry)))
+        label = f"{label} with recipes.{chosen}"
+    recipe = load_recipe(
+        DetRecipe, profile, overrides=overrides, explicit={"model": explicit["model"]}, preset=(preset, label)
+    )
     if epochs is not None:
         steps = [s for s in recipe.lr_steps if isinstance(epochs, int) and s <= epochs] or [epochs]
         recipe = recipe.replace(flag("--epochs"), epochs=epochs, lr_steps=steps)
@@ -156,9 +183,18 @@ def detector_config(cfg: Mapping[str, Any], num_classes: int) -> tuple[DetectorC
             box_detections_per_img=int(cfg["box_detections_per_img"]),
             mask_head_layers=int(cfg["mask_head_layers"]),
             mask_head_channels=int(cfg["mask_head_channels"]),
+            **_recipe_resizing(cfg, scale),
         )
     )
     return det, info
+
+
+def _recipe_resizing(cfg: Mapping[str, Any], scale: float) -> dict[str, Any]:
+    """The detector's resizing under ``recipe: lsj`` (the data pipeline sizes the training
+    images, batches are padded to the square); nothing under 1x (the detector's defaults)."""
+    if cfg.get("recipe", "1x") != "lsj":
+        return {}
+    return {"train_resize": False, "size_divisible": max(16, round(int(cfg["max_size"]) * scale))}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -446,8 +482,12 @@ def _check_backbone_checkpoint(path: Any, backbone: str) -> None:
 def _datasets(cfg: DetRecipe, data_root: Path) -> tuple[Any, Any, Any]:
     """(train set, val set, the train set's CocoDetection); both splits are read before training."""
     hflip = float(cfg.hflip)
-    flip = RandomHorizontalFlip(hflip) if hflip > 0 else None
-    train_set = _coco_dataset(data_root, "train", transforms=flip, on_bad=cfg.on_bad)
+    steps: list[Any] = [RandomHorizontalFlip(hflip)] if hflip > 0 else []  # flip first, as ViTDet
+    if cfg.recipe == "lsj":
+        scale = float(detector_config(cfg, 1)[1]["input_scale"])
+        steps.append(LargeScaleJitter(max(16, round(int(cfg.max_size) * scale)), cfg.lsj_scale))
+    transforms = None if not steps else steps[0] if len(steps) == 1 else Compose(steps)
+    train_set = _coco_dataset(data_root, "train", transforms=transforms, on_bad=cfg.on_bad)
     val_set = _coco_dataset(data_root, str(cfg.eval_split))  # evaluation always fails on a bad file
     if list(train_set.cat_ids) != list(val_set.cat_ids):
         raise ValueError(f"{data_root}: train and val categories differ: {train_set.cat_ids} vs {val_set.cat_ids}")

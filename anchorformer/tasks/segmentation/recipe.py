@@ -3,7 +3,9 @@
 full: the field's standard recipes with plain ViT backbones (REFERENCE §5 E6): Semantic FPN
 (80k iterations, AdamW lr 1e-4, poly 0.9) and UperNet (160k iterations, AdamW lr 6e-5, 1500
 warm-up iterations, poly 1.0, auxiliary FCN head), 512² crops, global batch 16, sliding-window
-testing at the (2048, 512) scale. mini: the same code on the embedded mini set, scaled down.
+testing at the (2048, 512) scale; the backbone's blocks 2, 5, 8, 11 through mmsegmentation's
+multi-level neck (``neck: multilevel``; ``simple``: ViTDet's pyramid from the last block, the
+ablation). mini: the same code on the embedded mini set, scaled down.
 
 ``recipes`` holds, per decode head, the settings that differ between the heads; the chosen head's
 entry is applied over the preset before ``--set`` and the flags
@@ -17,6 +19,7 @@ import dataclasses
 from typing import Any, ClassVar
 
 from ...engine.recipe import TaskRecipe, setting
+from ...models.pyramid import NECKS
 from ...models.segmentation import HEADS
 
 __all__ = ["SegRecipe"]
@@ -69,6 +72,8 @@ class SegRecipe(TaskRecipe):
     # --- execution ----------------------------------------------------------------------------
     checkpoint_every: int = setting(ge=1, resumable=True)  # iterations between checkpoints (and the last)
     recipes: dict[str, Any] = setting(resumable=True)  # per head: settings applied when it is chosen
+    # --- the neck -----------------------------------------------------------------------------
+    neck: str = setting(choices=NECKS)  # multilevel (blocks 2, 5, 8, 11; mmsegmentation) | simple (ViTDet)
 
     def check(self) -> list[str]:
         problems = super().check()

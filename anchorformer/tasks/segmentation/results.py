@@ -38,6 +38,7 @@ COLUMNS = (
     ("family", "backbone"),
     ("backbone", "model"),
     ("head", "head"),
+    ("neck", "neck"),
     ("num_anchors", "M"),
     ("params_m", "params (M)"),
     ("crop_size", "crop"),
@@ -67,8 +68,13 @@ def load_runs(seg_dir: str | os.PathLike, runs: Sequence[str]) -> list[dict[str,
 
 
 def results_markdown(rows: Sequence[dict[str, Any]]) -> str:
-    """The E6 table as markdown (no heading): backbone, head, params, crop, GMACs at 512², mIoU, ..."""
-    shown = [{**r, "crop_size": f"{r['crop_size']}²" if r.get("crop_size") else None} for r in rows]
+    """The E6 table as markdown (no heading): backbone, head, neck, params, crop, GMACs at 512², mIoU, ...
+
+    Runs recorded before the neck was a choice used the simple pyramid, and say so."""
+    shown = [
+        {**r, "crop_size": f"{r['crop_size']}²" if r.get("crop_size") else None, "neck": r.get("neck") or "simple"}
+        for r in rows
+    ]
     return markdown_table(shown, [k for k, _ in COLUMNS], [h for _, h in COLUMNS])
 
 
@@ -99,15 +105,23 @@ def complexity_rows(
         cfg = resolve_recipe(profile, model=backbone, head=head)
         with torch.device("meta"):
             model = build_model(cfg, init_checkpoint="")
-        rows.append({"backbone": backbone, "head": head, "profile": profile, **model_complexity(model, img_size)})
+        rows.append(
+            {
+                "backbone": backbone,
+                "head": head,
+                "neck": cfg.neck,
+                "profile": profile,
+                **model_complexity(model, img_size),
+            }
+        )
     return rows
 
 
 def complexity_markdown(rows: Sequence[dict[str, Any]], img_size: int = 512) -> str:
     """The rows of :func:`complexity_rows` as a markdown table (no heading)."""
     return markdown_table(
-        rows, ["backbone", "head", "profile", "params_m", "gmacs"],
-        ["model", "head", "preset", "params (M)", f"GMACs at {img_size}²"],
+        [{**r, "neck": r.get("neck") or "simple"} for r in rows], ["backbone", "head", "neck", "profile", "params_m", "gmacs"],
+        ["model", "head", "neck", "preset", "params (M)", f"GMACs at {img_size}²"],
     )  # fmt: skip
 
 

@@ -194,6 +194,7 @@ def model_arguments(cfg: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
         "dropout": float(cfg["dropout"]),
         "drop_path_rate": float(cfg["drop_path"]),
         "backbone_kwargs": backbone_kwargs(name, cfg),
+        "neck": cfg.get("neck") or "simple",
     }
     return name, kwargs
 
@@ -219,6 +220,7 @@ def run_description(
         "backbone": name,
         "family": "AnchorFormer" if is_anchorformer(name) else "DeiT",
         "head": cfg["head"],
+        "neck": cfg.get("neck") or "simple",
         "num_anchors": anchors,
         "crop_size": int(cfg["crop_size"]),
         "profile": profile,
