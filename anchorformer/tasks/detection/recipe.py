@@ -67,6 +67,9 @@ class DetRecipe(TaskRecipe):
     eval_batch_size: int = setting(ge=1, resumable=True)  # 1: results independent of batch padding
     max_train_images: int | None = setting(ge=1)  # null: all
     max_eval_images: int | None = setting(ge=1, resumable=True)
+    # --- the global batch, dry runs -------------------------------------------------------------
+    global_batch: int | None = setting(ge=1)  # images per optimizer step, all processes (16); null: batch x procs
+    dry_run: bool = setting()  # a few steps and a tiny evaluation through every code path of the recipe (DRY_RUN)
 
     def check(self) -> list[str]:
         problems = super().check()

@@ -69,6 +69,11 @@ class SegRecipe(TaskRecipe):
     # --- execution ----------------------------------------------------------------------------
     checkpoint_every: int = setting(ge=1, resumable=True)  # iterations between checkpoints (and the last)
     recipes: dict[str, Any] = setting(resumable=True)  # per head: settings applied when it is chosen
+    # --- the global batch, dry runs -------------------------------------------------------------
+    device_batch: int | None = setting(
+        ge=1
+    )  # crops per forward pass on one process; batch_size is made up by accumulation; null: batch_size / processes
+    dry_run: bool = setting()  # a few iterations and a tiny evaluation through every code path of the recipe (DRY_RUN)
 
     def check(self) -> list[str]:
         problems = super().check()
