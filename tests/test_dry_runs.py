@@ -60,8 +60,9 @@ def test_accum_steps_and_global_batch_are_not_both_set():
     with pytest.raises(RecipeError, match="accum_steps=2: derived from global_batch"):
         resolve_recipe(profile="full", overrides=["accum_steps=2"])
     assert resolve_recipe(profile="full").global_batch == 1024
-    mini = resolve_recipe(profile="mini")
-    assert (mini.global_batch, mini.batch_size, mini.accum_steps) == (32, 32, 1)  # the mini numerics unchanged
+    mini = resolve_recipe(profile="mini")  # the mini numerics unchanged: 32 per step on the pipeline's 1 process
+    assert (mini.global_batch, mini.batch_size, mini.accum_steps) == (None, 32, 1)
+    assert plan_batch(mini.global_batch, mini.batch_size, 1).record()["global_batch"] == 32
 
 
 # ---------------------------------------------------------------------------------------------
