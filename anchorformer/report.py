@@ -687,8 +687,8 @@ def batch_rows(outputs: Path) -> list[dict[str, Any]]:
     """Each training run's global batch, processes and accumulation, from its ``metrics.json``."""
     rows = []
     for m in collect_metrics(outputs):
-        if "global_batch" not in m or "recipe_global_batch" not in m:
-            continue
+        if "global_batch" not in m or "recipe_global_batch" not in m or Path(m["run"]).name == "dvclive":
+            continue  # dvclive's copy of a run's summary is the same run
         row = {k: m.get(k) for k in ("run", "global_batch", "recipe_global_batch", "world_size", "accum_steps")}
         row["per_device_batch"] = m.get("per_device_batch")
         row["matches"] = "yes" if m["global_batch"] == m["recipe_global_batch"] else "**NO**"
