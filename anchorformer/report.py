@@ -682,6 +682,61 @@ def _anchor_maps_section(doc: _Doc, maps: dict | None) -> None:
     doc.figures([("anchor_maps/anchor_maps.png", "p(token | anchor) over images, anchors of largest degree")])
 
 
+DEVIATIONS = Path(__file__).resolve().parent / "configs" / "deviations.yaml"
+
+
+def batch_rows(outputs: Path) -> list[dict[str, Any]]:
+    """Each training run's global batch, processes and accumulation, from its ``metrics.json``."""
+    rows = []
+    for m in collect_metrics(outputs):
+        if "global_batch" not in m or "recipe_global_batch" not in m or Path(m["run"]).name == "dvclive":
+            continue  # dvclive's copy of a run's summary is the same run
+        row = {k: m.get(k) for k in ("run", "global_batch", "recipe_global_batch", "world_size", "accum_steps")}
+        row["per_device_batch"] = m.get("per_device_batch")
+        row["matches"] = "yes" if m["global_batch"] == m["recipe_global_batch"] else "**NO**"
+        rows.append(row)
+    return rows
+
+
+def _deviations_section(doc: _Doc, outputs: Path) -> None:
+    import yaml
+
+    doc.heading(2, "Deviations from the anchors' recipes")
+    doc.add(
+        "Recipe by recipe, what the anchor uses, what the full profile uses and why "
+        '(`anchorformer/configs/deviations.yaml`; the README\'s "Running the full profile" has the same tables). '
+        "Rows marked **deviates** differ from the anchor.\n"
+    )
+    tables = yaml.safe_load(DEVIATIONS.read_text(encoding="utf-8")) or {}
+    for entry in tables.values():
+        doc.heading(3, entry["title"])
+        rows = [
+            {"what": w, "anchor": a, "ours": o, "": "" if same else "**deviates**", "why": why}
+            for w, a, o, why, same in entry["rows"]
+        ]
+        doc.add(markdown_table(rows, ["what", "anchor", "ours", "", "why"]) + "\n")
+    runs = batch_rows(outputs)
+    doc.heading(3, "Global batch of each run")
+    if not runs:
+        doc.add("_No run recorded its global batch._\n")
+        return
+    off = [r["run"] for r in runs if r["matches"] != "yes"]
+    doc.add(
+        (
+            f"**{len(off)} run(s) trained with another global batch than their recipe's** (no exact split over "
+            f"their processes; the learning rate followed the effective batch): {', '.join(off)}.\n"
+            if off
+            else "Every run trained with its recipe's global batch.\n"
+        ),
+        markdown_table(
+            runs,
+            ["run", "global_batch", "recipe_global_batch", "world_size", "per_device_batch", "accum_steps", "matches"],
+            ["run", "global batch", "recipe's", "processes", "per device", "accumulation", "as the recipe"],
+        )
+        + "\n",
+    )
+
+
 def _legacy_entropy_rows(outputs: Path, maps: dict[str, Any]) -> list[dict[str, Any]]:
     """Per-layer rows from an ``anchor_maps.json`` that has ``mean_entropy`` only.
 
@@ -756,6 +811,7 @@ def build_report(
     _detection_section(doc, det, profile)
     _segmentation_section(doc, seg, seg_complexity, profile)
     _anchor_maps_section(doc, maps)
+    _deviations_section(doc, out_dir)
 
     paths = write_report(doc.out_md, doc.text())
     return {**paths, "headline": headline, "sections": doc.present}

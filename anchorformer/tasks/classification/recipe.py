@@ -74,6 +74,12 @@ class ClsRecipe(TaskRecipe):
     eval_every: int = setting(ge=1)  # evaluate every k epochs (and always after the last)
     throughput_batch_size: int = setting(ge=1, resumable=True)  # images per forward pass, throughput
     throughput_iters: int = setting(ge=1, resumable=True)
+    # --- the global batch, the teacher's weights, dry runs ------------------------------------
+    global_batch: int | None = setting(ge=1)  # per optimizer step, all processes; null: batch x procs x accum
+    teacher_checkpoint: str | None = setting()  # a named teacher's weights: a local .safetensors/.pth file
+    max_train_images: int | None = setting(ge=1)  # train on the first N images only; null: all
+    max_eval_images: int | None = setting(ge=1, resumable=True)  # evaluate on the first N images only; null: all
+    dry_run: bool = setting()  # a few steps and a tiny evaluation through every code path of the recipe (DRY_RUN)
 
     def check(self) -> list[str]:
         problems = super().check()
@@ -83,6 +89,10 @@ class ClsRecipe(TaskRecipe):
             problems.append(f"patch_size={self.patch_size}: expected a divisor of img_size={self.img_size}")
         if (self.mixup > 0 or self.cutmix > 0) and self.batch_size % 2:
             problems.append(f"batch_size={self.batch_size}: must be even with mixup/cutmix")
+        if self.global_batch is not None and self.accum_steps != 1:
+            problems.append(
+                f"accum_steps={self.accum_steps}: derived from global_batch={self.global_batch}; set one of them (accum_steps=1)"
+            )
         unknown = set(self.model_sizes) - {"tiny", "small", "base"}
         if unknown:
             problems.append(f"model_sizes: unknown size(s) {sorted(unknown)}; expected tiny, small, base")

@@ -44,6 +44,7 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, accuracy
 from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler, Subset
 
+from ...engine.batching import plan_batch
 from ...engine.checkpoint import capture_rng_state, load_training_checkpoint, restore_rng_state, save_training_state
 from ...engine.distributed import DistInfo, all_reduce_mean, all_reduce_sum, barrier, unwrap_model
 from ...engine.launch import cli_arguments, launch
@@ -88,6 +89,33 @@ SMOKE = [
     "num_workers=0",
 ]
 RESULTS = ("metrics.json", "model.pth", "model.safetensors", "history.json")  # a finished run's files
+# `--set dry_run=true`: any recipe, full included, for 4 optimizer steps (2 epochs of 2 steps of 16
+# images in micro-batches of 4: gradient accumulation) and an evaluation on 20 images, through every
+# code path the recipe turns on (RandAugment, Mixup/CutMix, repeated augmentation, random erasing,
+# EMA, distillation, warm-up and cosine schedule, autocast, checkpoints); the ViT shrunk to 2 blocks
+# of width 32 at 32x32 with 8x8 patches and 4 anchors. The user's --set apply after these.
+DRY_RUN = [
+    "img_size=32",
+    "patch_size=8",
+    "model_sizes={tiny: {embed_dim: 32, depth: 2, num_heads: 2}, small: {embed_dim: 32, depth: 2, num_heads: 2}, "
+    "base: {embed_dim: 32, depth: 2, num_heads: 2}}",
+    "num_anchors=4",
+    "epochs=2",
+    "warmup_epochs=1",
+    "global_batch=16",
+    "batch_size=4",
+    "accum_steps=1",
+    "max_train_images=32",
+    "max_eval_images=20",
+    "eval_batch_size=10",
+    "throughput_batch_size=2",
+    "throughput_iters=1",
+    "num_workers=0",
+    "log_every=1",
+    "keep_checkpoints=1",
+]
+# DeiT's teacher: the timm architecture and the weights DeiT distils from (82.9% top-1 on ImageNet).
+DEIT_TEACHER = {"model": "regnety_160", "weights": "regnety_160.deit_in1k", "top1": 82.9}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,7 +142,10 @@ def resolve_recipe(
             and where it came from).
     """
     explicit = {"model": (model, _flag(source, "--model")), "epochs": (epochs, _flag(source, "--epochs"))}
-    return load_recipe(ClsRecipe, profile, overrides=overrides, explicit=explicit)
+    recipe = load_recipe(ClsRecipe, profile, overrides=overrides, explicit=explicit)
+    if recipe.dry_run:  # the dry run's reductions first, the user's --set and flags over them
+        recipe = load_recipe(ClsRecipe, profile, overrides=[*DRY_RUN, *overrides], explicit=explicit)
+    return recipe
 
 
 def _flag(source: str, flag: str) -> str:
@@ -177,6 +208,8 @@ def build_teacher(cfg: dict[str, Any], num_classes: int) -> nn.Module:
     if not spec:
         raise ValueError("distillation needs a teacher: set teacher to a timm model name or a checkpoint path")
     if _looks_like_path(spec) or Path(spec).is_file():
+        if cfg.get("teacher_checkpoint"):
+            _logger.info("teacher %s is a train-cls checkpoint: teacher_checkpoint is not used", spec)
         state = load_training_checkpoint(spec)
         if "model_name" not in state or "model" not in state:
             raise ValueError(
@@ -190,12 +223,49 @@ def build_teacher(cfg: dict[str, Any], num_classes: int) -> nn.Module:
             build_classifier(spec, {})  # checks the name
             teacher = create_model(spec, pretrained=True, **kwargs)
         else:
+            path = _teacher_file(cfg)
             teacher = build_classifier(spec, kwargs)
+            _load_weights(teacher, str(path), f"teacher_checkpoint={path}")
     out_classes = getattr(teacher, "num_classes", None)
     if out_classes is not None and out_classes != num_classes:
         raise ValueError(f"teacher {spec} predicts {out_classes} classes; the dataset has {num_classes}")
     teacher.eval().requires_grad_(False)
     return teacher
+
+
+def _teacher_file(cfg: Any) -> Path:
+    """The local weights file of a named teacher (``teacher_checkpoint``), checked to exist.
+
+    Raises:
+        FileNotFoundError: not set, or no such file; the message names the parameter, the
+            expected model and how to obtain the file.
+    """
+    spec, value = str(cfg["teacher"]), cfg.get("teacher_checkpoint")
+    deit = spec == DEIT_TEACHER["model"]
+    expected = (
+        f"DeiT's teacher RegNetY-16GF, timm {DEIT_TEACHER['weights']} ({DEIT_TEACHER['top1']}% top-1 on ImageNet)"
+        if deit
+        else f"the weights of the timm model {spec}"
+    )
+    how = (
+        f"on a machine with internet access: `hf download timm/{DEIT_TEACHER['weights']} model.safetensors "
+        f"--local-dir DIR` (or `timm.create_model('{DEIT_TEACHER['weights']}', pretrained=True)` and "
+        "`safetensors.torch.save_file(model.state_dict(), FILE)`), then copy the file there"
+        if deit
+        else "a .safetensors or .pth state dict of that model"
+    )
+    if not value:
+        raise FileNotFoundError(
+            f"teacher_checkpoint is not set: the distilled runs need {expected} in a local file, named by "
+            f"teacher_checkpoint (params.yaml cls.teacher_checkpoint, or --set teacher_checkpoint=FILE); {how}"
+        )
+    path = Path(value)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"teacher_checkpoint={value}: no such file; expected {expected} (params.yaml cls.teacher_checkpoint, "
+            f"or --set teacher_checkpoint=FILE); {how}"
+        )
+    return path
 
 
 def _load_weights(model: nn.Module, source: Any, where: str) -> None:
@@ -349,6 +419,8 @@ def measure_throughput(
 def _train_one_epoch(
     model: nn.Module,
     loader: DataLoader,
+    accum: int,
+    updates: int,
     criterion: DistillationLoss,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
@@ -361,12 +433,13 @@ def _train_one_epoch(
     num_updates: int,
 ) -> tuple[dict[str, float], int]:
     model.train()
-    accum = int(cfg["accum_steps"])
-    n_batches = len(loader)
+    n_batches = updates * accum  # whole optimizer steps: a last incomplete accumulation is left out
     loss_sum = torch.zeros((), dtype=torch.float64)
     steps = 0
     optimizer.zero_grad(set_to_none=True)
-    for i, (images, target) in enumerate(progress(loader, desc=f"epoch {epoch + 1}")):
+    for i, (images, target) in enumerate(progress(loader, desc=f"epoch {epoch + 1}", total=n_batches)):
+        if i >= n_batches:
+            break
         images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
         if mixup is not None:
             images, target = mixup(images, target)
@@ -483,10 +556,33 @@ def train(
         return launch(TASK, argv, nproc_per_node=nproc_per_node, nnodes=nnodes, torchrun_args=torchrun_args)
     model_kwargs = classifier_kwargs(recipe.model, recipe, len(classes))
     _check_model_name(recipe.model)  # before the run folder is made
+    if _needs_teacher_file(recipe):
+        _teacher_file(recipe)
     with training_run(
         recipe, out_dir, resume=resume, overwrite=overwrite, if_different=if_different, results=RESULTS
     ) as run:
         return _train(run, data, classes, model_kwargs)
+
+
+def _needs_teacher_file(recipe: ClsRecipe) -> bool:
+    distilled = recipe.distillation in ("soft", "hard") or (
+        recipe.distillation == "auto" and "distilled" in recipe.model
+    )
+    spec = str(recipe.teacher or "")
+    return (
+        distilled
+        and bool(spec)
+        and not (_looks_like_path(spec) or Path(spec).is_file())
+        and not recipe.teacher_pretrained
+    )
+
+
+def _first(dataset: Dataset, n: int | None) -> Dataset:
+    """``n`` images spread evenly over ``dataset`` (every class of a sorted ImageFolder), or all of it."""
+    size = len(dataset)  # type: ignore[arg-type]
+    if not n or n >= size:
+        return dataset
+    return Subset(dataset, [i * size // n for i in range(n)])
 
 
 def _train(run: TrainingRun, data: Path, classes: list[str], model_kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -502,10 +598,14 @@ def _train(run: TrainingRun, data: Path, classes: list[str], model_kwargs: dict[
     teacher = build_teacher(cfg, num_classes).to(device) if kind != "none" else None
 
     train_tf, eval_tf = _transforms(cfg)
-    train_ds = build_imagenet_dataset(data, "train", transform=train_tf, on_bad=cfg["on_bad"])
+    train_ds = _first(
+        build_imagenet_dataset(data, "train", transform=train_tf, on_bad=cfg["on_bad"]), cfg["max_train_images"]
+    )
     run.watch_bad_files(train_ds)
-    val_ds = build_imagenet_dataset(data, "val", transform=eval_tf)  # evaluation always fails on a bad file
-    global_batch = cfg["batch_size"] * dist_info.world_size
+    # evaluation always fails on a bad file
+    val_ds = _first(build_imagenet_dataset(data, "val", transform=eval_tf), cfg["max_eval_images"])
+    plan = plan_batch(cfg["global_batch"], cfg["batch_size"], dist_info.world_size, cfg["accum_steps"])
+    global_batch = plan.global_batch
     if len(train_ds) < global_batch:
         raise ValueError(
             f"{data / 'train'} holds {len(train_ds)} images, fewer than one global batch of {global_batch} "
@@ -519,7 +619,7 @@ def _train(run: TrainingRun, data: Path, classes: list[str], model_kwargs: dict[
         rank=dist_info.rank,
         seed=seed,
     )
-    train_loader = _loader(train_ds, cfg["batch_size"], sampler, cfg, drop_last=True)
+    train_loader = _loader(train_ds, plan.per_device, sampler, cfg, drop_last=True)
     val_loader = _eval_loader(val_ds, cfg, dist_info)
     mixup = build_mixup(
         num_classes,
@@ -541,14 +641,14 @@ def _train(run: TrainingRun, data: Path, classes: list[str], model_kwargs: dict[
     net.to(device)
     if cfg["channels_last"]:
         net.to(memory_format=torch.channels_last)
-    lr = float(cfg["lr"]) * global_batch * cfg["accum_steps"] / cfg["lr_batch"]
+    lr = float(cfg["lr"]) * global_batch / cfg["lr_batch"]
     opt_kwargs: dict[str, Any] = {}
     if "adam" in cfg["opt"] or "lamb" in cfg["opt"]:
         opt_kwargs["eps"] = float(cfg["opt_eps"])
     if cfg["opt"] in ("sgd", "momentum", "nesterov"):
         opt_kwargs["momentum"] = float(cfg["momentum"])
     optimizer = create_optimizer_v2(net, opt=cfg["opt"], lr=lr, weight_decay=float(cfg["weight_decay"]), **opt_kwargs)
-    updates_per_epoch = math.ceil(len(train_loader) / cfg["accum_steps"])
+    updates_per_epoch = max(1, len(train_loader) // plan.accum_steps)  # whole optimizer steps only
     scheduler, _ = create_scheduler_v2(
         optimizer,
         sched=cfg["sched"],
@@ -564,6 +664,7 @@ def _train(run: TrainingRun, data: Path, classes: list[str], model_kwargs: dict[
     ema = ModelEmaV3(net, decay=float(cfg["ema_decay"])) if cfg["ema"] else None
 
     start_epoch, num_updates, history = 0, 0, []
+    teacher_eval: dict[str, float] | None = None
     if resume_state is not None:
         net.load_state_dict(resume_state["model"])
         optimizer.load_state_dict(resume_state["optimizer"])
@@ -575,7 +676,13 @@ def _train(run: TrainingRun, data: Path, classes: list[str], model_kwargs: dict[
         restore_rng_state(resume_state["rng"])
         start_epoch, num_updates = int(resume_state["epoch"]), int(resume_state["num_updates"])
         history = list(resume_state["history"])
+        teacher_eval = resume_state.get("teacher_eval")
         _set_sampler_epoch(sampler, start_epoch, seed)
+    if teacher is not None and teacher_eval is None:  # the teacher's own top-1, measured once per run
+        teacher_eval = evaluate(teacher, val_loader, device, cfg)
+        _logger.info(
+            "teacher %s: top-1 %.2f on %d validation images", cfg["teacher"], teacher_eval["top1"], teacher_eval["n"]
+        )
 
     train_model: nn.Module = net
     if cfg["compile"]:
@@ -586,6 +693,7 @@ def _train(run: TrainingRun, data: Path, classes: list[str], model_kwargs: dict[
         )
 
     logger = MetricLogger(out_dir, enabled=dist_info.is_main, resume_step=start_epoch if resume_state else None)
+    plan.log(_logger)
     _logger.info(
         "training %s (%s) on %d images, %d classes, %d epochs, global batch %d, lr %.3g, distillation %s, %d process(es)",
         cfg["model"],
@@ -607,6 +715,8 @@ def _train(run: TrainingRun, data: Path, classes: list[str], model_kwargs: dict[
         stats, num_updates = _train_one_epoch(
             train_model,
             train_loader,
+            plan.accum_steps,
+            updates_per_epoch,
             criterion,
             optimizer,
             scheduler,
@@ -648,6 +758,7 @@ def _train(run: TrainingRun, data: Path, classes: list[str], model_kwargs: dict[
                 "model_name": cfg["model"],
                 "model_kwargs": model_kwargs,
                 "classes": classes,
+                "teacher_eval": teacher_eval,
             }
             if ema is not None:
                 state["model_ema"] = ema.module.state_dict()
@@ -688,10 +799,13 @@ def _train(run: TrainingRun, data: Path, classes: list[str], model_kwargs: dict[
             "epochs": cfg["epochs"],
             "distillation": kind,
             "train_time_s": round(time.perf_counter() - t_start, 2),
-            "world_size": dist_info.world_size,
+            **plan.record(),
+            "lr": lr,
             "bad_files": len(run.bad_files()),  # training files skipped (on_bad: skip)
             "config": cfg.to_dict(),
         }
+        if teacher_eval is not None:
+            metrics.update(teacher=cfg["teacher"], teacher_top1=teacher_eval["top1"], teacher_top5=teacher_eval["top5"])
         if "top1_ema" in final:
             metrics["top1_ema"] = final["top1_ema"]
         final_state = {
@@ -750,7 +864,9 @@ def evaluate_checkpoint(
     state = load_training_checkpoint(checkpoint) if checkpoint.suffix != ".safetensors" else {}
     if "model_name" in state and model in (None, state["model_name"]):
         stored = {k: v for k, v in dict(state["config"]).items() if k != "profile"}
-        preset, _ = load_preset(TASK, profile)  # keys the checkpoint predates (on_bad): the preset's
+        preset, _ = load_preset(TASK, profile)  # keys the checkpoint predates (on_bad, ...): the profile's values
+        if "global_batch" not in stored:
+            stored["global_batch"] = None  # before global_batch: batch_size x processes x accum_steps
         stored.update({k: preset[k] for k in ClsRecipe.keys() if k not in stored and k in preset})
         cfg = load_recipe(ClsRecipe, profile, overrides=overrides, preset=(stored, f"{checkpoint} (its recipe)"))
         if state.get("classes") and list(state["classes"]) != classes:

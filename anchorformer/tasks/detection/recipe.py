@@ -77,6 +77,9 @@ class DetRecipe(TaskRecipe):
     recipe: str = setting(choices=RECIPES)  # 1x: resize to min_size/max_size | lsj: large-scale jitter
     lsj_scale: list[float] = setting()  # lsj: [min, max] scale of the max_size square images are resized to
     recipes: dict[str, Any] = setting(resumable=True)  # per recipe: the settings applied when it is chosen
+    # --- the global batch, dry runs -------------------------------------------------------------
+    global_batch: int | None = setting(ge=1)  # images per optimizer step, all processes (16); null: batch x procs
+    dry_run: bool = setting()  # a few steps and a tiny evaluation through every code path of the recipe (DRY_RUN)
 
     def check(self) -> list[str]:
         problems = super().check()

@@ -33,6 +33,7 @@ import os
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from ...data.coco import CocoDetection, Compose, LargeScaleJitter, RandomHorizontalFlip, detection_collate
+from ...engine.batching import plan_batch
 from ...engine.checkpoint import capture_rng_state, load_training_checkpoint, restore_rng_state, save_training_state
 from ...engine.distributed import DistInfo, barrier, cleanup_distributed, init_distributed, unwrap_model
 from ...engine.launch import cli_arguments, launch
@@ -115,6 +117,14 @@ def resolve_recipe(
     recipe = load_recipe(
         DetRecipe, profile, overrides=overrides, explicit={"model": explicit["model"]}, preset=(preset, label)
     )
+    if recipe.dry_run:  # the dry run's reductions first, the user's --set and flags over them
+        recipe = load_recipe(
+            DetRecipe,
+            profile,
+            overrides=[*DRY_RUN, *overrides],
+            explicit={"model": explicit["model"]},
+            preset=(preset, label),
+        )
     if epochs is not None:
         steps = [s for s in recipe.lr_steps if isinstance(epochs, int) and s <= epochs] or [epochs]
         recipe = recipe.replace(flag("--epochs"), epochs=epochs, lr_steps=steps)
@@ -469,6 +479,44 @@ SMOKE = [
 ]
 
 
+# `--set dry_run=true`: any recipe, full included, for 3 optimizer steps (3 epochs of one step of 4
+# images in micro-batches of 2: gradient accumulation; warm-up, then the lr steps after epochs 1
+# and 2) and an evaluation on 2 images, through every code path the recipe turns on (layer-wise lr
+# decay, the 4conv1fc box head, the 4-layer mask head, LayerNorm pyramid, checkpoints): the ViT
+# shrunk to 2 blocks of width 32 (8x8 patches, 4 anchors), 96-128 px inputs, narrow heads and
+# fewer proposals. The user's --set apply after these.
+_DRY_VIT = "{embed_dim: 32, depth: 2, num_heads: 2}"
+DRY_RUN = [
+    f"model_sizes={{tiny: {_DRY_VIT}, small: {_DRY_VIT}, base: {_DRY_VIT}}}",
+    "img_size=32",
+    "patch_size=8",
+    "num_anchors=4",
+    "epochs=3",
+    "lr_steps=[1, 2]",
+    "warmup_iters=2",
+    "global_batch=4",
+    "batch_size=2",
+    "max_train_images=4",
+    "max_eval_images=2",
+    "min_size=96",
+    "max_size=128",
+    "match_size=[96, 128]",
+    "out_channels=32",
+    "representation_size=64",
+    "mask_head_channels=16",
+    "rpn_pre_nms_top_n_train=200",
+    "rpn_post_nms_top_n_train=100",
+    "rpn_pre_nms_top_n_test=100",
+    "rpn_post_nms_top_n_test=50",
+    "rpn_batch_size_per_image=64",
+    "box_batch_size_per_image=64",
+    "box_detections_per_img=20",
+    "num_workers=0",
+    "log_every=1",
+    "keep_checkpoints=1",
+]
+
+
 def _check_backbone_checkpoint(path: Any, backbone: str) -> None:
     """A classification ``model.pth`` that names its model must name this backbone."""
     if path is None or isinstance(path, Mapping):
@@ -518,8 +566,9 @@ def _train(run: TrainingRun, data_root: Path, backbone_ckpt: Any) -> dict[str, A
         macs_info["backbone_gmacs_full"], det_cfg.min_size, det_cfg.max_size,
     )  # fmt: skip
 
-    global_batch = int(cfg["batch_size"]) * info.world_size
-    lr = float(cfg["lr"]) * global_batch / float(cfg["lr_batch"])
+    plan = plan_batch(cfg.global_batch, int(cfg["batch_size"]), info.world_size)
+    plan.log(_logger)
+    lr = float(cfg["lr"]) * plan.global_batch / float(cfg["lr_batch"])
     groups = param_groups_layer_decay(
         model, lr=lr, weight_decay=float(cfg["weight_decay"]), layer_decay=float(cfg["layer_decay"])
     )
@@ -533,7 +582,7 @@ def _train(run: TrainingRun, data_root: Path, backbone_ckpt: Any) -> dict[str, A
     gen = torch.Generator()
     loader = DataLoader(
         train_set,
-        batch_size=int(cfg["batch_size"]),
+        batch_size=plan.per_device,
         shuffle=sampler is None,
         sampler=sampler,
         num_workers=int(cfg.get("num_workers", 0)),
@@ -545,7 +594,14 @@ def _train(run: TrainingRun, data_root: Path, backbone_ckpt: Any) -> dict[str, A
         persistent_workers=False,
     )
     epochs = int(cfg["epochs"])
-    iters_per_epoch = len(loader)
+    accum = plan.accum_steps
+    if len(loader) < accum:
+        raise ValueError(
+            f"{len(train_set)} training images make {len(loader)} batch(es) of {plan.per_device} per process, "
+            f"fewer than one global batch of {plan.global_batch} ({accum} accumulation steps)"
+        )
+    iters_per_epoch = len(loader) // accum  # optimizer steps: a last incomplete accumulation is left out
+    micro_batches = iters_per_epoch * accum
     total_iters = epochs * iters_per_epoch
     milestones = [int(s) * iters_per_epoch for s in cfg["lr_steps"]]
     lr_at = _lr_lambda(int(cfg["warmup_iters"]), float(cfg["warmup_factor"]), milestones, float(cfg["lr_gamma"]))
@@ -575,7 +631,8 @@ def _train(run: TrainingRun, data_root: Path, backbone_ckpt: Any) -> dict[str, A
     with_masks = det_cfg.detector == "mask_rcnn"
     if info.is_main:
         write_json_atomic(
-            out / "run.json", {"config": cfg.to_dict(), "detector_config": det_cfg.to_dict(), **macs_info}
+            out / "run.json",
+            {"config": cfg.to_dict(), "detector_config": det_cfg.to_dict(), **macs_info, **plan.record(), "lr": lr},
         )
 
     t_train = time.perf_counter()
@@ -586,27 +643,37 @@ def _train(run: TrainingRun, data_root: Path, backbone_ckpt: Any) -> dict[str, A
         gen.manual_seed(seed + epoch)  # the same order after a resume
         sums: dict[str, float] = defaultdict(float)
         count = 0
-        for images, targets in progress(loader, desc=f"det epoch {epoch + 1}/{epochs}"):
+        optimizer.zero_grad(set_to_none=True)
+        for j, (images, targets) in enumerate(
+            progress(loader, desc=f"det epoch {epoch + 1}/{epochs}", total=micro_batches)
+        ):
+            if j >= micro_batches:
+                break
             images = [im.to(device, non_blocking=True) for im in images]
             targets = _to_device(sanitize_targets(targets, with_masks=with_masks), device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                losses = train_model(images, targets)
-            loss = sum(losses.values())
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"loss is {loss.item()} at iteration {it} (epoch {epoch + 1}): {dict((k, float(v)) for k, v in losses.items())}"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), float(clip))
-            optimizer.step()
-            scheduler.step()
-            it += 1
+            step_now = (j + 1) % accum == 0
+            sync = nullcontext() if step_now or not hasattr(train_model, "no_sync") else train_model.no_sync()
+            with sync:
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    losses = train_model(images, targets)
+                loss = sum(losses.values())
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"loss is {loss.item()} at iteration {it} (epoch {epoch + 1}): {dict((k, float(v)) for k, v in losses.items())}"
+                    )
+                (loss / accum if accum > 1 else loss).backward()
             count += 1
             for k, v in losses.items():
                 sums[k] += float(v.detach())
             sums["loss"] += float(loss.detach())
+            if not step_now:
+                continue
+            if clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), float(clip))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            it += 1
             if it % log_every == 0 or it == total_iters:
                 logger.log(
                     {f"train/{k}": v / count for k, v in sums.items()} | {"lr": optimizer.param_groups[-1]["lr"]},
@@ -660,6 +727,8 @@ def _train(run: TrainingRun, data_root: Path, backbone_ckpt: Any) -> dict[str, A
         "min_size": det_cfg.min_size,
         "epochs": epochs,
         "iterations": it,
+        **plan.record(),
+        "lr": lr,
         "bad_files": len(run.bad_files()),  # training files skipped (on_bad: skip)
         "degenerate_boxes": int(base.num_degenerate),  # training annotations dropped for an empty box
         "train_seconds": round(train_seconds, 1),

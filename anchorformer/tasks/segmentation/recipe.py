@@ -74,6 +74,11 @@ class SegRecipe(TaskRecipe):
     recipes: dict[str, Any] = setting(resumable=True)  # per head: settings applied when it is chosen
     # --- the neck -----------------------------------------------------------------------------
     neck: str = setting(choices=NECKS)  # multilevel (blocks 2, 5, 8, 11; mmsegmentation) | simple (ViTDet)
+    # --- the global batch, dry runs -------------------------------------------------------------
+    device_batch: int | None = setting(
+        ge=1
+    )  # crops per forward pass on one process; batch_size is made up by accumulation; null: batch_size / processes
+    dry_run: bool = setting()  # a few iterations and a tiny evaluation through every code path of the recipe (DRY_RUN)
 
     def check(self) -> list[str]:
         problems = super().check()

@@ -32,6 +32,7 @@ import random
 import shutil
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ import torch.nn as nn
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from ...engine.batching import plan_batch
 from ...engine.checkpoint import (
     capture_rng_state,
     load_training_checkpoint,
@@ -96,6 +98,34 @@ SMOKE = [
     "warmup_iters=0",
     "log_every=1",
 ]
+# `--set dry_run=true`: any recipe, full included, for 4 iterations of 4 crops in micro-batches of 2
+# (gradient accumulation; the warm-up of UperNet's recipe shortened to 2 iterations, then its poly
+# schedule) and a sliding-window evaluation of 4 validation images, through every code path the
+# recipe turns on (the head, the auxiliary head, layer-wise decay, checkpoints): the ViT shrunk to
+# 2 blocks of width 32 (8x8 patches, 4 anchors), 64x64 crops, 16-channel pyramid and heads, all 150
+# classes. The user's --set apply after these.
+_DRY_VIT = "{embed_dim: 32, depth: 2, num_heads: 2}"
+DRY_RUN = [
+    f"model_sizes={{tiny: {_DRY_VIT}, small: {_DRY_VIT}, base: {_DRY_VIT}}}",
+    "img_size=32",
+    "patch_size=8",
+    "num_anchors=4",
+    "pyramid_channels=16",
+    "head_channels=16",
+    "crop_size=64",
+    "iters=4",
+    "batch_size=4",
+    "device_batch=2",
+    "recipes.upernet.warmup_iters=2",
+    "test_crop_size=64",
+    "test_stride=48",
+    "test_scale=[256, 64]",
+    "num_workers=0",
+    "checkpoint_every=2",
+    "keep_checkpoints=1",
+    "log_every=1",
+]
+DRY_RUN_EVAL_IMAGES = 4  # validation images a dry run evaluates (unless max_eval_images says otherwise)
 # a run's result files: removed before a (re)start, moved aside with --resume never --overwrite
 RESULTS = ("metrics.json", "model.pth", "model.safetensors", "per_class.json", "predictions")
 # keys of recipes stored before the typed recipe, and their names now
@@ -164,7 +194,10 @@ def resolve_recipe(
         "head": (head, _flag(source, "--head")),
         "iters": (iters, _flag(source, "--iters")),
     }
-    return load_recipe(SegRecipe, profile, overrides=overrides, explicit=explicit, preset=(preset, label))
+    recipe = load_recipe(SegRecipe, profile, overrides=overrides, explicit=explicit, preset=(preset, label))
+    if recipe.dry_run and list(overrides)[: len(DRY_RUN)] != DRY_RUN:  # the reductions, then --set and the flags
+        recipe = resolve_recipe(profile, [*DRY_RUN, *overrides], model=model, head=head, iters=iters, source=source)
+    return recipe
 
 
 def iters_for_epochs(epochs: Any, num_images: int, batch_size: int, where: str = "epochs") -> int:
@@ -402,6 +435,8 @@ def train(
         raise RecipeError(f"give {both}, not both")
     recipe = resolve_recipe(profile, overrides, model=model, head=head, iters=iters, source=source)
     data, out_dir = Path(data), Path(out_dir)
+    if recipe.dry_run and max_eval_images is None:
+        max_eval_images = DRY_RUN_EVAL_IMAGES
     # both splits' layouts are checked before any work (evaluation always fails on a bad file)
     train_set = _ade20k(data, "training", recipe, train=True, on_bad=recipe.on_bad)
     _ade20k(data, "validation", recipe, train=False)
@@ -465,9 +500,9 @@ def _train(
     assert isinstance(cfg, SegRecipe)
     run.watch_bad_files(train_set)
     device = info.device
-    bs = int(cfg.batch_size)
-    if bs % info.world_size:
-        raise ValueError(f"batch_size {bs} (global) must be divisible by the {info.world_size} processes")
+    per_device = cfg.device_batch or math.ceil(int(cfg.batch_size) / info.world_size)
+    plan = plan_batch(int(cfg.batch_size), per_device, info.world_size)
+    bs, accum = plan.global_batch, plan.accum_steps
     total = int(cfg.iters)
 
     seed = int(cfg.seed)
@@ -509,6 +544,7 @@ def _train(
     logger = MetricLogger(out, enabled=info.is_main, resume_step=start if resume_state is not None else None)
     every = int(cfg.checkpoint_every)
     log_every = max(1, int(cfg.log_every))
+    plan.log(_logger)
     _logger.info(
         "training %s + %s on %d images, %d iterations of %d crops, %d process(es)",
         cfg.model, cfg.head, n_train, total, bs, info.world_size,
@@ -524,13 +560,23 @@ def _train(
         labels = labels.to(device, non_blocking=True)
         # the mean labelled-pixel count per process: the loss is the mean over the global batch
         normalizer = all_reduce_mean((labels != IGNORE_INDEX).sum().float())
-        with _amp_context(cfg, device):
-            losses = train_model(images, labels, normalizer)
-        loss = losses["loss"]
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at iteration {it + 1}; lower lr or check the data")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        # micro-batches of the process's share: each loss is its pixels' sum / normalizer, so the
+        # accumulated gradient is the whole share's (no division by accum)
+        losses: dict[str, torch.Tensor] = {}
+        for k in range(accum):
+            part = slice(k * plan.per_device, (k + 1) * plan.per_device)
+            last_part = k + 1 == accum
+            sync = nullcontext() if last_part or not hasattr(train_model, "no_sync") else train_model.no_sync()
+            with sync:
+                with _amp_context(cfg, device):
+                    micro = train_model(images[part], labels[part], normalizer)
+                if not torch.isfinite(micro["loss"]):
+                    raise FloatingPointError(
+                        f"loss is {micro['loss'].item()} at iteration {it + 1}; lower lr or check the data"
+                    )
+                micro["loss"].backward()
+            losses = micro if not losses else {key: losses[key] + v.detach() for key, v in micro.items()}
         if cfg.clip_grad:
             nn.utils.clip_grad_norm_(model.parameters(), float(cfg.clip_grad))
         optimizer.step()
@@ -562,6 +608,7 @@ def _train(
         "iters": total,
         "train_time_s": round(train_time, 2),
         "final_loss": last.get("loss"),
+        **plan.record(),
         "bad_files": len(run.bad_files()),  # training files skipped (on_bad: skip)
         **complexity,
         "checkpoint": str(final),
@@ -580,6 +627,7 @@ def _train(
         max_images=max_eval_images,
         extra={
             **run_description(cfg, model, profile),
+            **plan.record(),
             "iters": total,
             "train_time_s": summary["train_time_s"],
             "bad_files": summary["bad_files"],
