@@ -16,6 +16,7 @@ from anchorformer.tasks.detection.train import detector_config, resolve_recipe, 
 # the full preset shrunk to seconds on a CPU: what a dry run of the full profile changes, nothing more
 TINY_FULL = [
     "img_size=32",
+    "global_batch=null",  # the batch below, no accumulation (the global batch has its own test)
     "patch_size=8",
     "model_sizes.tiny={embed_dim: 32, depth: 2, num_heads: 2}",
     "num_anchors=4",
