@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export DVC_NO_ANALYTICS := 1
 export PYTHONHASHSEED := 0
 
-.PHONY: env repro test test-fast test-notebooks lint lab clean-venv
+.PHONY: env repro test test-slow test-all test-fast test-notebooks lint lab clean-venv
 
 # The project's Jupyter kernel, registered inside .venv (not in ~/.local): JupyterLab lists it as
 # "anchorformer (.venv)" and the notebooks name it; the stages and nbval run the current interpreter.
@@ -38,10 +38,20 @@ repro: env
 
 # The tests, then every notebook top to bottom with its smoke defaults (nbval, started in
 # notebooks/ as JupyterLab does; cells marked NBVAL_CHECK_OUTPUT are compared with their stored
-# outputs). tests/test_notebooks.py runs them from the repository root too, as DVC does (slow).
+# outputs), without the tests marked slow (make test-slow): the default run, under 20 minutes on
+# 2 cores. tests/test_notebooks.py runs notebook 01 from the repository root too, as DVC does, and
+# every notebook from there in its slow test.
 NBVAL := --nbval-lax --nbval-current-env --nbval-cell-timeout=900
 
 test: env
+	$(BIN)/python -m pytest tests notebooks -m "not slow" $(NBVAL)
+
+# The tests marked slow (multi-process runs, every variant and notebook, the Triton interpreter
+# suite, the bare-wheel install): tens of minutes on 2 cores.
+test-slow: env
+	$(BIN)/python -m pytest tests -m slow
+
+test-all: env
 	$(BIN)/python -m pytest tests notebooks $(NBVAL)
 
 test-fast: env
