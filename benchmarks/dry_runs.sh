@@ -16,8 +16,8 @@ PY=${PYTHON:-python}
 export HF_HUB_OFFLINE=1
 WORK=$(mktemp -d -t dry_runs_XXXX)
 trap 'rm -rf "$WORK"' EXIT
-mkdir -p results
-OUT="results/dry_runs_${DEVICE}_$(date +%Y%m%d).json"
+mkdir -p benchmarks/results
+OUT="benchmarks/results/dry_runs_${DEVICE}_$(date +%Y%m%d).json"
 
 $PY -m anchorformer.cli data make-mini --out "$WORK/mini" >/dev/null
 $PY - "$WORK/teacher.safetensors" <<'PY'

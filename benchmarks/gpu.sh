@@ -15,7 +15,9 @@
 #      and left out; JUnit report and log next to the JSON;
 #   3. one short training and evaluation of each task (cls, det, seg) on CUDA with bf16 autocast
 #      and the fused kernel, on mini sets made here (at most TASK_S, default 90, s each), in
-#      the time that is left.
+#      the time that is left (SKIP_TASKS=1 leaves them out);
+#   4. one dry run of each full recipe on CUDA (benchmarks/dry_runs.sh; at most DRY_S, default
+#      240, s; SKIP_DRY_RUNS=1 leaves them out).
 #
 # Triton's and inductor's caches persist across runs (CACHE_DIR, default ~/.cache/anchorformer),
 # so a second run compiles nothing. DRY_RUN=1 prints each part and its time cap instead of
@@ -131,6 +133,13 @@ if [ "${SKIP_TASKS:-0}" != "1" ]; then
   rm -rf "$work"
 fi
 
-echo "gpu.sh: benchmarks exit $bench_rc, kernel tests exit $tests_rc, tasks exit $tasks_rc," \
+# 4. One dry run of each full recipe on CUDA (`--set dry_run=true`: every code path of the full
+#    recipes, a few steps each), in the time that is left: step times in results/dry_runs_cuda_<date>.json.
+dry_rc=0
+if [ "${SKIP_DRY_RUNS:-0}" != "1" ]; then
+  bounded "${DRY_S:-240}" env PYTHON="$PY" bash benchmarks/dry_runs.sh cuda 90 > "$out/${name}_dry_runs.log" 2>&1 || dry_rc=$?
+fi
+
+echo "gpu.sh: benchmarks exit $bench_rc, kernel tests exit $tests_rc, tasks exit $tasks_rc, dry runs exit $dry_rc," \
   "$((SECONDS - start)) s of ${BUDGET_S} s"
-[ "$bench_rc" -eq 0 ] && [ "$tests_rc" -eq 0 ] && [ "$tasks_rc" -eq 0 ]
+[ "$bench_rc" -eq 0 ] && [ "$tests_rc" -eq 0 ] && [ "$tasks_rc" -eq 0 ] && [ "$dry_rc" -eq 0 ]

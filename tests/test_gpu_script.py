@@ -43,6 +43,7 @@ def test_dry_run_lists_every_part_under_its_cap(tmp_path):
     assert any("anchorformer.cli bench --profile full" in p for p in parts)
     assert any("-m gpu and not slow" in p for p in parts)
     assert sum("anchorformer.cli train" in p for p in parts) == 3
+    assert any("benchmarks/dry_runs.sh cuda" in p for p in parts)  # the full recipes' dry runs
     assert all(0 < c <= 300 for c in caps), caps
     assert not any(p.name.startswith("dry_run") for p in (ROOT / "benchmarks" / "results").iterdir())
 
