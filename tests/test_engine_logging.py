@@ -52,3 +52,27 @@ def test_disabled_logger_writes_nothing(tmp_path):
 def test_progress_is_quiet_without_a_terminal(capsys):
     assert list(progress(range(3), desc="x")) == [0, 1, 2]
     assert capsys.readouterr().err == ""  # pytest's stderr is not a terminal
+
+
+def test_without_dvclive_the_same_files_are_written(tmp_path, monkeypatch):
+    """A bare install (no dvclive) writes dvclive's layout itself: the same bytes as dvclive."""
+    import anchorformer.engine.logging as logging_module
+
+    def write(out):
+        lg = logging_module.MetricLogger(out)
+        for step in range(3):
+            lg.log({"train/loss": 1.0 / (step + 1), "top1": 10.0 * step}, step=step)
+        lg.summary({"params": 5})
+        lg.close()
+
+    write(tmp_path / "a")
+
+    def no_dvclive():
+        raise ImportError("No module named 'dvclive'")
+
+    monkeypatch.setattr(logging_module, "_local_live_class", no_dvclive)
+    write(tmp_path / "b")
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert {str(f) for f in files} >= {"dvclive/metrics.json", "dvclive/plots/metrics/train/loss.tsv"}
+    for f in files:
+        assert (tmp_path / "b" / f).read_bytes() == (tmp_path / "a" / f).read_bytes(), f

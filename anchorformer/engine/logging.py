@@ -76,6 +76,51 @@ def _local_live_class() -> type:
     return LocalLive
 
 
+class _PlainLive:
+    """dvclive's file layout without dvclive (a bare install): ``plots/metrics/<name>.tsv`` with a
+    ``step`` column and the metric's last name component, and ``metrics.json`` nested at ``/``."""
+
+    def __init__(self, dir: str, resume: bool = False, **_: Any) -> None:
+        self.dir = Path(dir)
+        self.step = 0
+        self.summary: dict[str, Any] = {}
+        self._latest: dict[str, Any] = {}
+        if not resume:
+            import shutil
+
+            shutil.rmtree(self.dir / "plots", ignore_errors=True)
+        (self.dir / "plots" / "metrics").mkdir(parents=True, exist_ok=True)
+
+    def log_metric(self, name: str, value: float) -> None:
+        path = self.dir / "plots" / "metrics" / f"{name}.tsv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        new = not path.exists()
+        with path.open("a", encoding="utf-8", newline="") as f:
+            if new:
+                f.write(f"step\t{name.split('/')[-1]}\n")
+            f.write(f"{self.step}\t{value}\n")
+        self._latest[name] = value
+
+    def make_summary(self) -> None:
+        import json
+
+        out: dict[str, Any] = {}
+
+        def put(name: str, value: Any) -> None:
+            node = out
+            *parents, leaf = name.split("/")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+
+        for name, value in self._latest.items():
+            put(name, value)
+        out["step"] = self.step  # where dvclive puts it: after the curves' latest values
+        for name, value in self.summary.items():
+            put(name, value)
+        (self.dir / "metrics.json").write_text(json.dumps(out, indent=4) + "\n", encoding="utf-8")
+
+
 class MetricLogger:
     """dvclive logging of per-step (per-epoch) metrics and a summary, on the main process only.
 
@@ -95,7 +140,11 @@ class MetricLogger:
         resume = resume_step is not None and (self.dir / "plots").is_dir()
         if resume:
             _truncate_tsv(self.dir / "plots", int(resume_step))  # type: ignore[arg-type]
-        self._live = _local_live_class()(
+        try:
+            live_class = _local_live_class()
+        except ImportError:  # a bare install (no pipeline extras): the same files, written here
+            live_class = _PlainLive
+        self._live = live_class(
             dir=str(self.dir),
             resume=resume,
             save_dvc_exp=False,
