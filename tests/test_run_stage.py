@@ -172,7 +172,7 @@ def test_make_env_registers_the_kernel_inside_the_venv_and_lab_runs_as_root():
     lab = makefile[makefile.index("\nlab:") :]
     assert "$(LAB_FLAGS)" in lab.splitlines()[2] and "--allow-root" in makefile
     done = subprocess.run(
-        ["make", "-n", "lab", "VENV=/nonexistent", "LAB_FLAGS=--allow-root"],
+        ["make", "--no-print-directory", "-n", "lab", "VENV=/nonexistent", "LAB_FLAGS=--allow-root"],
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert done.stdout.strip().splitlines()[-1] == "/nonexistent/bin/jupyter lab notebooks --allow-root", done.stdout
