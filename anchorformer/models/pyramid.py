@@ -311,6 +311,11 @@ class MultiLevelNeck(nn.Module):
                 f"MultiLevelNeck: indices {self.indices} must give one block in 0..{depth - 1} per scale {self.scales}"
             )
         self.indices = [int(i) for i in self.indices]
+        # What forward never reads (the final norm, blocks after the last index) keeps its weights, so
+        # checkpoints load and save whole, but takes no gradient: DDP and the optimizer skip it.
+        for module in (getattr(self.backbone, "norm", None), *self.backbone.blocks[max(self.indices) + 1 :]):
+            if module is not None:
+                module.requires_grad_(False)
         self.patch_size = int(self.backbone.patch_embed.patch_size[0])
         self.embed_dim = int(self.backbone.embed_dim)
         self.out_channels = int(out_channels)
