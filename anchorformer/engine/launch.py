@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["cli_arguments", "launch", "torchrun_command"]
+__all__ = ["cli_arguments", "launch", "launch_if_several", "torchrun_command"]
 
 _logger = logging.getLogger(__name__)
 
@@ -84,3 +84,27 @@ def launch(
         raise RuntimeError(f"torchrun job `anchorformer train {task}` failed with exit status {done.returncode}")
     out = Path(argv[list(argv).index("--out") + 1])
     return json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+
+
+def launch_if_several(
+    task: str,
+    data: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    nproc_per_node: int,
+    nnodes: int,
+    torchrun_args: Sequence[str] = (),
+    **flags: Any,
+) -> dict[str, Any] | None:
+    """A task function's torchrun dispatch: with more than one process asked for, and this process
+    not already one of them (``WORLD_SIZE`` unset), run ``anchorformer train TASK`` with ``flags``
+    under torchrun and return its metrics; otherwise ``None`` (train here).
+
+    ``if_different="refuse"`` is the command's default and is not passed on.
+    """
+    if int(nproc_per_node) * int(nnodes) <= 1 or "WORLD_SIZE" in os.environ:
+        return None
+    if flags.get("if_different") == "refuse":
+        flags["if_different"] = None
+    argv = cli_arguments(data, out_dir, **flags)
+    return launch(task, argv, nproc_per_node=nproc_per_node, nnodes=nnodes, torchrun_args=torchrun_args)

@@ -47,7 +47,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampl
 from ...engine.batching import plan_batch
 from ...engine.checkpoint import capture_rng_state, load_training_checkpoint, restore_rng_state, save_training_state
 from ...engine.distributed import DistInfo, all_reduce_mean, all_reduce_sum, barrier, unwrap_model
-from ...engine.launch import cli_arguments, launch
+from ...engine.launch import launch_if_several
 from ...engine.logging import MetricLogger, progress
 from ...engine.recipe import load_preset, load_recipe
 from ...engine.seeding import epoch_seed, seed_everything, seed_worker
@@ -548,12 +548,13 @@ def train(
     recipe = resolve_recipe(profile=profile, overrides=overrides, model=model, epochs=epochs, source=source)
     data, out_dir = Path(data), Path(out_dir)
     classes = _check_data_root(data)
-    if int(nproc_per_node) * int(nnodes) > 1 and "WORLD_SIZE" not in os.environ:
-        argv = cli_arguments(
-            data, out_dir, model=model, profile=profile, overrides=list(overrides), epochs=epochs, resume=resume,
-            overwrite=overwrite, if_different=None if if_different == "refuse" else if_different,
-        )  # fmt: skip
-        return launch(TASK, argv, nproc_per_node=nproc_per_node, nnodes=nnodes, torchrun_args=torchrun_args)
+    launched = launch_if_several(
+        TASK, data, out_dir, nproc_per_node=nproc_per_node, nnodes=nnodes, torchrun_args=torchrun_args,
+        model=model, profile=profile, overrides=list(overrides), epochs=epochs, resume=resume, overwrite=overwrite,
+        if_different=if_different,
+    )  # fmt: skip
+    if launched is not None:
+        return launched
     model_kwargs = classifier_kwargs(recipe.model, recipe, len(classes))
     _check_model_name(recipe.model)  # before the run folder is made
     if _needs_teacher_file(recipe):

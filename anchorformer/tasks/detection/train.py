@@ -46,7 +46,7 @@ from ...data.coco import CocoDetection, Compose, LargeScaleJitter, RandomHorizon
 from ...engine.batching import plan_batch
 from ...engine.checkpoint import capture_rng_state, load_training_checkpoint, restore_rng_state, save_training_state
 from ...engine.distributed import DistInfo, barrier, cleanup_distributed, init_distributed, unwrap_model
-from ...engine.launch import cli_arguments, launch
+from ...engine.launch import launch_if_several
 from ...engine.logging import MetricLogger, progress
 from ...engine.recipe import RecipeError, apply_overrides, load_preset, load_recipe
 from ...engine.seeding import seed_everything, seed_worker
@@ -435,13 +435,13 @@ def train(
         recipe = recipe.replace("backbone_checkpoint", backbone_checkpoint=str(backbone_checkpoint))
     data = Path(data)
     _check_data_root(data)
-    if int(nproc_per_node) * int(nnodes) > 1 and "WORLD_SIZE" not in os.environ:
-        argv = cli_arguments(
-            data, out_dir, model=model, profile=profile, overrides=list(overrides), epochs=epochs, resume=resume,
-            overwrite=overwrite, if_different=None if if_different == "refuse" else if_different,
-            backbone_checkpoint=backbone_checkpoint,
-        )  # fmt: skip
-        return launch(TASK, argv, nproc_per_node=nproc_per_node, nnodes=nnodes, torchrun_args=torchrun_args)
+    launched = launch_if_several(
+        TASK, data, out_dir, nproc_per_node=nproc_per_node, nnodes=nnodes, torchrun_args=torchrun_args,
+        model=model, profile=profile, overrides=list(overrides), epochs=epochs, resume=resume, overwrite=overwrite,
+        if_different=if_different, backbone_checkpoint=backbone_checkpoint,
+    )  # fmt: skip
+    if launched is not None:
+        return launched
     train_set, _, base = _datasets(recipe, data)  # both splits readable before anything starts
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if len(train_set) < recipe.batch_size * world:

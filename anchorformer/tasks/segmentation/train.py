@@ -51,7 +51,7 @@ from ...engine.checkpoint import (
     save_training_state,
 )
 from ...engine.distributed import all_reduce_mean, barrier, cleanup_distributed, init_distributed, unwrap_model
-from ...engine.launch import cli_arguments, launch
+from ...engine.launch import launch_if_several
 from ...engine.logging import MetricLogger, progress
 from ...engine.recipe import RecipeError, apply_overrides, load_preset, load_recipe
 from ...engine.seeding import seed_everything
@@ -450,20 +450,20 @@ def train(
         where = _flag(source, "--epochs")
         passes = iters_for_epochs(epochs, n_train, recipe.batch_size, where)
         recipe = recipe.replace(where, iters=passes)
-    if int(nproc_per_node) * int(nnodes) > 1 and "WORLD_SIZE" not in os.environ:
-        evaluating = recipe.eval_at_end if evaluate is None else bool(evaluate)
-        argv = cli_arguments(
-            data, out_dir, model=model, profile=profile, epochs=epochs, iters=iters, head=head,
+    try:
+        launched = launch_if_several(
+            TASK, data, out_dir, nproc_per_node=nproc_per_node, nnodes=nnodes, torchrun_args=torchrun_args,
+            model=model, profile=profile, epochs=epochs, iters=iters, head=head,
             overrides=[*overrides, *(["eval_at_end=true"] if evaluate else [])], resume=resume, overwrite=overwrite,
-            if_different=if_different if if_different != "refuse" else None, no_eval=evaluate is False,
-            no_predictions=not save_predictions, max_eval_images=max_eval_images,
+            if_different=if_different, no_eval=evaluate is False, no_predictions=not save_predictions,
+            max_eval_images=max_eval_images,
         )  # fmt: skip
-        try:
-            return launch(TASK, argv, nproc_per_node=nproc_per_node, nnodes=nnodes, torchrun_args=torchrun_args)
-        except FileNotFoundError:  # no metrics.json: the run was not evaluated
-            if evaluating:
-                raise
-            return {"iters": recipe.iters, "checkpoint": str(out_dir / "model.pth")}
+    except FileNotFoundError:  # no metrics.json: the run was not evaluated
+        if recipe.eval_at_end if evaluate is None else bool(evaluate):
+            raise
+        return {"iters": recipe.iters, "checkpoint": str(out_dir / "model.pth")}
+    if launched is not None:
+        return launched
 
     init = recipe.init_checkpoint
     if init and not Path(init).is_file():
