@@ -1,13 +1,14 @@
 """The classification tables and figures (experiments E1, E2, E3) from the runs' metrics.
 
 Each run folder written by :func:`anchorformer.tasks.classification.train.train`
-holds ``metrics.json`` (top-1, top-5, params, GMACs, throughput, the recipe) and
-``history.json`` (per-epoch values). This module reads them and builds:
+holds ``metrics.json`` (top-1, top-5, params, GMACs, the recipe) and ``history.json`` (per-epoch
+values). This module reads them and builds (measured speed is the benchmark's, apart from results:
+``timings.json`` of each run, :mod:`anchorformer.bench`):
 
 - E1: AnchorFormer vs DeiT by size, without and with distillation (⚗), next to the DeiT paper's
   ImageNet-1k numbers (Touvron et al., ICML 2021; :data:`DEIT_PAPER`, the project's one copy of
   them). The AnchorFormer paper's tables are not public: its column reads "paper value: not public".
-- E2: top-1, GMACs and throughput against the number of anchors M.
+- E2: top-1 and GMACs against the number of anchors M.
 - E3: the design ablations: learned vs fixed (pooled, detached) anchors, with vs without Λ⁻¹,
   shared vs per-head anchors.
 
@@ -141,7 +142,6 @@ def _row(run: dict[str, Any]) -> dict[str, Any]:
         "run": run.get("run"),
         "params_m": run.get("params_m"),
         "gmacs": run.get("gmacs"),
-        "throughput": run.get("throughput"),
         "top1": run.get("top1"),
         "top5": run.get("top5"),
         "epochs": run.get("epochs"),
@@ -221,7 +221,6 @@ def e3_table(runs: Sequence[dict[str, Any]], baseline: Sequence[dict[str, Any]] 
 _FORMATS = {
     "params_m": "{:.3f}",
     "gmacs": "{:.4g}",
-    "throughput": "{:.0f}",
     "top1": "{:.1f}",
     "top5": "{:.1f}",
     "paper_top1": "{:.1f}",
@@ -241,17 +240,16 @@ def _display(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def e1_markdown(rows: Sequence[dict[str, Any]]) -> str:
-    """The E1 table (no heading): model, ⚗, M, params, GMACs, throughput, top-1/5, the paper's top-1."""
+    """The E1 table (no heading): model, ⚗, M, params, GMACs, top-1/5, the paper's top-1."""
     return markdown_table(
         _display(rows),
-        ["label", "distill", "num_anchors", "params_m", "gmacs", "throughput", "top1", "top5", "paper_top1"],
+        ["label", "distill", "num_anchors", "params_m", "gmacs", "top1", "top5", "paper_top1"],
         [
             "model",
             "⚗",
             "M",
             "params (M)",
             "GMACs",
-            "throughput (img/s)",
             "top-1",
             "top-5",
             "paper top-1 (ImageNet-1k)",
@@ -263,8 +261,8 @@ def e2_markdown(rows: Sequence[dict[str, Any]]) -> str:
     """The E2 table (no heading): one row per anchor count M."""
     return markdown_table(
         _display(rows),
-        ["num_anchors", "params_m", "gmacs", "throughput", "top1", "top5", "paper_top1"],
-        ["M", "params (M)", "GMACs", "throughput (img/s)", "top-1", "top-5", "paper top-1"],
+        ["num_anchors", "params_m", "gmacs", "top1", "top5", "paper_top1"],
+        ["M", "params (M)", "GMACs", "top-1", "top-5", "paper top-1"],
     )
 
 
@@ -272,8 +270,8 @@ def e3_markdown(rows: Sequence[dict[str, Any]]) -> str:
     """The E3 table (no heading): the method, then each design ablation."""
     return markdown_table(
         _display(rows),
-        ["variant", "num_anchors", "params_m", "gmacs", "throughput", "top1", "top5", "paper_top1"],
-        ["variant", "M", "params (M)", "GMACs", "throughput (img/s)", "top-1", "top-5", "paper top-1"],
+        ["variant", "num_anchors", "params_m", "gmacs", "top1", "top5", "paper_top1"],
+        ["variant", "M", "params (M)", "GMACs", "top-1", "top-5", "paper top-1"],
     )
 
 
