@@ -24,7 +24,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .io import atomic_write_text
+from .io import atomic_write_text, write_json_atomic
 from .tables import markdown_table
 from .tasks.classification import results as cls_results
 from .tasks.detection import results as det_results
@@ -184,6 +184,68 @@ def write_report(out_md: str | Path, markdown: str, title: str = "AnchorFormer r
 
 
 # ---------------------------------------------------------------------------------------------
+# The headline metrics: one small file for `dvc metrics` and `dvc exp show`
+# ---------------------------------------------------------------------------------------------
+
+HEADLINE = "headline.json"  # beside the report; the pipeline's only declared metrics file
+_SIZES = {"tiny": "T", "small": "S", "base": "B"}
+
+
+def short_model_name(model: str) -> str:
+    """``anchorformer_tiny_patch16_224`` → ``AF-T``; ``deit_small_distilled_patch16_224`` →
+    ``DeiT-S-dist``; other names unchanged."""
+    family, _, rest = model.partition("_")
+    label = {"anchorformer": "AF", "deit": "DeiT"}.get(family)
+    size = next((v for k, v in _SIZES.items() if rest.startswith(k)), None)
+    if label is None or size is None:
+        return model
+    return f"{label}-{size}" + ("-dist" if "_distilled" in rest else "")
+
+
+def short_run_name(run: str) -> str:
+    """A run folder's name, shortened for a column: ``deit_t_matched`` → ``DeiT-T-matched``,
+    ``anchorformer_s_upernet`` → ``AF-S-upernet``; other names unchanged."""
+    family, *rest = run.split("_")
+    label = {"anchorformer": "AF", "deit": "DeiT"}.get(family)
+    if label is None or not rest or rest[0] not in ("t", "s", "b"):
+        return run
+    return "-".join([label, rest[0].upper(), *rest[1:]])
+
+
+def headline_metrics(outputs_dir: str | Path = "outputs") -> dict[str, dict[str, Any]]:
+    """The headline numbers of every run found under ``outputs_dir``, by experiment.
+
+    ``{"e1": {"AF-T": top-1, ...}, "e2": {"M4": ...}, "e3": {variant: ...}, "e9": {...},
+    "e5": {run: {"box": AP, "mask": AP}}, "e6": {run: mIoU}}``: what ``dvc exp show`` shows in a
+    terminal (column names such as ``e1.AF-T`` and ``e5.DeiT-T.box``). Runs not finished are left out.
+    """
+    out = Path(outputs_dir)
+    found: dict[str, dict[str, Any]] = {}
+
+    def runs(folder: Path):
+        for metrics in sorted(folder.glob("*/metrics.json")):
+            data = _read_json(metrics)
+            if isinstance(data, dict):
+                yield metrics.parent.name, data
+
+    for exp in ("e1", "e2", "e3", "e9"):
+        for name, m in runs(out / "cls" / exp):
+            key = short_model_name(str(m.get("model", name))) if exp == "e1" else name.upper() if exp == "e2" else name
+            if m.get("top1") is not None:
+                found.setdefault(exp, {})[key] = round(float(m["top1"]), 2)
+    for name, m in runs(out / "det"):
+        if m.get("bbox_AP") is not None:
+            found.setdefault("e5", {})[short_run_name(name)] = {
+                "box": round(float(m["bbox_AP"]), 2),
+                **({"mask": round(float(m["segm_AP"]), 2)} if m.get("segm_AP") is not None else {}),
+            }
+    for name, m in runs(out / "seg"):
+        if m.get("mIoU") is not None:
+            found.setdefault("e6", {})[short_run_name(name)] = round(float(m["mIoU"]), 2)
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
 # The pairs of the headline check
 # ---------------------------------------------------------------------------------------------
 
@@ -278,6 +340,30 @@ _FAMILY = {"anchorformer": "AnchorFormer", "deit": "DeiT"}
 _LETTER = {"tiny": "T", "small": "S", "base": "B"}
 
 
+FIGURE_MAX_WIDTH = 1000  # px: the report's PNGs, read on a repository page (the stage's own stay full size)
+SVG_MAX_BYTES = 300_000  # charts get their SVG beside the PNG; image grids (an SVG of pixels) do not
+
+
+def _copy_png_for_reading(src: Path, dst: Path) -> None:
+    """Copy the PNG ``src`` to ``dst``, scaled down to :data:`FIGURE_MAX_WIDTH` if wider.
+
+    The scaled file is a function of the source's pixels only (no date or software chunks), so
+    the same figure gives the same bytes.
+    """
+    import shutil
+
+    from PIL import Image
+
+    with Image.open(src) as im:
+        if im.width <= FIGURE_MAX_WIDTH:
+            shutil.copyfile(src, dst)
+            return
+        height = round(im.height * FIGURE_MAX_WIDTH / im.width)
+        im.convert("RGBA" if "A" in im.getbands() else "RGB").resize(
+            (FIGURE_MAX_WIDTH, height), Image.Resampling.LANCZOS
+        ).save(dst, format="PNG", optimize=True)
+
+
 class _Doc:
     """The report's markdown, its figures (copied beside it) and which stages' outputs were found."""
 
@@ -318,8 +404,14 @@ class _Doc:
                 missing.append(rel)
                 continue
             dst = self.fig_dir / rel.replace("/", "__")
-            shutil.copyfile(src, dst)
-            self.add(f"![{caption}]({dst.relative_to(self.out_md.parent).as_posix()})\n\n*{caption}*\n")
+            shown = dst.relative_to(self.out_md.parent).as_posix()
+            _copy_png_for_reading(src, dst)
+            svg = src.with_suffix(".svg")
+            if svg.is_file() and svg.stat().st_size <= SVG_MAX_BYTES:
+                shutil.copyfile(svg, dst.with_suffix(".svg"))
+                self.add(f"[![{caption}]({shown})]({Path(shown).with_suffix('.svg').as_posix()})\n\n*{caption}*\n")
+            else:
+                self.add(f"![{caption}]({shown})\n\n*{caption}*\n")
         if missing:
             listed = ", ".join(f"`{m}`" for m in missing)
             self.add(f"_Figures not in this checkout (DVC-cached: `dvc pull`, or `dvc repro`): {listed}._\n")
@@ -781,7 +873,7 @@ def build_report(
         profile: the profile the stages ran with (``mini`` or ``full``), as the pipeline passes it.
 
     Returns:
-        ``{"markdown": path, "html": path, "headline": {"trained": rows, "counted": rows},
+        ``{"markdown": path, "html": path, "metrics": headline.json, "headline": {"trained": rows, "counted": rows},
         "sections": {stage: outputs found}}``.
     """
     out_dir = Path(outputs_dir)
@@ -814,4 +906,5 @@ def build_report(
     _deviations_section(doc, out_dir)
 
     paths = write_report(doc.out_md, doc.text())
+    paths["metrics"] = write_json_atomic(doc.out_md.parent / HEADLINE, headline_metrics(out_dir))
     return {**paths, "headline": headline, "sections": doc.present}

@@ -76,7 +76,10 @@ def test_build_report_from_stage_outputs(tmp_path):
         json.dumps({"runs": [{"run": "a", "backbone": "anchorformer_tiny_patch16_224"}], "comparable_flops": pairs})
     )
     (out / "det/a").mkdir()
-    (out / "det/a/predictions.png").write_bytes(b"\x89PNG fake")
+    from PIL import Image
+
+    Image.new("RGB", (1600, 400), (200, 10, 10)).save(out / "det/a/predictions.png")  # wider than the report's
+    (out / "det/a/predictions.svg").write_text("<svg xmlns='http://www.w3.org/2000/svg'/>")
     result = build_report(out, tmp_path / "reports" / "report.md", profile="mini")
     trained = result["headline"]["trained"]
     acc, flops, mp = trained
@@ -97,8 +100,12 @@ def test_build_report_from_stage_outputs(tmp_path):
     assert headline["trained"][1]["ours"] == pytest.approx(20.0)
     text = result["markdown"].read_text()
     assert "pasted E1 table" not in text and "| AF-T |" in text and "not public" in text
-    assert "(figures/det__a__predictions.png)" in text
-    assert (tmp_path / "reports/figures/det__a__predictions.png").is_file()
+    assert "[![" in text and "(figures/det__a__predictions.png)](figures/det__a__predictions.svg)" in text
+    copied = tmp_path / "reports/figures/det__a__predictions.png"
+    with Image.open(copied) as im:
+        assert im.size == (1000, 250)  # scaled to be read on a repository page, the aspect kept
+    assert (tmp_path / "reports/figures/det__a__predictions.svg").is_file()
+    assert result["metrics"] == tmp_path / "reports/headline.json"
     assert "_Not run yet: `dvc repro seg-summary`._" in text
     assert "AnchorFormer-T (mini shape)" in text  # a summary without backbone labels: named as trained
     assert result["sections"]["cls-results"] and not result["sections"]["seg-summary"]
