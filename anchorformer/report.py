@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import math
-import platform
+import os
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -134,19 +134,19 @@ def headline_checks(
 
 
 def environment_info() -> dict[str, Any]:
-    """Versions and device of the machine that writes the report."""
+    """The Python and package versions the report is built with: fixed by the lock file.
+
+    Nothing of the machine (processor, platform, threads, GPU): those change from one machine to
+    the next under the same lock file, so they would make the report differ between reruns; the
+    benchmark's page describes the machine it measured on (:func:`anchorformer.bench.environment`).
+    """
     import timm
     import torch
 
     info: dict[str, Any] = {
         "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
         "torch": torch.__version__,
         "timm": timm.__version__,
-        "cuda": torch.cuda.is_available(),
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-        "cpu_threads": torch.get_num_threads(),
     }
     try:
         import triton
@@ -465,10 +465,18 @@ def _headline_section(doc: _Doc, profile: str | None, e1: list[dict], det: dict 
     return {"trained": trained, "counted": [counted[1]]}
 
 
+def _bench_page(doc: _Doc) -> str:
+    """The benchmark's page, ``bench/bench.md`` under the outputs, as a link relative to the report."""
+    return Path(os.path.relpath(doc.out_dir / "bench" / "bench.md", doc.out_md.parent)).as_posix()
+
+
 def _environment_section(doc: _Doc) -> None:
     env = environment_info()
     doc.heading(2, "Environment")
-    doc.add("The machine that wrote this report (the benchmark's machine is named in E4).\n")
+    doc.add(
+        "The versions this report was built with (those of `requirements.lock`); the machine the benchmarks ran on "
+        f"is described with their measurements, [{_bench_page(doc)}]({_bench_page(doc)}).\n"
+    )
     doc.add(markdown_table([{"key": k, "value": v} for k, v in env.items()], ["key", "value"], ["", "value"]))
 
 
@@ -493,7 +501,7 @@ def _data_section(doc: _Doc) -> None:
     doc.figures([(f"data/figures/{n}_samples.png", f"{n} samples") for n in ("imagenet", "coco", "ade20k")])
 
 
-def _complexity_section(doc: _Doc, complexity: dict | None, bench: dict | None) -> None:
+def _complexity_section(doc: _Doc, complexity: dict | None) -> None:
     doc.heading(2, "E4 · Complexity: counted (GMACs) and measured (time, memory)")
     doc.add(
         "Counted: every matmul, attention included (`anchorformer.count_macs`), on the standard models (patch 16) "
@@ -547,67 +555,14 @@ def _complexity_section(doc: _Doc, complexity: dict | None, bench: dict | None) 
         doc.not_run("complexity")
     doc.figures([("complexity/gmacs_vs_resolution.png", "GMACs against resolution")])
 
-    env = (bench or {}).get("environment", {})
-    doc.heading(3, "Measured: the anchor-attention operator")
-    if bench:
-        cfg = bench.get("config", {})
-        doc.add(
-            f"Device: {env.get('device')}; torch {env.get('torch')}, triton {env.get('triton')}; "
-            f"{cfg.get('dtype')}, B = {cfg.get('op_batch')}, H = {cfg.get('op_heads')}, D = {cfg.get('op_head_dim')}, "
-            f"M = {cfg.get('op_anchors')}; median of up to {cfg.get('repeats')} timed calls."
-            + ("" if bench.get("complete", True) else " **Incomplete run.**")
-            + "\n"
-        )
-        ok = [r for r in bench.get("operator", []) if r.get("status") == "ok"]
-        for r in ok:
-            r["peak_mib"] = None if r.get("peak_bytes") is None else r["peak_bytes"] / 2**20
-            r["gbps_shown"] = r.get("kernel_gbps", r.get("gbps"))
-        doc.add(
-            markdown_table(
-                ok,
-                ["impl", "mode", "tokens", "median_ms", "peak_mib", "peak_over_io", "gbps_shown"],
-                ["implementation", "pass", "tokens N", "ms (median)", "peak MiB", "peak / inputs+outputs", "GB/s"],
-                digits={"median_ms": 3, "peak_mib": 1, "peak_over_io": 2, "gbps_shown": 1},
-            )
-        )
-        skipped: dict[str, str] = {}
-        for r in bench.get("operator", []):
-            if r.get("status") != "ok":
-                skipped.setdefault(r["impl"], r["status"])
-        for impl, why in skipped.items():
-            doc.add(f"Not measured, `{impl}`: {why}.\n")
-    else:
-        doc.not_run("bench")
-    doc.figures([("bench/bench_operator.png", "The operator: time and peak memory against tokens")])
-    doc.heading(3, "Measured: whole models (DeiT vs AnchorFormer, distilled variants, M = 30)")
-    if bench and bench.get("models"):
-        rows = [{**r, "label": f"{r['family']}-{r['size']}", "image": f"{r['img_size']}²"} for r in bench["models"]]
-        doc.add(
-            markdown_table(
-                rows,
-                ["label", "image", "batch", "mode", "median_ms", "images_per_s", "status"],
-                ["model", "image", "batch", "pass", "ms (median)", "images/s", "status"],
-                digits={"median_ms": 1, "images_per_s": 2},
-            )
-        )
-    else:
-        doc.not_run("bench")
-    doc.figures([("bench/bench_models.png", "Whole models: throughput against resolution")])
-    doc.heading(3, "Measured: speed-up targets")
-    if bench and bench.get("targets"):
-        rows = [
-            {**t, "met_shown": "—" if t.get("met") is None else ("yes" if t["met"] else "no")} for t in bench["targets"]
-        ]
-        doc.add(
-            markdown_table(
-                rows,
-                ["target", "measured", "threshold", "met_shown", "note"],
-                ["target", "measured", "threshold", "met", "note"],
-                digits=3,
-            )
-        )
-    else:
-        doc.not_run("bench")
+    doc.heading(3, "Measured: time and memory")
+    doc.add(
+        "The operator's time and peak memory against N and the whole models' images/s (DeiT vs AnchorFormer), with "
+        f"the speed-up targets, are on their own page: [{_bench_page(doc)}]({_bench_page(doc)}). Those measurements "
+        "depend on the machine and on its load, so they are not part of this report: each run of the `bench` stage "
+        "rewrites that page with the machine's description and flags each figure its spread or the other figures "
+        "make unreliable.\n"
+    )
 
 
 def _classification_tables(doc: _Doc) -> tuple[dict[str, list[dict]], str | None]:
@@ -879,7 +834,6 @@ def build_report(
     out_dir = Path(outputs_dir)
     doc = _Doc(out_dir, Path(out_md))
     complexity = doc.json("complexity/complexity.json", "complexity")
-    bench = doc.json("bench/bench.json", "bench")
     cls_tables, cls_note = _classification_tables(doc)
     det = doc.json("det/summary/summary.json", "det-summary")
     seg = doc.json("seg/summary/summary.json", "seg-summary")
@@ -898,7 +852,7 @@ def build_report(
     headline = _headline_section(doc, profile, cls_tables.get("e1", []), det, complexity)
     _environment_section(doc)
     _data_section(doc)
-    _complexity_section(doc, complexity, bench)
+    _complexity_section(doc, complexity)
     _classification_section(doc, cls_tables, cls_note)
     _detection_section(doc, det, profile)
     _segmentation_section(doc, seg, seg_complexity, profile)

@@ -121,3 +121,37 @@ def test_report_never_reads_params_yaml(tmp_path, monkeypatch):
     assert "**Profile: mini.**" in text and "Profile: full" not in text
     text = build_report(tmp_path / "outputs", tmp_path / "r.md")["markdown"].read_text()
     assert "**Profile: not given**" in text
+
+
+def test_report_holds_no_timings_and_no_machine(tmp_path):
+    """The benchmark's figures and the machine stay out of the report: it links the bench page instead.
+
+    A bench.json with a device name and timings in the outputs changes nothing; two builds give the
+    same bytes.
+    """
+    import platform
+
+    from anchorformer.report import build_report, environment_info
+
+    out = tmp_path / "outputs"
+    (out / "bench").mkdir(parents=True)
+    bench = {
+        "environment": {"device": "cpu (ExoticCPU-9000, 1 threads)", "device_type": "cpu"},
+        "models": [{"family": "DeiT", "size": "T", "img_size": 224, "mode": "infer", "median_ms": 1364.0}],
+        "targets": [{"target": "AnchorFormer-T inference speed-up", "measured": 45.467, "threshold": 1.0}],
+    }
+    (out / "bench/bench.json").write_text(json.dumps(bench))
+    first = build_report(out, tmp_path / "reports" / "report.md", profile="mini")
+    text = first["markdown"].read_bytes()
+    again = build_report(out, tmp_path / "reports" / "report.md", profile="mini")
+    assert again["markdown"].read_bytes() == text
+    text = text.decode()
+    assert "ExoticCPU-9000" not in text and "1364" not in text and "45.467" not in text
+    assert "bench" not in first["sections"]  # the report reads nothing of the bench stage
+    assert "[../outputs/bench/bench.md](../outputs/bench/bench.md)" in text
+    measured = text.split("### Measured: time and memory\n", 1)[1].split("\n## ", 1)[0]
+    assert "../outputs/bench/bench.md" in measured and "rewrites that page" in measured and "|" not in measured
+    assert set(environment_info()) == {"python", "torch", "timm", "triton", "anchorformer"}
+    environment = text.split("## Environment\n", 1)[1].split("\n## ", 1)[0]
+    for machine in {platform.platform(), platform.node(), platform.processor()} - {""}:
+        assert machine not in environment
