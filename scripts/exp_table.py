@@ -17,7 +17,7 @@ import io
 import subprocess
 import sys
 
-KEEP = r"^Experiment$|outputs/cls/e[123]/.*:top1$|outputs/det/.*:(bbox|segm)_AP$|outputs/seg/.*:mIoU$"
+KEEP = r"^Experiment$|outputs/cls/e[1239]/.*:top1$|outputs/det/.*:(bbox|segm)_AP$|outputs/seg/.*:mIoU$"
 
 
 def short(column: str) -> str:

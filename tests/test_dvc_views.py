@@ -48,6 +48,7 @@ def test_headline_filter_keeps_one_column_per_run_and_metric():
         [f"e1/{m}" for m in cls["e1"]["models"] + cls["e1"]["distilled_models"]]
         + [f"e2/m{m}" for m in cls["e2"]["anchors"]]
         + [f"e3/{k}" for k in cls["e3"]["variants"]]
+        + [f"e9/{k}" for k in cls["e9"]["variants"]]
     )
     want = {f"outputs/cls/{r}/metrics.json:top1" for r in runs}
     want |= {f"outputs/det/{k}/metrics.json:{m}" for k in params["det"]["runs"] for m in ("bbox_AP", "segm_AP")}
