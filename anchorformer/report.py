@@ -596,7 +596,7 @@ def _entropy_curves_section(doc: _Doc, tables: dict[str, list[dict]]) -> None:
     for r in rows:
         d = dict(r)
         d["distill"] = "⚗" if r.get("distilled") else ""
-        d["kind"] = "p(token | anchor)" if r.get("entropy_anchor") is not None else "p(token | token)"
+        d["kind"] = "p(token \\| anchor)" if r.get("entropy_anchor") is not None else "p(token \\| token)"
         shown.append(d)
     doc.add(
         "Mean over layers of each run's attention entropy (nats) on a fixed batch of validation images, at "
@@ -616,7 +616,7 @@ def _entropy_curves_section(doc: _Doc, tables: dict[str, list[dict]]) -> None:
                 "entropy_anchor",
                 "uniform_anchor",
             ],
-            ["model", "⚗", "over tokens", "start", "end", "ln N", "p(anchor | token) start", "end", "ln M"],
+            ["model", "⚗", "over tokens", "start", "end", "ln N", "p(anchor \\| token) start", "end", "ln M"],
             digits=3,
         )
     )

@@ -302,8 +302,8 @@ def e9_table(runs: Sequence[dict[str, Any]], baseline: Sequence[dict[str, Any]] 
     ablations.sort(
         key=lambda r: (
             _E9_ORDER.get(r["anchor_init"], 3),
-            bool(r["learn_temperature"]),
             r["anchor_lr_mult"] or 1.0,
+            bool(r["learn_temperature"]),
             r["run"] or "",
         )
     )
@@ -441,9 +441,9 @@ def e9_markdown(rows: Sequence[dict[str, Any]]) -> str:
             "top-1",
             "vs DeiT-T",
             "GMACs",
-            "H p(token | anchor) start → end",
+            "H p(token \\| anchor) start → end",
             "ln N",
-            "H p(anchor | token) start → end",
+            "H p(anchor \\| token) start → end",
             "ln M",
         ],
     )
