@@ -190,3 +190,25 @@ def test_learned_temperature_scales_the_logits():
         torch.testing.assert_close(tempered(x), plain(x), rtol=1e-5, atol=1e-6)
     tempered(x).sum().backward()
     assert tempered.blocks[0].attn.logit_scale.grad is not None
+
+
+def test_learned_temperature_traces_compiles_and_exports():
+    """The E9 switches keep the model FX-, compile- and export-safe (the default path is tested elsewhere)."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    model = anchorformer.create_model(
+        "anchorformer_tiny_patch16_224", learn_temperature=True, anchor_init="qk_norm", **TINY
+    ).eval()
+    with torch.no_grad():
+        for b in model.blocks:
+            b.attn.logit_scale.fill_(0.5)
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        want = model(x)
+        out = create_feature_extractor(model, return_nodes={"head": "logits"})(x)["logits"]
+        torch.testing.assert_close(out, want)
+        torch._dynamo.reset()
+        torch.testing.assert_close(torch.compile(model, fullgraph=True, backend="eager")(x), want)
+    program = torch.export.export(model, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x), want)

@@ -605,13 +605,13 @@ def plot_entropy_curves(runs: Sequence[dict[str, Any]], title: str = "Attention 
         if value is not None:
             ax.axhline(value, color="0.5", linewidth=1, linestyle=":")
             ax.annotate(
-                f"uniform: {name} = {value:.3f}", (0, value), textcoords="offset points", xytext=(2, -10), fontsize=7
+                f"uniform: {name} = {value:.3f}", (0, value), textcoords="offset points", xytext=(2, 3), fontsize=7
             )
         ax.set_xlabel("epoch (0: initialisation)")
         ax.grid(True, alpha=0.3)
     ax1.set_ylabel("mean entropy over layers (nats)")
     ax1.set_title("p(token | anchor); DeiT (dashed): p(token | token)", fontsize=9)
     ax2.set_title("p(anchor | token)", fontsize=9)
-    ax2.legend(fontsize=7)
+    ax1.legend(fontsize=7)  # every run, DeiT included
     fig.suptitle(title)
     return fig
