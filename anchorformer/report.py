@@ -576,8 +576,8 @@ def _e9_section(doc: _Doc, tables: dict[str, list[dict]]) -> None:
     doc.add(
         "The E1 recipe on AnchorFormer-T with one change each: the anchors' initial scale (the official "
         "U(-1/√D, 1/√D); unit-norm rows; rows at the typical norm of qk), anchors from k-means of the first "
-        "training batch's qk, a learned temperature per layer on the token–anchor logits, a 10× learning rate "
-        "for the anchors. The official rows are the E1 runs. Entropies are means over layers on a fixed batch "
+        "training batch's qk, a learned temperature per layer on the token–anchor logits, a learning-rate "
+        "multiplier for the anchors (`anchor_lr_mult`). The official rows are the E1 runs. Entropies are means over layers on a fixed batch "
         "of validation images, at initialisation → after training; ln N and ln M are uniform attention.\n"
     )
     doc.add(cls_results.e9_markdown(rows))
