@@ -37,21 +37,25 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .io import write_json_atomic
+from .io import atomic_write_text, write_json_atomic
+from .tables import markdown_table
 
 __all__ = [
     "OP_IMPLS",
     "OP_MODES",
+    "assess_reliability",
     "bench_config",
+    "bench_markdown",
+    "check_reliability",
     "environment",
     "model_benchmark",
     "operator_benchmark",
     "plot_models",
     "plot_operator",
     "register",
-    "results_markdown",
     "run_benchmarks",
     "summarize_targets",
+    "timing_stats",
 ]
 
 log = logging.getLogger(__name__)
@@ -142,13 +146,47 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _quartiles(sorted_ms: Sequence[float]) -> tuple[float, float, float]:
+    """First quartile, median and third quartile of sorted values (linear interpolation)."""
+
+    def at(q: float) -> float:
+        pos = q * (len(sorted_ms) - 1)
+        lo = int(pos)
+        hi = min(lo + 1, len(sorted_ms) - 1)
+        return sorted_ms[lo] + (pos - lo) * (sorted_ms[hi] - sorted_ms[lo])
+
+    return at(0.25), at(0.5), at(0.75)
+
+
+def timing_stats(ms: Sequence[float]) -> dict[str, Any]:
+    """The spread of timed calls: median, min, max, quartiles and ``spread`` = (q3 - q1) / median.
+
+    ``spread`` is None with fewer than two calls (one call has no spread).
+    """
+    ts = sorted(ms)
+    if not ts:
+        raise ValueError("timing_stats: no timed calls")
+    q1, median, q3 = _quartiles(ts)
+    return {
+        "median_ms": median,
+        "min_ms": ts[0],
+        "max_ms": ts[-1],
+        "q1_ms": q1,
+        "q3_ms": q3,
+        "spread": round((q3 - q1) / median, 4) if len(ts) > 1 and median > 0 else None,
+        "n_timed": len(ts),
+    }
+
+
 def measure_times(
     fns: dict[str, Callable[[], Any]], device: torch.device, *, warmup: int, repeats: int, budget_s: float
 ) -> dict[str, dict[str, Any]]:
-    """Median and minimum wall time in ms of each of ``fns`` (CUDA events on a GPU), interleaved.
+    """Wall time in ms of each of ``fns`` (CUDA events on a GPU), interleaved, with its spread.
 
-    On the CPU also the process's CPU time of each call (``cpu_median_ms``, ``cpu_min_ms``): on
-    one thread it equals the wall time of a quiet machine and does not count the time the
+    Each function gets :func:`timing_stats` of its timed calls (median, min, max, quartiles,
+    relative spread, ``n_timed``) and ``warmup_s``. On the CPU also the process's CPU time of
+    each call (``cpu_median_ms``, ``cpu_min_ms``) and torch's thread count (``threads``): on one
+    thread the CPU time equals the wall time of a quiet machine and does not count the time the
     process waits while others' jobs run on its core.
 
     ``warmup`` untimed calls of each, then rounds of one timed call of each, at most ``repeats``
@@ -185,11 +223,10 @@ def measure_times(
             break
     out = {}
     for name, ts in times.items():
-        ts = sorted(ts)
-        out[name] = {"median_ms": ts[len(ts) // 2], "min_ms": ts[0], "n_timed": len(ts), "warmup_s": first_s[name]}
+        out[name] = {**timing_stats(ts), "warmup_s": first_s[name]}
         if cpu_times[name]:
             cs = sorted(cpu_times[name])
-            out[name].update(cpu_median_ms=cs[len(cs) // 2], cpu_min_ms=cs[0])
+            out[name].update(cpu_median_ms=_quartiles(cs)[1], cpu_min_ms=cs[0], threads=torch.get_num_threads())
     return out
 
 
@@ -204,7 +241,9 @@ def measure_peak_bytes(fn: Callable[[], Any], device: torch.device) -> int | Non
     """Bytes allocated at the peak of one call of ``fn``, above what was allocated before it.
 
     CUDA: the caching allocator's statistics. CPU: the allocator events of the PyTorch profiler
-    (tensors only, like the CUDA number).
+    (tensors only, like the CUDA number), summed in time order; the profiler runs with its
+    C++ log (kineto) silenced (:func:`_quiet_kineto`), and no trace is exported (exporting
+    probes for GPUs).
     """
     if device.type == "cuda":
         _sync(device)
@@ -215,14 +254,37 @@ def measure_peak_bytes(fn: Callable[[], Any], device: torch.device) -> int | Non
         return int(torch.cuda.max_memory_allocated(device) - before)
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _quiet_kineto(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "trace.json"
-        prof.export_chrome_trace(str(path))
-        events = json.loads(path.read_text()).get("traceEvents", [])
-    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]" and "args" in e]
-    return int(max([0, *totals]))
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    allocated = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        allocated += e.nbytes()  # > 0 an allocation, < 0 a free
+        peak = max(peak, allocated)
+    return int(peak)
+
+
+# kineto's levels: 0 verbose, 1 info, 2 warning, 3 stage, 4 error, 5 USDT probes; 6 logs nothing.
+_KINETO_SILENT = "6"
+
+
+@contextlib.contextmanager
+def _quiet_kineto():
+    """No kineto log lines on stderr during the profiler's first use in this process.
+
+    kineto, the profiler's C++ library, prints its ``USDT`` probe lines (``profiler_start``,
+    ``profiler_stop``) at every profiled call, and on a machine without a GPU an error line
+    (``gpuGetDeviceCount failed``) when it looks for one; it reads ``KINETO_LOG_LEVEL`` once,
+    when the profiler first starts in a process. A level the user set is kept.
+    """
+    if "KINETO_LOG_LEVEL" in os.environ:
+        yield
+        return
+    os.environ["KINETO_LOG_LEVEL"] = _KINETO_SILENT
+    try:
+        yield
+    finally:
+        os.environ.pop("KINETO_LOG_LEVEL", None)
 
 
 @contextlib.contextmanager
@@ -676,6 +738,111 @@ def _model_step(
 
 
 # ---------------------------------------------------------------------------------------------
+# Reliability: figures that their own spread or the other figures contradict
+# ---------------------------------------------------------------------------------------------
+
+# The thresholds, as `reliability:` in configs/bench.yaml gives them (every key required there).
+RELIABILITY_KEYS = {
+    "min_timed": "timed calls a figure needs to have a spread at all (fewer: flagged)",
+    "max_spread": "largest (q3 - q1) / median over the timed calls",
+    "max_wait": "largest wall-clock / CPU-time median on one CPU thread (above: the process waited for its core)",
+    "tolerance": "a figure of less work may take at most this times a figure of more work",
+}
+
+
+def check_reliability(cfg: Any, where: str = "bench config") -> dict[str, float]:
+    """``cfg`` (the preset's ``reliability`` mapping) checked: every key of :data:`RELIABILITY_KEYS`, numbers."""
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{where}: reliability must be a mapping of {sorted(RELIABILITY_KEYS)}; got {cfg!r}")
+    unknown = sorted(set(cfg) - set(RELIABILITY_KEYS))
+    missing = sorted(set(RELIABILITY_KEYS) - set(cfg))
+    if unknown or missing:
+        what = ", ".join(f"{k} reliability key(s) {v}" for k, v in (("unknown", unknown), ("missing", missing)) if v)
+        raise ValueError(f"{where}: {what}; expected {sorted(RELIABILITY_KEYS)}")
+    lows = {"min_timed": 1, "max_spread": 0.0, "max_wait": 1.0, "tolerance": 1.0}
+    for key, low in lows.items():
+        v = cfg[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < low:
+            raise ValueError(f"{where}: reliability.{key} must be a number >= {low}; got {v!r}")
+    if not isinstance(cfg["min_timed"], int):
+        raise ValueError(f"{where}: reliability.min_timed must be an integer; got {cfg['min_timed']!r}")
+    return dict(cfg)
+
+
+def _label(r: dict[str, Any]) -> str:
+    """A row as a reader names it: ``DeiT-T 224² infer (fresh process)``, ``reference fwd N=4096``."""
+    if "family" in r:
+        process = f" ({r['process']} process)" if r.get("process") else ""
+        return f"{r['family']}-{r['size']} {r['img_size']}² {r['mode']}{process}"
+    return f"{r['impl']} {r['mode']} N={r['tokens']}"
+
+
+def _flag(r: dict[str, Any], why: str) -> None:
+    r["reliable"] = False
+    if why not in r["why"]:
+        r["why"].append(why)
+
+
+def _less_work_not_slower(pairs, tolerance: float) -> None:
+    """Flag both rows of each (less work, more work) pair where the first takes over ``tolerance`` x the second."""
+    for light, heavy, what in pairs:
+        if light["median_ms"] > tolerance * heavy["median_ms"]:
+            why = (
+                f"{what}: {_label(light)} {light['median_ms']:.4g} ms > {tolerance:g} x "
+                f"{_label(heavy)} {heavy['median_ms']:.4g} ms"
+            )
+            _flag(light, why)
+            _flag(heavy, why)
+
+
+def assess_reliability(results: dict[str, Any], thresholds: dict[str, float]) -> None:
+    """Mark each measured row of ``results`` ``reliable`` or not, with the reasons in ``why`` (in place).
+
+    A row is unreliable when its own timings say so: fewer than ``min_timed`` timed calls (no
+    spread), a relative spread (q3 - q1) / median above ``max_spread``, or, on one CPU thread, a
+    wall-clock median above ``max_wait`` x the CPU-time median (the process waited while other
+    jobs ran on its core). Two rows are both unreliable when they contradict each other: less
+    work taking more than ``tolerance`` x the time of more work of the same shapes, namely an
+    inference call against a training step of the same model, process and input, an operator's
+    forward against its forward+backward, and an operator at N against the same at a larger N.
+    A loaded machine shows as these flags; rows not measured (skipped, errors) get none.
+    """
+    t = check_reliability(thresholds, "assess_reliability")
+    op = [r for r in results.get("operator", []) if r.get("status") == "ok"]
+    models = [r for r in results.get("models", []) if r.get("status") == "ok"]
+    for r in op + models:
+        r["reliable"], r["why"] = True, []
+        n = r.get("n_timed", 0)
+        if n < t["min_timed"]:
+            _flag(r, f"{n} timed call(s) < min_timed {t['min_timed']}: no spread")
+        if r.get("spread") is not None and r["spread"] > t["max_spread"]:
+            _flag(r, f"spread (q3 - q1) / median {r['spread']:.1%} > max_spread {t['max_spread']:.1%}")
+        cpu = r.get("cpu_median_ms")
+        if r.get("threads") == 1 and cpu and r["median_ms"] > t["max_wait"] * cpu:
+            _flag(
+                r,
+                f"wall clock {r['median_ms']:.4g} ms vs CPU time {cpu:.4g} ms on one thread "
+                f"(> max_wait {t['max_wait']:g} x): the process waited for its core",
+            )
+    pairs = []
+    same_model = ("family", "size", "img_size", "batch", "process", "dtype")
+    for a in models:
+        for b in models:
+            if a["mode"] == "infer" and b["mode"] == "train" and all(a.get(k) == b.get(k) for k in same_model):
+                pairs.append((a, b, "inference slower than a training step"))
+    same_op = ("impl", "batch", "heads", "head_dim", "anchors", "dtype")
+    for a in op:
+        for b in op:
+            if not all(a.get(k) == b.get(k) for k in same_op):
+                continue
+            if a["tokens"] == b["tokens"] and a["mode"] == "fwd" and b["mode"] == "fwd_bwd":
+                pairs.append((a, b, "forward slower than forward+backward"))
+            if a["mode"] == b["mode"] and a["tokens"] < b["tokens"]:
+                pairs.append((a, b, "fewer tokens slower than more"))
+    _less_work_not_slower(pairs, t["tolerance"])
+
+
+# ---------------------------------------------------------------------------------------------
 # Targets, tables, figures
 # ---------------------------------------------------------------------------------------------
 
@@ -697,41 +864,50 @@ def summarize_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     (fresh, shared): AnchorFormer-T's inference speed-up over DeiT-T at least 0.95x their MAC
     ratio at 512² and 1024² (a CPU's speed-up is bounded by it: the linear layers are the same),
     and not slower at 224².
+
+    A target computed from a row that :func:`assess_reliability` marked unreliable keeps its
+    measured value but claims nothing: ``met`` is None, ``reliable`` False and ``why`` names the
+    rows.
     """
     op = results.get("operator", [])
     models = results.get("models", [])
     env = results.get("environment", {})
     out: list[dict[str, Any]] = []
 
-    def add(name: str, value: float | None, threshold: float, higher_is_better: bool = True, note: str = "") -> None:
+    def add(
+        name: str,
+        value: float | None,
+        threshold: float,
+        higher_is_better: bool = True,
+        note: str = "",
+        sources: Sequence[dict[str, Any] | None] = (),
+    ) -> None:
         met = None if value is None else (value >= threshold if higher_is_better else value <= threshold)
+        bad = [_label(r) for r in sources if r is not None and r.get("reliable") is False]
         out.append(
             {
                 "target": name,
                 "measured": None if value is None else round(value, 3),
                 "threshold": threshold,
-                "met": met,
+                "met": None if bad else met,
+                "reliable": not bad,
+                "why": [f"from unreliable figures: {', '.join(bad)}"] if bad else [],
                 "device": env.get("device"),
                 "note": note,
             }
         )
 
-    def ratio(n: int, mode: str, slow: str, fast: str) -> float | None:
+    def ratio(n: int, mode: str, slow: str, fast: str) -> tuple[float | None, list[dict[str, Any] | None]]:
         a, b = _find(op, impl=slow, mode=mode, tokens=n), _find(op, impl=fast, mode=mode, tokens=n)
-        return a["median_ms"] / b["median_ms"] if a and b else None
+        return (a["median_ms"] / b["median_ms"] if a and b else None), [a, b]
 
     if env.get("device_type") == "cuda":
-        add("fused fwd+bwd speed-up over eager reference, N=4096", ratio(4096, "fwd_bwd", "reference", "fused"), 2.0)
-        add(
-            "fused fwd+bwd speed-up over compiled reference, N=4096",
-            ratio(4096, "fwd_bwd", "reference_compiled", "fused"),
-            1.3,
-        )
-        add(
-            "fused fwd+bwd speed-up over softmax attention (sdpa), N=16384",
-            ratio(16384, "fwd_bwd", "sdpa", "fused"),
-            30.0,
-        )
+        value, rows = ratio(4096, "fwd_bwd", "reference", "fused")
+        add("fused fwd+bwd speed-up over eager reference, N=4096", value, 2.0, sources=rows)
+        value, rows = ratio(4096, "fwd_bwd", "reference_compiled", "fused")
+        add("fused fwd+bwd speed-up over compiled reference, N=4096", value, 1.3, sources=rows)
+        value, rows = ratio(16384, "fwd_bwd", "sdpa", "fused")
+        add("fused fwd+bwd speed-up over softmax attention (sdpa), N=16384", value, 30.0, sources=rows)
         peak = env.get("peak_bandwidth_bytes_per_s")
         fwd = [
             r
@@ -744,6 +920,7 @@ def summarize_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             frac,
             0.7,
             note=f"peak {peak / 1e9:.0f} GB/s" if peak else "peak bandwidth unknown",
+            sources=fwd,
         )
         for mode in OP_MODES:
             r = _find(op, impl="fused", mode=mode, tokens=65536)
@@ -751,7 +928,7 @@ def summarize_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 f"fused {mode} peak memory / (inputs + outputs), N=65536",
                 r["peak_over_io"] if r else None,
                 1.2,
-                higher_is_better=False,
+                higher_is_better=False,  # allocator statistics, not timed: the timings' flags do not apply
             )
     else:
         processes = [p for p in MODEL_PROCESSES if any(r.get("process", "shared") == p for r in models)]
@@ -784,6 +961,7 @@ def summarize_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                         speedup / macs if speedup and macs else None,
                         threshold,
                         note=note,
+                        sources=[d, a],
                     )
                 else:
                     add(
@@ -791,6 +969,7 @@ def summarize_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                         speedup,
                         threshold,
                         note=note,
+                        sources=[d, a],
                     )
     return out
 
@@ -799,43 +978,151 @@ def _fmt(x: Any, spec: str = ".3f") -> str:
     return "—" if x is None else format(x, spec)
 
 
-def results_markdown(results: dict[str, Any]) -> str:
-    """Three markdown tables: operator rows, model rows, targets."""
-    env = results.get("environment", {})
+UNRELIABLE = "⚠"  # after a figure flagged by assess_reliability, in the tables
+
+
+def _shown(value: Any, spec: str, r: dict[str, Any]) -> str:
+    """A measured cell: the value, marked when its row is unreliable."""
+    text = _fmt(value, spec)
+    return f"{text} {UNRELIABLE}" if r.get("reliable") is False and value is not None else text
+
+
+def _flags(r: dict[str, Any]) -> str:
+    if r.get("status") != "ok":
+        return r.get("status", "")
+    if r.get("reliable") is False:
+        return f"{UNRELIABLE} unreliable: " + "; ".join(r.get("why", []))
+    return "ok" if r.get("reliable") else "ok (not assessed)"
+
+
+def bench_markdown(results: dict[str, Any], name: str | None = None) -> str:
+    """The benchmark for people: the machine, the tables with their flags, the targets (``{name}.md``).
+
+    Every figure depends on the machine and its load, so this page is a timing file, rewritten
+    by each run; a figure flagged by :func:`assess_reliability` is marked ⚠ with its reasons, and
+    a target computed from one claims nothing. ``name``: the stem of the figures beside the page
+    (``{name}_operator.png``, ``{name}_models.png``), linked when their part ran.
+    """
+    env, cfg = results.get("environment", {}), results.get("config", {})
     lines = [
-        f"Device: {env.get('device')}; torch {env.get('torch')}, triton {env.get('triton')}, timm {env.get('timm')}.",
+        "# E4 · Measured: time and memory",
+        "",
+        "Machine-dependent: every figure below depends on the machine and on what else ran on it, and each run of "
+        "the `bench` stage (notebook `02_benchmark`, or `anchorformer bench`) rewrites this page, its JSON and "
+        f"figures. Written {env.get('date', 'at an unrecorded date')}."
+        + ("" if results.get("complete", True) else " **Incomplete run.**"),
+        "",
+        "## Machine",
+        "",
+    ]
+    shown_env = {k: env[k] for k in sorted(env, key=lambda k: k != "device") if k != "date"}  # the device first
+    lines.append(markdown_table([{"key": k, "value": v} for k, v in shown_env.items()], ["key", "value"], ["", ""]))
+    rows = [r for part in ("operator", "models") for r in results.get(part, []) if r.get("status") == "ok"]
+    flagged = [r for r in rows if r.get("reliable") is False]
+    rel = cfg.get("reliability") or {}
+    lines += [
+        "## Reliability",
+        "",
+        f"{len(flagged)} of {len(rows)} measured figures flagged unreliable ({UNRELIABLE}). A figure is flagged when "
+        f"it has fewer than {rel.get('min_timed', '—')} timed calls, when its spread (q3 − q1) / median exceeds "
+        f"{_fmt(rel.get('max_spread'), '.0%')}, when on one CPU thread its wall clock exceeds "
+        f"{rel.get('max_wait', '—')}× its CPU time (the process waited for its core), or when less work took more "
+        f"than {rel.get('tolerance', '—')}× the time of more work (inference against a training step, forward "
+        "against forward+backward, N against a larger N). Thresholds: `reliability` in "
+        "`anchorformer/configs/bench.yaml`. A target computed from a flagged figure is not claimed met or unmet.",
         "",
     ]
     op = results.get("operator", [])
     if op:
         lines += [
-            "| impl | mode | N | dtype | ms (median) | peak MiB | peak / io | GB/s | status |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "## The anchor-attention operator",
+            "",
+            f"{cfg.get('dtype')}, B = {cfg.get('op_batch')}, H = {cfg.get('op_heads')}, D = {cfg.get('op_head_dim')}, "
+            f"M = {cfg.get('op_anchors')}; median of up to {cfg.get('repeats')} timed calls; spread = (q3 − q1) / "
+            "median; peak over the inputs and outputs of the call; GB/s: the call's DRAM traffic over its time (fused: "
+            "the traffic the kernels make).",
+            "",
         ]
-        for r in op:
-            peak = r.get("peak_bytes")
-            lines.append(
-                f"| {r['impl']} | {r['mode']} | {r['tokens']} | {r['dtype']} | {_fmt(r.get('median_ms'))} | "
-                f"{_fmt(None if peak is None else peak / 2**20, '.1f')} | {_fmt(r.get('peak_over_io'), '.2f')} | "
-                f"{_fmt(r.get('kernel_gbps', r.get('gbps')), '.1f')} | {r['status']} |"
+        ok = [
+            {
+                **r,
+                "ms": _shown(r.get("median_ms"), ".3f", r),
+                "spread_shown": _fmt(r.get("spread"), ".0%"),
+                "peak_mib": None if r.get("peak_bytes") is None else r["peak_bytes"] / 2**20,
+                "gbps_shown": _shown(r.get("kernel_gbps", r.get("gbps")), ".1f", r),
+                "flags": _flags(r),
+            }
+            for r in op
+            if r.get("status") == "ok"
+        ]
+        lines.append(
+            markdown_table(
+                ok,
+                ["impl", "mode", "tokens", "ms", "spread_shown", "peak_mib", "peak_over_io", "gbps_shown", "flags"],
+                ["impl", "mode", "N", "ms (median)", "spread", "peak MiB", "peak / io", "GB/s", "status"],
+                digits={"peak_mib": 1, "peak_over_io": 2},
             )
+        )
+        skipped: dict[tuple[str, str], None] = {}
+        for r in op:
+            if r.get("status") != "ok":
+                skipped.setdefault((r["impl"], r["status"]), None)
+        lines += [f"Not measured, `{impl}`: {why}." for impl, why in skipped]
+        if name:
+            lines += ["", f"![The operator: time and peak memory against N]({name}_operator.png)"]
         lines.append("")
     models = results.get("models", [])
     if models:
-        lines += ["| model | image | batch | mode | ms (median) | images/s | status |", "|---|---|---|---|---|---|---|"]
-        for r in models:
-            lines.append(
-                f"| {r['family']}-{r['size']} | {r['img_size']}² | {r['batch']} | {r['mode']} | "
-                f"{_fmt(r.get('median_ms'), '.1f')} | {_fmt(r.get('images_per_s'), '.2f')} | {r['status']} |"
+        lines += [
+            "## Whole models: DeiT vs AnchorFormer (distilled variants)",
+            "",
+            f"M = {cfg.get('model_anchors')}; inference and a training step (AdamW); median of up to "
+            f"{cfg.get('repeats')} timed calls, the two families in alternation.",
+            "",
+        ]
+        shown = [
+            {
+                **r,
+                "label": f"{r['family']}-{r['size']}",
+                "image": f"{r['img_size']}²",
+                "ms": _shown(r.get("median_ms"), ".1f", r),
+                "cpu_ms": _fmt(r.get("cpu_median_ms"), ".1f"),
+                "spread_shown": _fmt(r.get("spread"), ".0%"),
+                "ips": _shown(r.get("images_per_s"), ".2f", r),
+                "flags": _flags(r),
+            }
+            for r in models
+        ]
+        lines.append(
+            markdown_table(
+                shown,
+                ["label", "image", "batch", "mode", "process", "ms", "cpu_ms", "spread_shown", "ips", "flags"],
+                ["model", "image", "batch", "mode", "process", "ms (median)", "CPU ms", "spread", "images/s", "status"],
             )
-        lines.append("")
+        )
+        if name:
+            lines += [f"![Whole models: throughput against resolution]({name}_models.png)", ""]
     targets = results.get("targets", [])
     if targets:
-        lines += ["| target | measured | threshold | met |", "|---|---|---|---|"]
+        rows = []
         for t in targets:
+            unreliable = t.get("reliable") is False
             met = "—" if t["met"] is None else ("yes" if t["met"] else "no")
-            lines.append(f"| {t['target']} | {_fmt(t['measured'])} | {t['threshold']} | {met} |")
-    return "\n".join(lines)
+            rows.append(
+                {
+                    "target": t["target"],
+                    "measured": _shown(t["measured"], ".3f", t),
+                    "threshold": t["threshold"],
+                    "met": f"— ({UNRELIABLE} unreliable)" if unreliable else met,
+                    "note": "; ".join([*t.get("why", []), *([t["note"]] if t.get("note") else [])]),
+                }
+            )
+        lines += [
+            "## Targets",
+            "",
+            markdown_table(rows, ["target", "measured", "threshold", "met", "note"]),
+        ]
+    return "\n".join(lines).rstrip() + "\n"
 
 
 def plot_operator(rows: list[dict[str, Any]]) -> Any:
@@ -925,6 +1212,7 @@ def bench_config(profile: str, overrides: Sequence[str] | str | None = None) -> 
     bad = [p for p in cfg["model_processes"] if p not in MODEL_PROCESSES]
     if bad:
         raise ValueError(f"bench config: model_processes items must be in {MODEL_PROCESSES}; got {bad}")
+    cfg["reliability"] = check_reliability(cfg.get("reliability"))
     return cfg
 
 
@@ -956,7 +1244,8 @@ def run_benchmarks(
     With ``cfg["threads"]`` set, the CPU runs on that many torch threads (fresh model processes too).
 
     Returns:
-        ``{"environment", "config", "operator", "models", "targets", "summary", "complete"}``.
+        ``{"environment", "config", "operator", "models", "targets", "summary", "complete"}``;
+        each measured row with ``reliable`` and ``why`` (:func:`assess_reliability`).
     """
     dev = resolve_device(device)
     threads_before = torch.get_num_threads()
@@ -1033,12 +1322,16 @@ def _run(
         results["models_seconds"] = round(time.perf_counter() - t1, 1)
         write_json_atomic(json_path, results)
         save_figure(plot_models(results["models"]), out / f"{name}_models")
+    assess_reliability(results, cfg["reliability"])
     results["targets"] = summarize_targets(results)
-    # Flat numbers for `dvc metrics show`: each target's measured value by a short key.
+    # Flat numbers: each target's measured value by a short key.
     results["summary"] = {_slug(t["target"]): t["measured"] for t in results["targets"]}
     results["complete"] = True
-    (out / f"{name}.md").write_text(results_markdown(results) + "\n")
+    atomic_write_text(out / f"{name}.md", bench_markdown(results, name))
     write_json_atomic(json_path, results)
+    flagged = [_label(r) for r in (*results["operator"], *results["models"]) if r.get("reliable") is False]
+    if flagged:
+        log.warning("%d figure(s) flagged unreliable (see %s): %s", len(flagged), out / f"{name}.md", flagged)
     return results
 
 

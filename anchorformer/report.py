@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import json
 import math
-import platform
+import os
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .io import atomic_write_text
+from .io import atomic_write_text, write_json_atomic
 from .tables import markdown_table
 from .tasks.classification import results as cls_results
 from .tasks.detection import results as det_results
@@ -134,19 +134,19 @@ def headline_checks(
 
 
 def environment_info() -> dict[str, Any]:
-    """Versions and device of the machine that writes the report."""
+    """The Python and package versions the report is built with: fixed by the lock file.
+
+    Nothing of the machine (processor, platform, threads, GPU): those change from one machine to
+    the next under the same lock file, so they would make the report differ between reruns; the
+    benchmark's page describes the machine it measured on (:func:`anchorformer.bench.environment`).
+    """
     import timm
     import torch
 
     info: dict[str, Any] = {
         "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
         "torch": torch.__version__,
         "timm": timm.__version__,
-        "cuda": torch.cuda.is_available(),
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-        "cpu_threads": torch.get_num_threads(),
     }
     try:
         import triton
@@ -181,6 +181,68 @@ def write_report(out_md: str | Path, markdown: str, title: str = "AnchorFormer r
     atomic_write_text(out_md, markdown)
     atomic_write_text(out_html, html)
     return {"markdown": out_md, "html": out_html}
+
+
+# ---------------------------------------------------------------------------------------------
+# The headline metrics: one small file for `dvc metrics` and `dvc exp show`
+# ---------------------------------------------------------------------------------------------
+
+HEADLINE = "headline.json"  # beside the report; the pipeline's only declared metrics file
+_SIZES = {"tiny": "T", "small": "S", "base": "B"}
+
+
+def short_model_name(model: str) -> str:
+    """``anchorformer_tiny_patch16_224`` → ``AF-T``; ``deit_small_distilled_patch16_224`` →
+    ``DeiT-S-dist``; other names unchanged."""
+    family, _, rest = model.partition("_")
+    label = {"anchorformer": "AF", "deit": "DeiT"}.get(family)
+    size = next((v for k, v in _SIZES.items() if rest.startswith(k)), None)
+    if label is None or size is None:
+        return model
+    return f"{label}-{size}" + ("-dist" if "_distilled" in rest else "")
+
+
+def short_run_name(run: str) -> str:
+    """A run folder's name, shortened for a column: ``deit_t_matched`` → ``DeiT-T-matched``,
+    ``anchorformer_s_upernet`` → ``AF-S-upernet``; other names unchanged."""
+    family, *rest = run.split("_")
+    label = {"anchorformer": "AF", "deit": "DeiT"}.get(family)
+    if label is None or not rest or rest[0] not in ("t", "s", "b"):
+        return run
+    return "-".join([label, rest[0].upper(), *rest[1:]])
+
+
+def headline_metrics(outputs_dir: str | Path = "outputs") -> dict[str, dict[str, Any]]:
+    """The headline numbers of every run found under ``outputs_dir``, by experiment.
+
+    ``{"e1": {"AF-T": top-1, ...}, "e2": {"M4": ...}, "e3": {variant: ...}, "e9": {...},
+    "e5": {run: {"box": AP, "mask": AP}}, "e6": {run: mIoU}}``: what ``dvc exp show`` shows in a
+    terminal (column names such as ``e1.AF-T`` and ``e5.DeiT-T.box``). Runs not finished are left out.
+    """
+    out = Path(outputs_dir)
+    found: dict[str, dict[str, Any]] = {}
+
+    def runs(folder: Path):
+        for metrics in sorted(folder.glob("*/metrics.json")):
+            data = _read_json(metrics)
+            if isinstance(data, dict):
+                yield metrics.parent.name, data
+
+    for exp in ("e1", "e2", "e3", "e9"):
+        for name, m in runs(out / "cls" / exp):
+            key = short_model_name(str(m.get("model", name))) if exp == "e1" else name.upper() if exp == "e2" else name
+            if m.get("top1") is not None:
+                found.setdefault(exp, {})[key] = round(float(m["top1"]), 2)
+    for name, m in runs(out / "det"):
+        if m.get("bbox_AP") is not None:
+            found.setdefault("e5", {})[short_run_name(name)] = {
+                "box": round(float(m["bbox_AP"]), 2),
+                **({"mask": round(float(m["segm_AP"]), 2)} if m.get("segm_AP") is not None else {}),
+            }
+    for name, m in runs(out / "seg"):
+        if m.get("mIoU") is not None:
+            found.setdefault("e6", {})[short_run_name(name)] = round(float(m["mIoU"]), 2)
+    return found
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,6 +340,30 @@ _FAMILY = {"anchorformer": "AnchorFormer", "deit": "DeiT"}
 _LETTER = {"tiny": "T", "small": "S", "base": "B"}
 
 
+FIGURE_MAX_WIDTH = 1000  # px: the report's PNGs, read on a repository page (the stage's own stay full size)
+SVG_MAX_BYTES = 300_000  # charts get their SVG beside the PNG; image grids (an SVG of pixels) do not
+
+
+def _copy_png_for_reading(src: Path, dst: Path) -> None:
+    """Copy the PNG ``src`` to ``dst``, scaled down to :data:`FIGURE_MAX_WIDTH` if wider.
+
+    The scaled file is a function of the source's pixels only (no date or software chunks), so
+    the same figure gives the same bytes.
+    """
+    import shutil
+
+    from PIL import Image
+
+    with Image.open(src) as im:
+        if im.width <= FIGURE_MAX_WIDTH:
+            shutil.copyfile(src, dst)
+            return
+        height = round(im.height * FIGURE_MAX_WIDTH / im.width)
+        im.convert("RGBA" if "A" in im.getbands() else "RGB").resize(
+            (FIGURE_MAX_WIDTH, height), Image.Resampling.LANCZOS
+        ).save(dst, format="PNG", optimize=True)
+
+
 class _Doc:
     """The report's markdown, its figures (copied beside it) and which stages' outputs were found."""
 
@@ -318,8 +404,14 @@ class _Doc:
                 missing.append(rel)
                 continue
             dst = self.fig_dir / rel.replace("/", "__")
-            shutil.copyfile(src, dst)
-            self.add(f"![{caption}]({dst.relative_to(self.out_md.parent).as_posix()})\n\n*{caption}*\n")
+            shown = dst.relative_to(self.out_md.parent).as_posix()
+            _copy_png_for_reading(src, dst)
+            svg = src.with_suffix(".svg")
+            if svg.is_file() and svg.stat().st_size <= SVG_MAX_BYTES:
+                shutil.copyfile(svg, dst.with_suffix(".svg"))
+                self.add(f"[![{caption}]({shown})]({Path(shown).with_suffix('.svg').as_posix()})\n\n*{caption}*\n")
+            else:
+                self.add(f"![{caption}]({shown})\n\n*{caption}*\n")
         if missing:
             listed = ", ".join(f"`{m}`" for m in missing)
             self.add(f"_Figures not in this checkout (DVC-cached: `dvc pull`, or `dvc repro`): {listed}._\n")
@@ -373,10 +465,18 @@ def _headline_section(doc: _Doc, profile: str | None, e1: list[dict], det: dict 
     return {"trained": trained, "counted": [counted[1]]}
 
 
+def _bench_page(doc: _Doc) -> str:
+    """The benchmark's page, ``bench/bench.md`` under the outputs, as a link relative to the report."""
+    return Path(os.path.relpath(doc.out_dir / "bench" / "bench.md", doc.out_md.parent)).as_posix()
+
+
 def _environment_section(doc: _Doc) -> None:
     env = environment_info()
     doc.heading(2, "Environment")
-    doc.add("The machine that wrote this report (the benchmark's machine is named in E4).\n")
+    doc.add(
+        "The versions this report was built with (those of `requirements.lock`); the machine the benchmarks ran on "
+        f"is described with their measurements, [{_bench_page(doc)}]({_bench_page(doc)}).\n"
+    )
     doc.add(markdown_table([{"key": k, "value": v} for k, v in env.items()], ["key", "value"], ["", "value"]))
 
 
@@ -401,7 +501,7 @@ def _data_section(doc: _Doc) -> None:
     doc.figures([(f"data/figures/{n}_samples.png", f"{n} samples") for n in ("imagenet", "coco", "ade20k")])
 
 
-def _complexity_section(doc: _Doc, complexity: dict | None, bench: dict | None) -> None:
+def _complexity_section(doc: _Doc, complexity: dict | None) -> None:
     doc.heading(2, "E4 · Complexity: counted (GMACs) and measured (time, memory)")
     doc.add(
         "Counted: every matmul, attention included (`anchorformer.count_macs`), on the standard models (patch 16) "
@@ -455,67 +555,14 @@ def _complexity_section(doc: _Doc, complexity: dict | None, bench: dict | None) 
         doc.not_run("complexity")
     doc.figures([("complexity/gmacs_vs_resolution.png", "GMACs against resolution")])
 
-    env = (bench or {}).get("environment", {})
-    doc.heading(3, "Measured: the anchor-attention operator")
-    if bench:
-        cfg = bench.get("config", {})
-        doc.add(
-            f"Device: {env.get('device')}; torch {env.get('torch')}, triton {env.get('triton')}; "
-            f"{cfg.get('dtype')}, B = {cfg.get('op_batch')}, H = {cfg.get('op_heads')}, D = {cfg.get('op_head_dim')}, "
-            f"M = {cfg.get('op_anchors')}; median of up to {cfg.get('repeats')} timed calls."
-            + ("" if bench.get("complete", True) else " **Incomplete run.**")
-            + "\n"
-        )
-        ok = [r for r in bench.get("operator", []) if r.get("status") == "ok"]
-        for r in ok:
-            r["peak_mib"] = None if r.get("peak_bytes") is None else r["peak_bytes"] / 2**20
-            r["gbps_shown"] = r.get("kernel_gbps", r.get("gbps"))
-        doc.add(
-            markdown_table(
-                ok,
-                ["impl", "mode", "tokens", "median_ms", "peak_mib", "peak_over_io", "gbps_shown"],
-                ["implementation", "pass", "tokens N", "ms (median)", "peak MiB", "peak / inputs+outputs", "GB/s"],
-                digits={"median_ms": 3, "peak_mib": 1, "peak_over_io": 2, "gbps_shown": 1},
-            )
-        )
-        skipped: dict[str, str] = {}
-        for r in bench.get("operator", []):
-            if r.get("status") != "ok":
-                skipped.setdefault(r["impl"], r["status"])
-        for impl, why in skipped.items():
-            doc.add(f"Not measured, `{impl}`: {why}.\n")
-    else:
-        doc.not_run("bench")
-    doc.figures([("bench/bench_operator.png", "The operator: time and peak memory against tokens")])
-    doc.heading(3, "Measured: whole models (DeiT vs AnchorFormer, distilled variants, M = 30)")
-    if bench and bench.get("models"):
-        rows = [{**r, "label": f"{r['family']}-{r['size']}", "image": f"{r['img_size']}²"} for r in bench["models"]]
-        doc.add(
-            markdown_table(
-                rows,
-                ["label", "image", "batch", "mode", "median_ms", "images_per_s", "status"],
-                ["model", "image", "batch", "pass", "ms (median)", "images/s", "status"],
-                digits={"median_ms": 1, "images_per_s": 2},
-            )
-        )
-    else:
-        doc.not_run("bench")
-    doc.figures([("bench/bench_models.png", "Whole models: throughput against resolution")])
-    doc.heading(3, "Measured: speed-up targets")
-    if bench and bench.get("targets"):
-        rows = [
-            {**t, "met_shown": "—" if t.get("met") is None else ("yes" if t["met"] else "no")} for t in bench["targets"]
-        ]
-        doc.add(
-            markdown_table(
-                rows,
-                ["target", "measured", "threshold", "met_shown", "note"],
-                ["target", "measured", "threshold", "met", "note"],
-                digits=3,
-            )
-        )
-    else:
-        doc.not_run("bench")
+    doc.heading(3, "Measured: time and memory")
+    doc.add(
+        "The operator's time and peak memory against N and the whole models' images/s (DeiT vs AnchorFormer), with "
+        f"the speed-up targets, are on their own page: [{_bench_page(doc)}]({_bench_page(doc)}). Those measurements "
+        "depend on the machine and on its load, so they are not part of this report: each run of the `bench` stage "
+        "rewrites that page with the machine's description and flags each figure its spread or the other figures "
+        "make unreliable.\n"
+    )
 
 
 def _classification_tables(doc: _Doc) -> tuple[dict[str, list[dict]], str | None]:
@@ -839,13 +886,12 @@ def build_report(
         profile: the profile the stages ran with (``mini`` or ``full``), as the pipeline passes it.
 
     Returns:
-        ``{"markdown": path, "html": path, "headline": {"trained": rows, "counted": rows},
+        ``{"markdown": path, "html": path, "metrics": headline.json, "headline": {"trained": rows, "counted": rows},
         "sections": {stage: outputs found}}``.
     """
     out_dir = Path(outputs_dir)
     doc = _Doc(out_dir, Path(out_md))
     complexity = doc.json("complexity/complexity.json", "complexity")
-    bench = doc.json("bench/bench.json", "bench")
     cls_tables, cls_note = _classification_tables(doc)
     det = doc.json("det/summary/summary.json", "det-summary")
     seg = doc.json("seg/summary/summary.json", "seg-summary")
@@ -864,7 +910,7 @@ def build_report(
     headline = _headline_section(doc, profile, cls_tables.get("e1", []), det, complexity)
     _environment_section(doc)
     _data_section(doc)
-    _complexity_section(doc, complexity, bench)
+    _complexity_section(doc, complexity)
     _classification_section(doc, cls_tables, cls_note)
     _e9_section(doc, cls_tables)
     _detection_section(doc, det, profile)
@@ -873,4 +919,5 @@ def build_report(
     _deviations_section(doc, out_dir)
 
     paths = write_report(doc.out_md, doc.text())
+    paths["metrics"] = write_json_atomic(doc.out_md.parent / HEADLINE, headline_metrics(out_dir))
     return {**paths, "headline": headline, "sections": doc.present}

@@ -1,13 +1,13 @@
 """The headline metrics of the experiments, one row per metric, one column per experiment.
 
-``dvc exp show`` gives every metric of every run a column named by its file, far wider than a
-terminal. This runs it with the headline filter (top-1 of each E1-E3 run, box and mask AP of each
-E5 run, mIoU of each E6 run) and prints the table the other way round::
+The pipeline's one declared metrics file is the report's ``reports/headline.json``: top-1 of each
+E1/E2/E3/E9 run, box and mask AP of each E5 run, mIoU of each E6 run, named ``e1.AF-T``,
+``e5.DeiT-T.box``, ... ``dvc exp show`` lists them, one column each, beside every parameter;
+``--drop '.*' --keep`` with :data:`KEEP` (or one experiment's :func:`keep` filter, which fits a
+200-column terminal) shows only them. This prints the table the other way round::
 
     python scripts/exp_table.py            # the workspace and the experiments of HEAD
     python scripts/exp_table.py -A -n 3    # more: any options of dvc exp show
-
-The same filter for ``dvc exp show`` itself is ``KEEP`` below (with ``--drop '.*' --keep``).
 """
 
 from __future__ import annotations
@@ -17,13 +17,17 @@ import io
 import subprocess
 import sys
 
-KEEP = r"^Experiment$|outputs/cls/e[1239]/.*:top1$|outputs/det/.*:(bbox|segm)_AP$|outputs/seg/.*:mIoU$"
+KEEP = r"^Experiment$|^e\d+\."
+
+
+def keep(experiments: str) -> str:
+    """The ``--keep`` filter of some experiments: ``keep("1")`` (E1), ``keep("[239]")``, ``keep("5")``."""
+    return rf"^Experiment$|^e{experiments}\."
 
 
 def short(column: str) -> str:
-    """``outputs/cls/e1/deit_tiny_patch16_224/metrics.json:top1`` -> ``cls/e1/deit_tiny_patch16_224 top1``."""
-    path, _, key = column.rpartition(":")
-    return f"{path.removeprefix('outputs/').removesuffix('/metrics.json')} {key}"
+    """``e1.AF-T`` -> ``e1 AF-T``; ``e5.DeiT-T.box`` -> ``e5 DeiT-T box`` (a column's words)."""
+    return " ".join(column.rpartition(":")[2].split("."))
 
 
 def transpose(csv_text: str, precision: int = 1) -> str:

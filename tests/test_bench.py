@@ -50,6 +50,15 @@ def test_presets_load_and_overrides_apply():
         bench.bench_config("mini", ["dtype=float64"])
     with pytest.raises(ValueError, match="op_tokens.*list"):
         bench.bench_config("mini", ["op_tokens=64"])
+    for profile in ("mini", "full"):  # every threshold given, and overridable by its dotted key
+        assert set(bench.bench_config(profile)["reliability"]) == set(bench.RELIABILITY_KEYS)
+    assert bench.bench_config("mini", ["reliability.max_spread=0.3"])["reliability"]["max_spread"] == 0.3
+    with pytest.raises(ValueError, match=r"unknown reliability key\(s\) \['max_spred'\]"):
+        bench.bench_config("mini", ["reliability.max_spred=0.3"])
+    with pytest.raises(ValueError, match=r"reliability\.min_timed must be a number >= 1; got 0"):
+        bench.bench_config("mini", ["reliability.min_timed=0"])
+    with pytest.raises(ValueError, match=r"reliability\.tolerance must be a number >= 1.0"):
+        bench.bench_config("mini", ["reliability.tolerance=0.5"])
 
 
 def test_measure_times_interleaves_and_counts():
@@ -67,6 +76,127 @@ def test_measure_times_interleaves_and_counts():
     assert 0 <= out["a"]["min_ms"] <= out["a"]["median_ms"]
 
 
+def test_timing_stats_give_the_spread():
+    stats = bench.timing_stats([12.0, 10.0, 11.0, 30.0, 10.0])
+    assert (stats["median_ms"], stats["min_ms"], stats["max_ms"], stats["n_timed"]) == (11.0, 10.0, 30.0, 5)
+    assert (stats["q1_ms"], stats["q3_ms"]) == (10.0, 12.0) and stats["spread"] == round(2 / 11, 4)
+    assert bench.timing_stats([5.0, 7.0])["median_ms"] == 6.0
+    assert bench.timing_stats([5.0])["spread"] is None  # one call has no spread
+    with pytest.raises(ValueError, match="no timed calls"):
+        bench.timing_stats([])
+
+
+THRESHOLDS = {"min_timed": 2, "max_spread": 0.1, "max_wait": 1.25, "tolerance": 1.25}
+
+
+def _model_row(family, mode, ms, *, img=224, spread=0.02, n_timed=5, cpu_ms=None, threads=1, process="fresh"):
+    return {
+        "family": family,
+        "size": "T",
+        "model": f"{family.lower()}_tiny",
+        "img_size": img,
+        "batch": 1,
+        "mode": mode,
+        "process": process,
+        "dtype": "float32",
+        "status": "ok",
+        "median_ms": ms,
+        "min_ms": ms * 0.98,
+        "spread": spread,
+        "n_timed": n_timed,
+        "cpu_median_ms": ms if cpu_ms is None else cpu_ms,
+        "threads": threads,
+        "gmacs": 1.0 if family == "DeiT" else 0.8,
+    }
+
+
+def test_reliability_flags_spread_few_calls_and_waiting_for_the_core():
+    rows = [
+        _model_row("DeiT", "infer", 30.0),  # quiet: reliable
+        _model_row("AnchorFormer", "infer", 25.0, spread=0.4),  # 40 % spread
+        _model_row("DeiT", "infer", 300.0, img=512, n_timed=1, spread=None),  # one call
+        _model_row("AnchorFormer", "infer", 200.0, img=512, cpu_ms=100.0),  # waited half the time
+        _model_row("DeiT", "infer", 2000.0, img=1024, cpu_ms=1000.0, threads=2),  # two threads: not comparable
+        {**_model_row("AnchorFormer", "infer", 1.0, img=1024), "status": "error: out of memory"},
+    ]
+    results = {"environment": {"device_type": "cpu"}, "models": rows}
+    bench.assess_reliability(results, THRESHOLDS)
+    assert [r.get("reliable") for r in rows] == [True, False, False, False, True, None]
+    assert rows[0]["why"] == [] and rows[4]["why"] == []
+    assert rows[1]["why"] == ["spread (q3 - q1) / median 40.0% > max_spread 10.0%"]
+    assert rows[2]["why"] == ["1 timed call(s) < min_timed 2: no spread"]
+    assert "waited for its core" in rows[3]["why"][0] and "200 ms vs CPU time 100 ms" in rows[3]["why"][0]
+    assert "why" not in rows[5]  # not measured: nothing to assess
+    looser = {**THRESHOLDS, "max_spread": 0.5, "max_wait": 3.0, "min_timed": 1}
+    bench.assess_reliability(results, looser)  # the thresholds decide
+    assert [r.get("reliable") for r in rows[:5]] == [True] * 5
+    with pytest.raises(ValueError, match="reliability.max_wait must be a number >= 1.0"):
+        bench.assess_reliability(results, {**THRESHOLDS, "max_wait": 0.5})
+
+
+def test_reliability_flags_inconsistent_figures_and_the_targets_from_them():
+    # the loaded machine: DeiT-T inference at 1,364 ms, its training step at 103.5 ms (same input)
+    models = [
+        _model_row("DeiT", "infer", 1364.0),
+        _model_row("DeiT", "train", 103.5),
+        _model_row("AnchorFormer", "infer", 30.0),
+        _model_row("AnchorFormer", "train", 95.0),
+        _model_row("DeiT", "infer", 60.0, process="shared"),  # another process: no pair with the train rows
+        _model_row("AnchorFormer", "infer", 50.0, process="shared"),
+    ]
+
+    def op(impl, mode, n, ms):
+        shape = {"batch": 1, "heads": 3, "head_dim": 64, "anchors": 30, "dtype": "float32"}
+        return {"impl": impl, "mode": mode, "tokens": n, "status": "ok", "median_ms": ms, "n_timed": 5, **shape}
+
+    operator = [
+        op("reference", "fwd", 1024, 2.0),
+        op("reference", "fwd_bwd", 1024, 1.0),  # forward slower than forward+backward
+        op("reference", "fwd", 4096, 8.0),
+        op("reference", "fwd_bwd", 4096, 24.0),
+        op("sdpa", "fwd", 1024, 5.0),  # fewer tokens slower than more
+        op("sdpa", "fwd", 4096, 3.0),
+        op("sdpa", "fwd_bwd", 1024, 9.0),
+        op("sdpa", "fwd_bwd", 4096, 8.0),  # within the tolerance (9 <= 1.25 x 8)
+    ]
+    results = {"environment": {"device_type": "cpu"}, "models": models, "operator": operator}
+    bench.assess_reliability(results, THRESHOLDS)
+    assert [r["reliable"] for r in models] == [False, False, True, True, True, True]
+    (why,) = models[0]["why"]
+    assert why == models[1]["why"][0]
+    assert why == (
+        "inference slower than a training step: DeiT-T 224² infer (fresh process) 1364 ms > 1.25 x "
+        "DeiT-T 224² train (fresh process) 103.5 ms"
+    )
+    assert [r["reliable"] for r in operator] == [False, False, True, True, False, False, True, True]
+    assert operator[0]["why"] == [
+        "forward slower than forward+backward: reference fwd N=1024 2 ms > 1.25 x reference fwd_bwd N=1024 1 ms"
+    ]
+    assert operator[4]["why"] == ["fewer tokens slower than more: sdpa fwd N=1024 5 ms > 1.25 x sdpa fwd N=4096 3 ms"]
+
+    # a target from a flagged figure keeps its value and claims nothing; the others still do
+    targets = {t["target"]: t for t in bench.summarize_targets(results)}
+    t224 = targets["AnchorFormer-T inference speed-up over DeiT-T, 224² (CPU, fresh process)"]
+    assert t224["measured"] == round(1364.0 / 30.0, 3) and t224["met"] is None and t224["reliable"] is False
+    assert t224["why"] == ["from unreliable figures: DeiT-T 224² infer (fresh process)"]
+    shared = targets["AnchorFormer-T inference speed-up over DeiT-T, 224² (CPU, shared process)"]
+    assert shared["met"] is True and shared["reliable"] is True and shared["why"] == []
+
+    # the page marks them: no plain number for a flagged figure, no yes/no for its target
+    md = bench.bench_markdown({**results, "config": {"reliability": THRESHOLDS}, "targets": list(targets.values())})
+    assert "| DeiT-T | 224² | 1 | infer | fresh | 1364.0 ⚠ |" in md
+    assert "| AnchorFormer-T | 224² | 1 | infer | fresh | 30.0 | 30.0 | 2% | — | ok |" in md
+    assert "⚠ unreliable: inference slower than a training step" in md
+    assert "| reference | fwd | 1024 | 2.000 ⚠ |" in md
+    row = next(
+        line
+        for line in md.splitlines()
+        if line.startswith("| AnchorFormer-T inference speed-up over DeiT-T, 224² (CPU, fresh")
+    )
+    assert "45.467 ⚠" in row and "| — (⚠ unreliable) |" in row and "| yes |" not in row and "| no |" not in row
+    assert "6 of 14 measured figures flagged unreliable" in md
+
+
 def test_peak_memory_on_cpu_sees_a_known_allocation():
     n = 2_000_000  # 8 MB of fp32
 
@@ -76,6 +206,23 @@ def test_peak_memory_on_cpu_sees_a_known_allocation():
 
     peak = bench.measure_peak_bytes(fn, torch.device("cpu"))
     assert 4 * n <= peak < 4 * n + 1_000_000
+
+
+def test_peak_memory_on_cpu_prints_no_profiler_or_cuda_noise():
+    """kineto's USDT probe lines and its failed GPU probe stay off stderr (a fresh process: it logs once per process)."""
+    code = (
+        "import torch\n"
+        "from anchorformer import bench\n"
+        "for _ in range(2):\n"
+        "    print(bench.measure_peak_bytes(lambda: float(torch.ones(1_000_000).sum()), torch.device('cpu')))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    peaks = [int(x) for x in proc.stdout.split()]
+    assert len(peaks) == 2 and all(4_000_000 <= p < 4_100_000 for p in peaks), peaks
+    assert "USDT" not in proc.stderr and "gpuGetDeviceCount" not in proc.stderr, proc.stderr[-3000:]
 
 
 def test_operator_benchmark_rows_on_cpu():

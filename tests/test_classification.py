@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -16,7 +17,8 @@ from anchorformer.tasks.classification.distillation import DistillationLoss, dis
 from anchorformer.tasks.classification.train import classifier_kwargs, resolve_recipe, train
 
 MODEL = "anchorformer_tiny_patch16_224"
-REQUIRED_KEYS = {"top1", "top5", "loss", "train_loss", "params", "gmacs", "throughput", "config"}
+REQUIRED_KEYS = {"top1", "top5", "loss", "train_loss", "params", "gmacs", "config"}
+TIMING_KEYS = {"throughput", "train_time_s", "epoch_time_s"}  # timings.json, apart from the results
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -54,13 +56,16 @@ def test_training_lowers_the_loss_and_writes_outputs(trained):
     assert REQUIRED_KEYS <= set(on_disk)
     assert on_disk["top1"] == metrics["top1"] and 0 <= on_disk["top1"] <= 100 and on_disk["top5"] == 100.0
     assert on_disk["val_images"] == 12 and on_disk["num_classes"] == 3 and on_disk["num_anchors"] == 4
-    assert on_disk["params"] > 0 and on_disk["gmacs"] > 0 and on_disk["throughput"] > 0
+    assert on_disk["params"] > 0 and on_disk["gmacs"] > 0
+    timings = json.loads((out / "timings.json").read_text())
+    assert timings["throughput"] > 0 and len(timings["epoch_time_s"]) == 3 and timings["machine"]["torch"]
+    assert not TIMING_KEYS & set(on_disk) and not any(TIMING_KEYS & set(row) for row in history)
     assert on_disk["config"]["img_size"] == 16 and on_disk["distillation"] == "none"
     assert (out / "model.pth").is_file()
     assert (out / "dvclive" / "plots" / "metrics" / "train_loss.tsv").is_file()
     assert json.loads((out / "dvclive" / "metrics.json").read_text())["top1"] == metrics["top1"]
     state = load_training_checkpoint(checkpoint_path(out, 3))
-    assert state["epoch"] == 3 and {"model", "optimizer", "scheduler", "rng", "history"} <= set(state)
+    assert state["epoch"] == 3 and {"model", "optimizer", "scheduler", "rng", "history", "logged"} <= set(state)
 
 
 def test_same_seed_same_metrics_and_resume_matches(trained, tiny_root, tmp_path):
@@ -71,18 +76,23 @@ def test_same_seed_same_metrics_and_resume_matches(trained, tiny_root, tmp_path)
     ref = _comparable(json.loads((out / "history.json").read_text()))
     assert _comparable(json.loads((tmp_path / "a" / "history.json").read_text())) == ref
 
-    # a run stopped after epoch 1 (later checkpoints and outputs gone), resumed
+    # a run stopped after epoch 1 (later checkpoints and outputs gone, the curves too, as DVC
+    # removes a stage's outputs before rerunning it), resumed: the same bytes as the uninterrupted run
     run = tmp_path / "b"
     train(tiny_root, run, MODEL, profile="mini", overrides=TINY + ["keep_checkpoints=5"], epochs=3)
     for p in (checkpoint_path(run, 2), checkpoint_path(run, 3), run / "metrics.json", run / "model.pth"):
         p.unlink()
-    resumed = train(tiny_root, run, MODEL, profile="mini", overrides=TINY, epochs=3, resume="auto")
+    shutil.rmtree(run / "dvclive")
+    resumed = train(tiny_root, run, MODEL, profile="mini", overrides=TINY + ["keep_checkpoints=5"], epochs=3)
     for key in ("top1", "top5", "loss", "train_loss"):
         assert resumed[key] == metrics[key], key
-    assert _comparable(json.loads((run / "history.json").read_text())) == ref
-    a = torch.load(out / "model.pth", weights_only=True)["model"]
-    b = torch.load(run / "model.pth", weights_only=True)["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    results = ["metrics.json", "history.json", "model.pth", "model.safetensors", "dvclive/metrics.json"]
+    curves = sorted(p for p in (out / "dvclive" / "plots" / "metrics").rglob("*.tsv"))  # entropy/<kind>/ too
+    assert any("entropy" in p.parts for p in curves)
+    results += [p.relative_to(out).as_posix() for p in curves]
+    for name in results:
+        assert (run / name).read_bytes() == (out / name).read_bytes(), name
+    assert (run / "timings.json").read_bytes() != (out / "timings.json").read_bytes()  # they are real timings
 
     other = train(tiny_root, tmp_path / "c", MODEL, profile="mini", overrides=TINY + ["seed=1"], epochs=3)
     assert other["train_loss"] != metrics["train_loss"]

@@ -21,6 +21,7 @@ from anchorformer.tasks.classification.results import (
     plot_accuracy_vs_gmacs,
     plot_anchor_ablation,
     plot_design_ablation,
+    plot_e9_top1,
     plot_entropy_curves,
     plot_training_curves,
     tables_markdown,
@@ -32,7 +33,7 @@ from anchorformer.viz import save_figure
 def _run(folder, model, top1, m=None, entropy=None, **cfg):
     folder.mkdir(parents=True)
     config = {"profile": "mini", "anchor_mode": "learned", "normalize": True, "per_head_anchors": False, **cfg}
-    metrics = {"model": model, "top1": top1, "top5": 99.0, "params_m": 0.4, "gmacs": 0.03, "throughput": 900.0}
+    metrics = {"model": model, "top1": top1, "top5": 99.0, "params_m": 0.4, "gmacs": 0.03}
     metrics.update(num_anchors=m, num_classes=10, config=config)
     if entropy is not None:
         metrics["entropy"] = entropy
@@ -92,7 +93,7 @@ def test_tables(runs, tmp_path):
     ]
     tables = {"e1": e1, "e2": e2, "e3": e3}
     md = tables_markdown(tables)
-    assert "| DeiT-T (mini) | ⚗ | — | 0.400 | 0.03 | 900 | 75.0 | 99.0 | 74.5 |" in md
+    assert "| DeiT-T (mini) | ⚗ | — | 0.400 | 0.03 | 75.0 | 99.0 | 74.5 |" in md
     assert md.count(NOT_PUBLIC) >= 7
     paths = write_results(tmp_path / "out", tables)
     saved = json.loads(paths["json"].read_text())
@@ -171,6 +172,9 @@ def test_e9_table_verdict_and_curves(tmp_path):
     assert [r["run"].split("/")[-1] for r in curves][:2] == ["af_t", "deit_t"] and len(curves) == 6
     png, _svg = save_figure(plot_entropy_curves(curves), tmp_path / "fig" / "entropy")
     assert png.is_file() and png.stat().st_size > 1000
+    fig = plot_e9_top1(rows)
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == [r["variant"] for r in rows]
+    assert [round(p.get_width(), 1) for p in fig.axes[0].patches] == [97.5, 89.5, 97.5, 90.0, 98.0, 91.0]
 
 
 def test_e9_verdict_without_a_closing_variant_or_runs(tmp_path):

@@ -32,7 +32,8 @@ def resolved_stages() -> dict[str, dict]:
             stages[stage.name] = {
                 "cmd": stage.cmd if isinstance(stage.cmd, str) else " && ".join(stage.cmd),
                 "params": params,
-                "outs": [str(Path(o.def_path)) for o in stage.outs],
+                "deps": [str(Path(d.def_path)) for d in stage.deps if not hasattr(d, "params")],
+                "outs": [str(Path(o.def_path)) for o in stage.outs],  # outs, metrics and plots
             }
     return stages
 
@@ -125,3 +126,19 @@ def test_complexity_stage_command_runs_as_written(tmp_path):
     assert (tmp_path / "complexity" / "gmacs_vs_resolution.png").stat().st_size > 1000
     executed = nbformat.read(tmp_path / Path(out).name, as_version=4)
     assert not any(o.get("output_type") == "error" for c in executed.cells for o in c.get("outputs", []))
+
+
+def test_bench_timings_stay_out_of_dvc_and_the_report():
+    """The bench stage's files are timings: no DVC outs (nothing hashed), no stage reads them, git keeps them."""
+    bench = STAGES["bench"]
+    assert bench["outs"] == [] and bench["deps"] and "bench" in bench["params"]
+    assert ("outputs/bench/02_benchmark.ipynb" in bench["cmd"]) and ("-p out_dir outputs/bench" in bench["cmd"])
+    for name, stage in STAGES.items():
+        assert not any(Path(d).parts[:2] == ("outputs", "bench") for d in stage["deps"]), name
+        assert not any(Path(o).parts[:2] == ("outputs", "bench") for o in stage["outs"]), name
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    names = ["bench.json", "bench.md", "bench_operator.png", "bench_models.svg", "02_benchmark.ipynb"]
+    paths = [f"outputs/bench/{n}" for n in names]
+    done = subprocess.run(["git", "check-ignore", *paths], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and done.stdout == "", f"git ignores {done.stdout.split()}"  # 1: none ignored

@@ -76,7 +76,10 @@ def test_build_report_from_stage_outputs(tmp_path):
         json.dumps({"runs": [{"run": "a", "backbone": "anchorformer_tiny_patch16_224"}], "comparable_flops": pairs})
     )
     (out / "det/a").mkdir()
-    (out / "det/a/predictions.png").write_bytes(b"\x89PNG fake")
+    from PIL import Image
+
+    Image.new("RGB", (1600, 400), (200, 10, 10)).save(out / "det/a/predictions.png")  # wider than the report's
+    (out / "det/a/predictions.svg").write_text("<svg xmlns='http://www.w3.org/2000/svg'/>")
     result = build_report(out, tmp_path / "reports" / "report.md", profile="mini")
     trained = result["headline"]["trained"]
     acc, flops, mp = trained
@@ -97,8 +100,12 @@ def test_build_report_from_stage_outputs(tmp_path):
     assert headline["trained"][1]["ours"] == pytest.approx(20.0)
     text = result["markdown"].read_text()
     assert "pasted E1 table" not in text and "| AF-T |" in text and "not public" in text
-    assert "(figures/det__a__predictions.png)" in text
-    assert (tmp_path / "reports/figures/det__a__predictions.png").is_file()
+    assert "[![" in text and "(figures/det__a__predictions.png)](figures/det__a__predictions.svg)" in text
+    copied = tmp_path / "reports/figures/det__a__predictions.png"
+    with Image.open(copied) as im:
+        assert im.size == (1000, 250)  # scaled to be read on a repository page, the aspect kept
+    assert (tmp_path / "reports/figures/det__a__predictions.svg").is_file()
+    assert result["metrics"] == tmp_path / "reports/headline.json"
     assert "_Not run yet: `dvc repro seg-summary`._" in text
     assert "AnchorFormer-T (mini shape)" in text  # a summary without backbone labels: named as trained
     assert result["sections"]["cls-results"] and not result["sections"]["seg-summary"]
@@ -142,3 +149,37 @@ def test_report_e9_section_and_entropy_curves(tmp_path):
     assert "dvc repro cls-e9" not in text
     assert "No variant closes the gap to DeiT-T: the best, unit-norm anchors, reaches 91.0%" in text
     assert "| unit-norm anchors | 91.0 | -6.5 |" in text and "keeps the official initialisation" in text
+
+
+def test_report_holds_no_timings_and_no_machine(tmp_path):
+    """The benchmark's figures and the machine stay out of the report: it links the bench page instead.
+
+    A bench.json with a device name and timings in the outputs changes nothing; two builds give the
+    same bytes.
+    """
+    import platform
+
+    from anchorformer.report import build_report, environment_info
+
+    out = tmp_path / "outputs"
+    (out / "bench").mkdir(parents=True)
+    bench = {
+        "environment": {"device": "cpu (ExoticCPU-9000, 1 threads)", "device_type": "cpu"},
+        "models": [{"family": "DeiT", "size": "T", "img_size": 224, "mode": "infer", "median_ms": 1364.0}],
+        "targets": [{"target": "AnchorFormer-T inference speed-up", "measured": 45.467, "threshold": 1.0}],
+    }
+    (out / "bench/bench.json").write_text(json.dumps(bench))
+    first = build_report(out, tmp_path / "reports" / "report.md", profile="mini")
+    text = first["markdown"].read_bytes()
+    again = build_report(out, tmp_path / "reports" / "report.md", profile="mini")
+    assert again["markdown"].read_bytes() == text
+    text = text.decode()
+    assert "ExoticCPU-9000" not in text and "1364" not in text and "45.467" not in text
+    assert "bench" not in first["sections"]  # the report reads nothing of the bench stage
+    assert "[../outputs/bench/bench.md](../outputs/bench/bench.md)" in text
+    measured = text.split("### Measured: time and memory\n", 1)[1].split("\n## ", 1)[0]
+    assert "../outputs/bench/bench.md" in measured and "rewrites that page" in measured and "|" not in measured
+    assert set(environment_info()) == {"python", "torch", "timm", "triton", "anchorformer"}
+    environment = text.split("## Environment\n", 1)[1].split("\n## ", 1)[0]
+    for machine in {platform.platform(), platform.node(), platform.processor()} - {""}:
+        assert machine not in environment

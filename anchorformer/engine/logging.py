@@ -6,8 +6,11 @@ with the latest values and the summary, read by ``dvc metrics`` / ``dvc exp show
 in ``dvc.yaml`` declares those files; dvclive itself writes no ``dvc.yaml`` and saves no
 experiment. On processes other than rank 0 it does nothing.
 
-On resume, rows with a step at or after the resumed step are dropped, so a run killed between
-logging an epoch and checkpointing it leaves the same curves as an uninterrupted run.
+The logger keeps what it logged (:attr:`MetricLogger.rows`); a task stores those rows in its
+training checkpoint and hands them back on resume, and the curves are rewritten from them: a
+resumed run (also one whose ``dvclive/`` folder DVC removed before rerunning the stage, or a
+finished run resumed to evaluate) leaves the same files as an uninterrupted run. Without stored
+rows (older checkpoints), rows with a step at or after the resumed step are dropped.
 """
 
 from __future__ import annotations
@@ -129,15 +132,25 @@ class MetricLogger:
         enabled: ``False`` on non-main processes (every method is then a no-op).
         resume_step: continue an earlier run: keep its rows with ``step < resume_step``.
             ``None`` starts afresh (the folder's earlier curves are removed).
+        rows: what the resumed run had logged (its checkpoint's copy of :attr:`rows`): the curves
+            are rewritten from them, whatever the folder holds.
     """
 
-    def __init__(self, out_dir: str | os.PathLike, enabled: bool = True, resume_step: int | None = None) -> None:
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        enabled: bool = True,
+        resume_step: int | None = None,
+        rows: Iterable[Any] | None = None,
+    ) -> None:
         self.enabled = enabled
         self.dir = Path(out_dir) / "dvclive"
         self._live = None
+        self.rows: list[list[Any]] = []
         if not enabled:
             return
-        resume = resume_step is not None and (self.dir / "plots").is_dir()
+        replay = [[int(step), dict(values)] for step, values in rows] if rows is not None else None
+        resume = replay is None and resume_step is not None and (self.dir / "plots").is_dir()
         if resume:
             _truncate_tsv(self.dir / "plots", int(resume_step))  # type: ignore[arg-type]
         try:
@@ -152,16 +165,21 @@ class MetricLogger:
             report=None,
             monitor_system=False,
         )
+        for step, values in replay or []:
+            self.log(values, step)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         """Log ``metrics`` (name -> number) at ``step`` and refresh ``metrics.json``."""
         if self._live is None:
             return
         self._live.step = int(step)
+        logged = {}
         for name, value in metrics.items():
             value = _plain(value)
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 self._live.log_metric(name, value)
+                logged[name] = value
+        self.rows.append([int(step), logged])
         self._live.make_summary()
 
     def summary(self, values: dict[str, Any]) -> None:

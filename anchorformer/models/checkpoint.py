@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import re
+import struct
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -238,11 +239,32 @@ def save_safetensors(
     os.close(fd)
     try:
         save_file(tensors, tmp_name, metadata=header)
+        _sort_safetensors_header(tmp_name)
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
     return path
+
+
+def _sort_safetensors_header(path: str | os.PathLike) -> None:
+    """Rewrite a safetensors file's JSON header with its keys sorted, in place.
+
+    The writer serialises the header from hash maps, so the same tensors and metadata come out
+    in a different key order from one process to the next; sorted, the file is the same bytes.
+    The header keeps its length (same entries, compact JSON, space padding), so the tensor data
+    and its offsets stay where they are.
+    """
+    with open(path, "r+b") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+        if "__metadata__" in header:
+            header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(text) > size:
+            raise ValueError(f"{path}: sorted safetensors header is {len(text)} bytes, longer than the {size} written")
+        f.seek(8)
+        f.write(text + b" " * (size - len(text)))
 
 
 def safetensors_beside(checkpoint: str | os.PathLike) -> Path:

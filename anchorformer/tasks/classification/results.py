@@ -1,13 +1,14 @@
 """The classification tables and figures (experiments E1, E2, E3) from the runs' metrics.
 
 Each run folder written by :func:`anchorformer.tasks.classification.train.train`
-holds ``metrics.json`` (top-1, top-5, params, GMACs, throughput, the recipe) and
-``history.json`` (per-epoch values). This module reads them and builds:
+holds ``metrics.json`` (top-1, top-5, params, GMACs, the recipe) and ``history.json`` (per-epoch
+values). This module reads them and builds (measured speed is the benchmark's, apart from results:
+``timings.json`` of each run, :mod:`anchorformer.bench`):
 
 - E1: AnchorFormer vs DeiT by size, without and with distillation (⚗), next to the DeiT paper's
   ImageNet-1k numbers (Touvron et al., ICML 2021; :data:`DEIT_PAPER`, the project's one copy of
   them). The AnchorFormer paper's tables are not public: its column reads "paper value: not public".
-- E2: top-1, GMACs and throughput against the number of anchors M.
+- E2: top-1 and GMACs against the number of anchors M.
 - E3: the design ablations: learned vs fixed (pooled, detached) anchors, with vs without Λ⁻¹,
   shared vs per-head anchors.
 - E9: do the anchors learn? The anchors' initialisation (official U(-1/sqrt(D), 1/sqrt(D)),
@@ -60,6 +61,7 @@ __all__ = [
     "plot_accuracy_vs_gmacs",
     "plot_anchor_ablation",
     "plot_design_ablation",
+    "plot_e9_top1",
     "plot_entropy_curves",
     "plot_training_curves",
     "tables_markdown",
@@ -172,7 +174,6 @@ def _row(run: dict[str, Any]) -> dict[str, Any]:
         "run": run.get("run"),
         "params_m": run.get("params_m"),
         "gmacs": run.get("gmacs"),
-        "throughput": run.get("throughput"),
         "top1": run.get("top1"),
         "top5": run.get("top5"),
         "epochs": run.get("epochs"),
@@ -357,7 +358,6 @@ def e9_curve_runs(e1_runs: Sequence[dict[str, Any]], e9_runs: Sequence[dict[str,
 _FORMATS = {
     "params_m": "{:.3f}",
     "gmacs": "{:.4g}",
-    "throughput": "{:.0f}",
     "top1": "{:.1f}",
     "top5": "{:.1f}",
     "paper_top1": "{:.1f}",
@@ -389,17 +389,16 @@ def _display(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def e1_markdown(rows: Sequence[dict[str, Any]]) -> str:
-    """The E1 table (no heading): model, ⚗, M, params, GMACs, throughput, top-1/5, the paper's top-1."""
+    """The E1 table (no heading): model, ⚗, M, params, GMACs, top-1/5, the paper's top-1."""
     return markdown_table(
         _display(rows),
-        ["label", "distill", "num_anchors", "params_m", "gmacs", "throughput", "top1", "top5", "paper_top1"],
+        ["label", "distill", "num_anchors", "params_m", "gmacs", "top1", "top5", "paper_top1"],
         [
             "model",
             "⚗",
             "M",
             "params (M)",
             "GMACs",
-            "throughput (img/s)",
             "top-1",
             "top-5",
             "paper top-1 (ImageNet-1k)",
@@ -411,8 +410,8 @@ def e2_markdown(rows: Sequence[dict[str, Any]]) -> str:
     """The E2 table (no heading): one row per anchor count M."""
     return markdown_table(
         _display(rows),
-        ["num_anchors", "params_m", "gmacs", "throughput", "top1", "top5", "paper_top1"],
-        ["M", "params (M)", "GMACs", "throughput (img/s)", "top-1", "top-5", "paper top-1"],
+        ["num_anchors", "params_m", "gmacs", "top1", "top5", "paper_top1"],
+        ["M", "params (M)", "GMACs", "top-1", "top-5", "paper top-1"],
     )
 
 
@@ -420,8 +419,8 @@ def e3_markdown(rows: Sequence[dict[str, Any]]) -> str:
     """The E3 table (no heading): the method, then each design ablation."""
     return markdown_table(
         _display(rows),
-        ["variant", "num_anchors", "params_m", "gmacs", "throughput", "top1", "top5", "paper_top1"],
-        ["variant", "M", "params (M)", "GMACs", "throughput (img/s)", "top-1", "top-5", "paper top-1"],
+        ["variant", "num_anchors", "params_m", "gmacs", "top1", "top5", "paper_top1"],
+        ["variant", "M", "params (M)", "GMACs", "top-1", "top-5", "paper top-1"],
     )
 
 
@@ -552,6 +551,28 @@ def plot_design_ablation(e3_rows: Sequence[dict[str, Any]], title: str = "E3: de
     ax.invert_yaxis()
     for i, v in enumerate(values):
         ax.text(v, i, f" {v:.1f}", va="center", fontsize=8)
+    ax.set_xlabel("top-1 (%)")
+    ax.set_title(title)
+    return fig
+
+
+def plot_e9_top1(
+    e9_rows: Sequence[dict[str, Any]], title: str = "E9: the anchors' initialisation, temperature, lr"
+) -> Any:
+    """Horizontal bars of top-1 per E9 row: DeiT-T (orange, its top-1 also a dashed line), the
+    official AnchorFormer-T (blue), the variants (grey)."""
+    rows = [r for r in e9_rows if r.get("top1") is not None]
+    fig, ax = plt.subplots(figsize=(7, 0.6 * max(len(rows), 1) + 1.2))
+    colors = {"reference": "C1", "official": "C0"}
+    values = [r["top1"] for r in rows]
+    ax.barh(range(len(rows)), values, color=[colors.get(r.get("role"), "C7") for r in rows])
+    ax.set_yticks(range(len(rows)), [r["variant"] for r in rows], fontsize=8)
+    ax.invert_yaxis()
+    for i, v in enumerate(values):
+        ax.text(v, i, f" {v:.1f}", va="center", fontsize=8)
+    deit = next((r["top1"] for r in rows if r.get("role") == "reference"), None)
+    if deit is not None:
+        ax.axvline(deit, color="C1", linestyle="--", linewidth=1)
     ax.set_xlabel("top-1 (%)")
     ax.set_title(title)
     return fig

@@ -19,7 +19,9 @@ uninterrupted one.
 
 Outputs in ``out_dir``: ``metrics.json`` (written last: its presence means the run finished),
 ``model.pth`` (weights and how to rebuild the model), ``history.json`` (per-epoch values),
-``dvclive/`` (curves), ``checkpoints/checkpoint-NNNNNN.pth``.
+``dvclive/`` (curves), ``checkpoints/checkpoint-NNNNNN.pth``: the same bytes for the same recipe
+and seed on the CPU. The throughput, the seconds per epoch and the machine go to
+``timings.json`` (:mod:`anchorformer.engine.timings`), which DVC does not hash.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from ...engine.launch import launch_if_several
 from ...engine.logging import MetricLogger, progress
 from ...engine.recipe import load_preset, load_recipe
 from ...engine.seeding import epoch_seed, seed_everything, seed_worker
+from ...engine.timings import TIMINGS, RunClock, format_seconds, write_timings
 from ...engine.trainer import TrainingRun, finish_run, training_run
 from ...io import write_json_atomic
 from ...models import create_model, load_checkpoint
@@ -705,7 +708,12 @@ def _train(run: TrainingRun, data: Path, classes: list[str], model_kwargs: dict[
             train_model, device_ids=[device] if device.type == "cuda" else None
         )
 
-    logger = MetricLogger(out_dir, enabled=dist_info.is_main, resume_step=start_epoch if resume_state else None)
+    logger = MetricLogger(
+        out_dir,
+        enabled=dist_info.is_main,
+        resume_step=start_epoch if resume_state else None,
+        rows=(resume_state or {}).get("logged"),
+    )
     plan.log(_logger)
     _logger.info(
         "training %s (%s) on %d images, %d classes, %d epochs, global batch %d, lr %.3g, distillation %s, %d process(es)",
@@ -719,12 +727,11 @@ def _train(run: TrainingRun, data: Path, classes: list[str], model_kwargs: dict[
         kind,
         dist_info.world_size,
     )
-    t_start = time.perf_counter()
+    clock = RunClock(cfg["epochs"], start_epoch)
     val: dict[str, float] = {}
     for epoch in range(start_epoch, cfg["epochs"]):
         seed_everything(epoch_seed(seed, epoch, dist_info.rank))
         _set_sampler_epoch(sampler, epoch, seed)
-        t0 = time.perf_counter()
         stats, num_updates = _train_one_epoch(
             train_model,
             train_loader,
@@ -750,14 +757,15 @@ def _train(run: TrainingRun, data: Path, classes: list[str], model_kwargs: dict[
                 row["top1_ema"] = evaluate(ema.module, val_loader, device, cfg)["top1"]
         if probe is not None:
             row.update(probe.measure())
-        row["epoch_time_s"] = round(time.perf_counter() - t0, 3)
+        clock.lap(epoch + 1)
         history.append(row)
         logger.log({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
         _logger.info(
-            "epoch %d/%d: %s",
+            "epoch %d/%d: %s (%s)",
             epoch + 1,
             cfg["epochs"],
             {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()},
+            clock.progress(),
         )
         if dist_info.is_main:
             state = {
@@ -769,6 +777,7 @@ def _train(run: TrainingRun, data: Path, classes: list[str], model_kwargs: dict[
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "rng": capture_rng_state(),
                 "history": history,
+                "logged": logger.rows,  # the curves, rewritten from here on resume
                 "config": cfg.to_dict(),
                 "model_name": cfg["model"],
                 "model_kwargs": model_kwargs,
@@ -807,14 +816,12 @@ def _train(run: TrainingRun, data: Path, classes: list[str], model_kwargs: dict[
             "params_m": round(params / 1e6, 4),
             "macs": macs,
             "gmacs": round(macs / 1e9, 5),
-            "throughput": round(throughput, 2),
             "img_size": cfg["img_size"],
             "num_anchors": getattr(_first_anchor_attention(bare), "num_anchors", None),
             "num_classes": num_classes,
             "val_images": val["n"],
             "epochs": cfg["epochs"],
             "distillation": kind,
-            "train_time_s": round(time.perf_counter() - t_start, 2),
             **plan.record(),
             "lr": lr,
             "bad_files": len(run.bad_files()),  # training files skipped (on_bad: skip)
@@ -837,6 +844,16 @@ def _train(run: TrainingRun, data: Path, classes: list[str], model_kwargs: dict[
         if ema is not None:
             final_state["model_ema"] = ema.module.state_dict()
         write_json_atomic(out_dir / "history.json", history)
+        timings = {
+            "throughput": round(throughput, 2),
+            "train_time_s": round(clock.elapsed, 2),
+            "epoch_time_s": clock.laps,
+            "first_epoch": start_epoch + 1,  # a resumed run times the epochs it ran
+        }
+        write_timings(out_dir, timings)
+        _logger.info(
+            "throughput %.1f img/s, trained %s (%s)", throughput, format_seconds(clock.elapsed), out_dir / TIMINGS
+        )
         logger.summary({k: v for k, v in metrics.items() if k not in ("config", "model")})
         logger.close()
     finish_run(run, metrics, final_state if dist_info.is_main else None)
@@ -928,23 +945,21 @@ def evaluate_checkpoint(
                 "params_m": round(params / 1e6, 4),
                 "macs": macs,
                 "gmacs": round(macs / 1e9, 5),
-                "throughput": round(
-                    measure_throughput(
-                        net,
-                        cfg["img_size"],
-                        dist_info.device,
-                        batch_size=int(cfg["throughput_batch_size"]),
-                        iters=int(cfg["throughput_iters"]),
-                        cfg=cfg,
-                    ),
-                    2,
-                ),
                 "img_size": cfg["img_size"],
                 "num_classes": len(classes),
                 "val_images": val["n"],
                 "config": cfg.to_dict(),
             }
+            throughput = measure_throughput(
+                net,
+                cfg["img_size"],
+                dist_info.device,
+                batch_size=int(cfg["throughput_batch_size"]),
+                iters=int(cfg["throughput_iters"]),
+                cfg=cfg,
+            )
             out_dir.mkdir(parents=True, exist_ok=True)
+            write_timings(out_dir, {"throughput": round(throughput, 2)})
             write_json_atomic(out_dir / "metrics.json", metrics)
         return metrics
     finally:
@@ -974,5 +989,9 @@ def cli_eval(args: Any) -> dict[str, Any]:
         args.data, args.checkpoint, args.out, model=args.model, profile=args.profile, overrides=args.overrides
     )
     if m:
-        print(json.dumps({k: m[k] for k in ("model", "top1", "top5", "loss", "params", "gmacs", "throughput")}))
+        shown = {k: m[k] for k in ("model", "top1", "top5", "loss", "params", "gmacs")}
+        timings = Path(args.out) / TIMINGS
+        if timings.is_file():
+            shown["throughput"] = json.loads(timings.read_text(encoding="utf-8")).get("throughput")
+        print(json.dumps(shown))
     return m

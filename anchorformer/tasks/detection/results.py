@@ -57,7 +57,7 @@ STANDARD_WINDOW = 14  # ViTDet's window side at patch 16 (global blocks: its def
 _ROW_KEYS = (
     "bbox_AP", "bbox_AP50", "bbox_AP75", "bbox_APs", "bbox_APm", "bbox_APl",
     "segm_AP", "segm_AP50", "segm_AP75", "segm_APs", "segm_APm", "segm_APl",
-    "backbone_gmacs", "backbone_gmacs_full", "backbone_gmacs_match", "match_size", "input_scale", "min_size", "epochs", "train_seconds", "total_seconds",
+    "backbone_gmacs", "backbone_gmacs_full", "backbone_gmacs_match", "match_size", "input_scale", "min_size", "epochs",
 )  # fmt: skip
 
 
@@ -286,12 +286,10 @@ def runs_markdown(rows: Sequence[dict[str, Any]]) -> str:
         )
     return markdown_table(
         shown,
-        ["run", "label", "attention", "input", "scale", "gmacs_input", "bbox_AP", "bbox_AP50", "bbox_AP75", "segm_AP",
-         "train_seconds"],
+        ["run", "label", "attention", "input", "scale", "gmacs_input", "bbox_AP", "bbox_AP50", "bbox_AP75", "segm_AP"],
         ["run", "backbone (as trained)", "attention", "input H×W", "input scale", "backbone GMACs at that input",
-         "box AP", "AP50", "AP75", "mask AP", "train (s)"],
-        digits={"scale": 3, "gmacs_input": 3, "bbox_AP": 1, "bbox_AP50": 1, "bbox_AP75": 1, "segm_AP": 1,
-                "train_seconds": 0},
+         "box AP", "AP50", "AP75", "mask AP"],
+        digits={"scale": 3, "gmacs_input": 3, "bbox_AP": 1, "bbox_AP50": 1, "bbox_AP75": 1, "segm_AP": 1},
     )  # fmt: skip
 
 

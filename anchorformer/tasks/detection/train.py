@@ -50,6 +50,7 @@ from ...engine.launch import launch_if_several
 from ...engine.logging import MetricLogger, progress
 from ...engine.recipe import RecipeError, apply_overrides, load_preset, load_recipe
 from ...engine.seeding import seed_everything, seed_worker
+from ...engine.timings import TIMINGS, RunClock, format_seconds, write_timings
 from ...engine.trainer import TrainingRun, finish_run, training_run
 from ...models.detection import DetectorConfig, build_detector, comparable_input_scale, sanitize_targets
 from ...models.factory import backbone_kwargs
@@ -627,7 +628,12 @@ def _train(run: TrainingRun, data_root: Path, backbone_ckpt: Any) -> dict[str, A
     use_amp = bool(cfg.get("amp", False)) and device.type == "cuda"
     clip = cfg.get("clip_grad")
     log_every = max(1, int(cfg.get("log_every", 20)))
-    logger = MetricLogger(out, enabled=info.is_main, resume_step=it if latest is not None else None)
+    logger = MetricLogger(
+        out,
+        enabled=info.is_main,
+        resume_step=it if latest is not None else None,
+        rows=(latest or {}).get("logged"),
+    )
     with_masks = det_cfg.detector == "mask_rcnn"
     if info.is_main:
         write_json_atomic(
@@ -635,7 +641,7 @@ def _train(run: TrainingRun, data_root: Path, backbone_ckpt: Any) -> dict[str, A
             {"config": cfg.to_dict(), "detector_config": det_cfg.to_dict(), **macs_info, **plan.record(), "lr": lr},
         )
 
-    t_train = time.perf_counter()
+    clock = RunClock(total_iters, it)  # the ETA counts optimizer steps
     for epoch in range(start_epoch, epochs):
         train_model.train()
         if sampler is not None:
@@ -679,7 +685,15 @@ def _train(run: TrainingRun, data_root: Path, backbone_ckpt: Any) -> dict[str, A
                     {f"train/{k}": v / count for k, v in sums.items()} | {"lr": optimizer.param_groups[-1]["lr"]},
                     step=it,
                 )
-                _logger.info("epoch %d it %d/%d loss %.4f", epoch + 1, it, total_iters, sums["loss"] / count)
+                clock.lap(it)
+                _logger.info(
+                    "epoch %d it %d/%d loss %.4f (%s)",
+                    epoch + 1,
+                    it,
+                    total_iters,
+                    sums["loss"] / count,
+                    clock.progress(),
+                )
         logger.log({"epoch": epoch + 1, "train/epoch_loss": sums["loss"] / max(1, count)}, step=it)
         if info.is_main:
             save_training_state(
@@ -692,6 +706,7 @@ def _train(run: TrainingRun, data_root: Path, backbone_ckpt: Any) -> dict[str, A
                     "epoch": epoch + 1,
                     "iteration": it,
                     "rng": capture_rng_state(),
+                    "logged": logger.rows,  # the curves, rewritten from here on resume
                     "detector_config": det_cfg.to_dict(),
                     "cat_ids": list(base.cat_ids),
                     "config": cfg.to_dict(),
@@ -699,7 +714,7 @@ def _train(run: TrainingRun, data_root: Path, backbone_ckpt: Any) -> dict[str, A
                 int(cfg.keep_checkpoints),
             )
         barrier()
-    train_seconds = time.perf_counter() - t_train
+    train_seconds = clock.elapsed
 
     t_eval = time.perf_counter()
     metrics = evaluate_detector(
@@ -731,10 +746,20 @@ def _train(run: TrainingRun, data_root: Path, backbone_ckpt: Any) -> dict[str, A
         "lr": lr,
         "bad_files": len(run.bad_files()),  # training files skipped (on_bad: skip)
         "degenerate_boxes": int(base.num_degenerate),  # training annotations dropped for an empty box
+    }
+    timings = {
         "train_seconds": round(train_seconds, 1),
         "eval_seconds": round(eval_seconds, 1),
         "total_seconds": round(time.perf_counter() - t_start, 1),
+        "first_iteration": clock.start + 1,  # a resumed run times the iterations it ran
     }
+    write_timings(out, timings)
+    _logger.info(
+        "trained in %s, evaluated in %s (%s)",
+        format_seconds(train_seconds),
+        format_seconds(eval_seconds),
+        out / TIMINGS,
+    )
     logger.summary(metrics_all)
     logger.close()
     finish_run(run, metrics_all, weights)

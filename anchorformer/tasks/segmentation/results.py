@@ -47,8 +47,6 @@ COLUMNS = (
     ("mAcc", "mAcc"),
     ("aAcc", "aAcc"),
     ("iters", "iters"),
-    ("train_time_s", "train (s)"),
-    ("eval_time_s", "eval (s)"),
 )
 
 

@@ -55,6 +55,7 @@ from ...engine.launch import launch_if_several
 from ...engine.logging import MetricLogger, progress
 from ...engine.recipe import RecipeError, apply_overrides, load_preset, load_recipe
 from ...engine.seeding import seed_everything
+from ...engine.timings import RunClock, write_timings
 from ...engine.trainer import TrainingRun, training_run
 from ...io import write_json_atomic
 from ...models.anchorformer import AnchorAttention
@@ -422,8 +423,8 @@ def train(
     Returns:
         When evaluated, the metrics written to ``out_dir/metrics.json`` (``mIoU``, ``mAcc``,
         ``aAcc``, ``num_images``, ``backbone``, ``head``, ``iters``, ``params_m``, ``gmacs``, ...);
-        otherwise the training summary (``iters``, ``train_time_s``, ``final_loss``,
-        ``params_m``, ``gmacs``, ``checkpoint``).
+        otherwise the training summary (``iters``, ``final_loss``, ``params_m``, ``gmacs``,
+        ``checkpoint``). The seconds go to ``out_dir/timings.json``, apart from the results.
 
     Raises:
         RecipeError, ValueError, FileNotFoundError: bad recipe, iterations, model name or data
@@ -541,7 +542,12 @@ def _train(
         pin_memory=device.type == "cuda",
         generator=torch.Generator().manual_seed(seed),  # leaves the global RNG (dropout) alone
     )
-    logger = MetricLogger(out, enabled=info.is_main, resume_step=start if resume_state is not None else None)
+    logger = MetricLogger(
+        out,
+        enabled=info.is_main,
+        resume_step=start if resume_state is not None else None,
+        rows=(resume_state or {}).get("logged"),
+    )
     every = int(cfg.checkpoint_every)
     log_every = max(1, int(cfg.log_every))
     plan.log(_logger)
@@ -549,7 +555,7 @@ def _train(
         "training %s + %s on %d images, %d iterations of %d crops, %d process(es)",
         cfg.model, cfg.head, n_train, total, bs, info.world_size,
     )  # fmt: skip
-    t0 = time.perf_counter()
+    clock = RunClock(total, start)
     last: dict[str, float] = {}
     train_model.train()
     for it, (images, labels) in enumerate(progress(loader, desc="train seg", total=len(loader)), start=start):
@@ -584,7 +590,8 @@ def _train(
         if done % log_every == 0 or done == total:
             last = {k: float(all_reduce_mean(v.detach())) for k, v in losses.items()}
             logger.log({**{f"train/{k}": v for k, v in last.items()}, "train/lr": lr}, step=done)
-            _logger.info("iter %d/%d  loss %.4f  lr %.3g", done, total, last["loss"], lr)
+            clock.lap(done)
+            _logger.info("iter %d/%d  loss %.4f  lr %.3g  (%s)", done, total, last["loss"], lr, clock.progress())
         if info.is_main and (done % every == 0 or done == total):
             state = {
                 "model": model.state_dict(),
@@ -592,12 +599,13 @@ def _train(
                 "iteration": done,
                 "total_iters": total,
                 "rng": capture_rng_state(),
+                "logged": logger.rows,  # the curves, rewritten from here on resume
                 "config": cfg.to_dict(),
                 "model_config": model.config,
                 "profile": profile,
             }
             save_training_state(out, done, state, int(cfg.keep_checkpoints))
-    train_time = time.perf_counter() - t0
+    timings = {"train_time_s": round(clock.elapsed, 2), "first_iteration": start + 1}  # a resumed run times its part
     barrier()
     final = out / "model.pth"
     if info.is_main:
@@ -606,7 +614,6 @@ def _train(
         safetensors_beside(final)
     summary = {
         "iters": total,
-        "train_time_s": round(train_time, 2),
         "final_loss": last.get("loss"),
         **plan.record(),
         "bad_files": len(run.bad_files()),  # training files skipped (on_bad: skip)
@@ -616,6 +623,8 @@ def _train(
     logger.summary({k: v for k, v in summary.items() if k != "checkpoint"})
     logger.close()
     if not (cfg.eval_at_end if evaluate is None else evaluate):
+        if info.is_main:
+            write_timings(out, timings)
         return summary
     # metrics.json comes last (after per_class.json and predictions/): its presence means the run finished
     return evaluate_segmentation(
@@ -625,11 +634,11 @@ def _train(
         cfg,
         save_predictions=save_predictions,
         max_images=max_eval_images,
+        timings=timings,
         extra={
             **run_description(cfg, model, profile),
             **plan.record(),
             "iters": total,
-            "train_time_s": summary["train_time_s"],
             "bad_files": summary["bad_files"],
             **complexity,
         },
@@ -665,6 +674,7 @@ def evaluate_segmentation(
     save_predictions: bool = True,
     max_images: int | None = None,
     extra: Mapping[str, Any] | None = None,
+    timings: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """mIoU, mAcc and aAcc of ``model`` on a split, with the test settings of ``cfg``.
 
@@ -680,10 +690,12 @@ def evaluate_segmentation(
         save_predictions: write ``predictions/<ground-truth name>.png`` (values 1..150).
         max_images: only the first N images.
         extra: more entries for ``metrics.json`` (iterations, GMACs, ...).
+        timings: more entries for ``timings.json`` (the training's seconds), written beside
+            ``metrics.json`` with the evaluation's seconds and the machine.
 
     Returns:
         The contents of ``metrics.json``: ``mIoU``, ``mAcc``, ``aAcc`` (percent), ``num_images``,
-        ``num_classes_evaluated``, ``eval_time_s`` and ``extra``.
+        ``num_classes_evaluated`` and ``extra``.
     """
     info = init_distributed(cfg.get("device"))
     device = info.device
@@ -738,7 +750,6 @@ def evaluate_segmentation(
         "num_images": n,
         "num_classes_evaluated": result["num_classes_evaluated"],
         "split": split,
-        "eval_time_s": round(eval_time, 2),
         **dict(extra or {}),
     }
     barrier()
@@ -747,6 +758,7 @@ def evaluate_segmentation(
             shutil.rmtree(out / "predictions", ignore_errors=True)
             os.replace(pred_tmp, out / "predictions")
         write_json_atomic(out / "per_class.json", [r for r in per_class if r["gt_pixels"] or r["pred_pixels"]])
+        write_timings(out, {**dict(timings or {}), "eval_time_s": round(eval_time, 2)})
         write_json_atomic(out / "metrics.json", summary)
         _logger.info("%s: mIoU %.2f  mAcc %.2f  aAcc %.2f", split, summary["mIoU"], summary["mAcc"], summary["aAcc"])
     return summary
