@@ -566,7 +566,7 @@ def _complexity_section(doc: _Doc, complexity: dict | None) -> None:
 
 
 def _classification_tables(doc: _Doc) -> tuple[dict[str, list[dict]], str | None]:
-    """The E1–E3 rows: ``classification.json``, or rebuilt from the runs' ``metrics.json`` without it."""
+    """The E1–E3 and E9 rows: ``classification.json``, or rebuilt from the runs' ``metrics.json`` without it."""
     saved = doc.json("cls/results/classification.json", "cls-results")
     if saved is not None:
         return saved, None
@@ -578,6 +578,7 @@ def _classification_tables(doc: _Doc) -> tuple[dict[str, list[dict]], str | None
         "e1": cls_results.e1_table(e1_runs),
         "e2": cls_results.e2_table(cls_results.load_runs([cls_dir / "e2"]), baseline=e1_runs),
         "e3": cls_results.e3_table(cls_results.load_runs([cls_dir / "e3"]), baseline=e1_runs),
+        "e9": cls_results.e9_table(cls_results.load_runs([cls_dir / "e9"]), baseline=e1_runs),
     }
     note = (
         "_Rows rebuilt from the runs' `cls/e*/*/metrics.json`: `cls/results/classification.json` (DVC-cached) is "
@@ -611,6 +612,62 @@ def _classification_section(doc: _Doc, tables: dict[str, list[dict]], note: str 
             ("cls/results/training_curves.png", "Training curves"),
         ]
     )
+
+
+def _e9_section(doc: _Doc, tables: dict[str, list[dict]]) -> None:
+    doc.heading(2, "E9 · Do the anchors learn? Initialisation, temperature, learning rate (AnchorFormer-T)")
+    rows = tables.get("e9") or []
+    if not any(r.get("role") == "ablation" for r in rows):
+        doc.not_run("cls-e9")
+        return
+    doc.add(
+        "The E1 recipe on AnchorFormer-T with one change each: the anchors' initial scale (the official "
+        "U(-1/√D, 1/√D); unit-norm rows; rows at the typical norm of qk), anchors from k-means of the first "
+        "training batch's qk, a learned temperature per layer on the token–anchor logits, a learning-rate "
+        "multiplier for the anchors (`anchor_lr_mult`). The official rows are the E1 runs. Entropies are means over layers on a fixed batch "
+        "of validation images, at initialisation → after training; ln N and ln M are uniform attention.\n"
+    )
+    doc.add(cls_results.e9_markdown(rows))
+    doc.add("**Verdict.** " + cls_results.e9_verdict(rows) + "\n")
+    doc.figures([("cls/results/entropy_curves.png", "E9: attention entropy per epoch (E1 T runs and E9 variants)")])
+
+
+def _entropy_curves_section(doc: _Doc, tables: dict[str, list[dict]]) -> None:
+    """E7's curves: how selective the attention of each E1 run became through training."""
+    rows = [r for r in tables.get("e1") or [] if r.get("entropy_token") is not None]
+    doc.heading(3, "Attention entropy through training (E1 runs)")
+    if not rows:
+        doc.add("_The E1 runs of this checkout predate the per-epoch entropies: `dvc repro cls-results`._\n")
+        return
+    shown = []
+    for r in rows:
+        d = dict(r)
+        d["distill"] = "⚗" if r.get("distilled") else ""
+        d["kind"] = "p(token \\| anchor)" if r.get("entropy_anchor") is not None else "p(token \\| token)"
+        shown.append(d)
+    doc.add(
+        "Mean over layers of each run's attention entropy (nats) on a fixed batch of validation images, at "
+        "initialisation and after training, against uniform attention (ln N over tokens, ln M over anchors).\n"
+    )
+    doc.add(
+        markdown_table(
+            shown,
+            [
+                "label",
+                "distill",
+                "kind",
+                "entropy_token_init",
+                "entropy_token",
+                "uniform_token",
+                "entropy_anchor_init",
+                "entropy_anchor",
+                "uniform_anchor",
+            ],
+            ["model", "⚗", "over tokens", "start", "end", "ln N", "p(anchor \\| token) start", "end", "ln M"],
+            digits=3,
+        )
+    )
+    doc.figures([("cls/results/entropy_curves.png", "Attention entropy per epoch: AnchorFormer vs DeiT (T)")])
 
 
 def _shape_label(backbone: str, profile: str | None) -> str:
@@ -695,7 +752,7 @@ def _segmentation_section(doc: _Doc, seg: dict | None, seg_complexity: list | No
     )
 
 
-def _anchor_maps_section(doc: _Doc, maps: dict | None) -> None:
+def _anchor_maps_section(doc: _Doc, maps: dict | None, cls_tables: dict[str, list[dict]]) -> None:
     doc.heading(2, "E7 · What the anchors gather")
     if maps is None:
         doc.not_run("anchor-maps")
@@ -727,6 +784,7 @@ def _anchor_maps_section(doc: _Doc, maps: dict | None) -> None:
                 "the least and most entropy per layer._\n"
             )
     doc.figures([("anchor_maps/anchor_maps.png", "p(token | anchor) over images, anchors of largest degree")])
+    _entropy_curves_section(doc, cls_tables)
 
 
 DEVIATIONS = Path(__file__).resolve().parent / "configs" / "deviations.yaml"
@@ -854,9 +912,10 @@ def build_report(
     _data_section(doc)
     _complexity_section(doc, complexity)
     _classification_section(doc, cls_tables, cls_note)
+    _e9_section(doc, cls_tables)
     _detection_section(doc, det, profile)
     _segmentation_section(doc, seg, seg_complexity, profile)
-    _anchor_maps_section(doc, maps)
+    _anchor_maps_section(doc, maps, cls_tables)
     _deviations_section(doc, out_dir)
 
     paths = write_report(doc.out_md, doc.text())

@@ -228,3 +228,28 @@ def test_model_from_training_checkpoint(tmp_path):
     torch.save({"model": src.state_dict()}, tmp_path / "plain.pth")
     with pytest.raises(CheckpointMismatchError, match="model_name"):
         model_from_checkpoint(tmp_path / "plain.pth")
+
+
+@pytest.mark.parametrize("anchor_init", ["official", "unit", "qk_norm", "kmeans"])
+def test_official_layout_loads_under_every_anchor_init(anchor_init):
+    """The E9 initialisations add no weights: the official layout loads strictly and unchanged."""
+    sd = random_state_dict(official_layout())
+    model = anchorformer.create_model("anchor_deit_tiny_distilled_patch16_224", anchor_init=anchor_init).eval()
+    report = load_checkpoint(model, sd)
+    assert report.layout == "official" and not report.missing and not report.unused
+    torch.testing.assert_close(model.blocks[3].attn.anchors, sd["blocks.3.attn.dist_anchor_B.weight"])
+
+
+def test_learned_temperature_is_the_only_extra_key():
+    """learn_temperature adds one scalar per layer, and only then; the official layout still maps onto
+    everything else (the temperatures are reported missing, at 1 = exp(0))."""
+    plain = anchorformer.create_model("anchor_deit_tiny_distilled_patch16_224")
+    tempered = anchorformer.create_model("anchor_deit_tiny_distilled_patch16_224", learn_temperature=True)
+    extra = set(tempered.state_dict()) - set(plain.state_dict())
+    assert extra == {f"blocks.{i}.attn.logit_scale" for i in range(12)}
+    assert not any("logit_scale" in k for k in plain.state_dict())
+    report = load_checkpoint(tempered, random_state_dict(official_layout()), strict=False)
+    assert sorted(report.missing) == sorted(extra) and not report.unused
+    assert all(tempered.blocks[i].attn.logit_scale.item() == 0.0 for i in range(12))
+    with pytest.raises(CheckpointMismatchError):
+        load_checkpoint(tempered, random_state_dict(official_layout()))

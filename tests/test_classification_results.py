@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -12,10 +13,16 @@ from anchorformer.tasks.classification.results import (
     e1_table,
     e2_table,
     e3_table,
+    e9_curve_runs,
+    e9_markdown,
+    e9_table,
+    e9_verdict,
     load_runs,
     plot_accuracy_vs_gmacs,
     plot_anchor_ablation,
     plot_design_ablation,
+    plot_e9_top1,
+    plot_entropy_curves,
     plot_training_curves,
     tables_markdown,
     write_results,
@@ -23,11 +30,13 @@ from anchorformer.tasks.classification.results import (
 from anchorformer.viz import save_figure
 
 
-def _run(folder, model, top1, m=None, **cfg):
+def _run(folder, model, top1, m=None, entropy=None, **cfg):
     folder.mkdir(parents=True)
     config = {"profile": "mini", "anchor_mode": "learned", "normalize": True, "per_head_anchors": False, **cfg}
     metrics = {"model": model, "top1": top1, "top5": 99.0, "params_m": 0.4, "gmacs": 0.03}
     metrics.update(num_anchors=m, num_classes=10, config=config)
+    if entropy is not None:
+        metrics["entropy"] = entropy
     (folder / "metrics.json").write_text(json.dumps(metrics))
     (folder / "history.json").write_text(json.dumps([{"epoch": 1, "train_loss": 2.0, "top1": top1}]))
 
@@ -105,3 +114,76 @@ def test_bad_metrics_file_is_named(tmp_path):
     with pytest.raises(ValueError, match="metrics.json"):
         load_runs([tmp_path])
     assert load_runs([tmp_path / "missing"]) == []
+
+
+def _entropy(token, anchor=None, n=65, m=16):
+    """A metrics.json ``entropy`` entry: means at init (uniform) and at the end."""
+    if anchor is None:  # softmax attention
+        uniform = {"token_given_token": round(math.log(n), 5)}
+        return {"uniform": uniform, "init": {"token_given_token/mean": 4.0}, "final": {"token_given_token/mean": token}}
+    uniform = {"token_given_anchor": round(math.log(n), 5), "anchor_given_token": round(math.log(m), 5)}
+    init = {"token_given_anchor/mean": uniform["token_given_anchor"], "anchor_given_token/mean": 2.77}
+    return {
+        "uniform": uniform,
+        "init": init,
+        "final": {"token_given_anchor/mean": token, "anchor_given_token/mean": anchor},
+    }
+
+
+def _e9_runs(tmp_path, variants):
+    _run(tmp_path / "e1" / "af_t", "anchorformer_tiny_patch16_224", 89.5, m=16, entropy=_entropy(3.7, 2.1))
+    _run(tmp_path / "e1" / "deit_t", "deit_tiny_patch16_224", 97.5, entropy=_entropy(3.0))
+    _run(tmp_path / "e1" / "af_s", "anchorformer_small_patch16_224", 93.0, m=16)
+    for name, (top1, cfg) in variants.items():
+        _run(tmp_path / "e9" / name, "anchorformer_tiny_patch16_224", top1, m=16, entropy=_entropy(3.5, 1.9), **cfg)
+    return load_runs([tmp_path / "e1"]), load_runs([tmp_path / "e9"])
+
+
+def test_e9_table_verdict_and_curves(tmp_path):
+    e1, e9 = _e9_runs(
+        tmp_path,
+        {
+            "lr": (91.0, {"anchor_lr_mult": 10.0}),
+            "temp": (98.0, {"learn_temperature": True}),
+            "kmeans": (90.0, {"anchor_init": "kmeans"}),
+            "unit": (97.5, {"anchor_init": "unit"}),
+        },
+    )
+    rows = e9_table(e9, baseline=e1)
+    assert [r["role"] for r in rows] == ["reference", "official", "ablation", "ablation", "ablation", "ablation"]
+    assert [r["variant"] for r in rows[1:]] == [
+        "official anchors U(-1/√D, 1/√D) (E1)",
+        "unit-norm anchors",
+        "k-means anchors (first batch's qk)",
+        "official anchors U(-1/√D, 1/√D), learned temperature",
+        "official anchors U(-1/√D, 1/√D), anchor lr ×10",
+    ]
+    assert [r["gap_to_deit"] for r in rows] == [0.0, -8.0, 0.0, -7.5, 0.5, -6.5]
+    assert rows[1]["entropy_token"] == 3.7 and rows[1]["uniform_anchor"] == round(math.log(16), 5)
+    assert rows[0]["entropy_token"] == 3.0 and rows[0]["entropy_anchor"] is None
+    verdict = e9_verdict(rows)
+    assert "DeiT-T reaches 97.5% top-1 and the official AnchorFormer-T 89.5% (-8.0 points)" in verdict
+    assert "unit-norm anchors (97.5%); official anchors U(-1/√D, 1/√D), learned temperature (98.0%)" in verdict
+    assert "keeps the official initialisation" in verdict
+    table = e9_markdown(rows)
+    assert "| unit-norm anchors | 97.5 | +0.0 | 0.03 | 4.174 → 3.500 | 4.174 | 2.770 → 1.900 | 2.773 |" in table
+    assert "E9" in tables_markdown({"e9": rows}) and verdict in tables_markdown({"e9": rows})
+    curves = e9_curve_runs(e1, e9)
+    assert [r["run"].split("/")[-1] for r in curves][:2] == ["af_t", "deit_t"] and len(curves) == 6
+    png, _svg = save_figure(plot_entropy_curves(curves), tmp_path / "fig" / "entropy")
+    assert png.is_file() and png.stat().st_size > 1000
+    fig = plot_e9_top1(rows)
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == [r["variant"] for r in rows]
+    assert [round(p.get_width(), 1) for p in fig.axes[0].patches] == [97.5, 89.5, 97.5, 90.0, 98.0, 91.0]
+
+
+def test_e9_verdict_without_a_closing_variant_or_runs(tmp_path):
+    e1, e9 = _e9_runs(tmp_path, {"qk": (92.0, {"anchor_init": "qk_norm"}), "kmeans": (90.0, {"anchor_init": "kmeans"})})
+    rows = e9_table(e9, baseline=e1)
+    verdict = e9_verdict(rows)
+    assert "No variant closes the gap to DeiT-T: the best, anchors at the typical norm of qk, reaches 92.0%" in verdict
+    assert "(-5.5 points against DeiT-T, +2.5 against the official initialisation)" in verdict
+    assert e9_verdict(e9_table([], baseline=e1)).startswith("No E9 variant has run.")
+    assert "DeiT-T run is missing" in e9_verdict(e9_table(e9, baseline=[r for r in e1 if "deit" not in r["model"]]))
+    # an E9 run is never mistaken for the official baseline of E2/E3
+    assert {r["run"] for r in e3_table([], baseline=e9)} == set()

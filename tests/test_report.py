@@ -123,6 +123,34 @@ def test_report_never_reads_params_yaml(tmp_path, monkeypatch):
     assert "**Profile: not given**" in text
 
 
+def test_report_e9_section_and_entropy_curves(tmp_path):
+    """E9 from classification.json: its table and verdict computed from the rows; absent, 'Not run yet'."""
+    from anchorformer.report import build_report
+
+    out = tmp_path / "outputs"
+    (out / "cls/results").mkdir(parents=True)
+    base = {"size": "T", "distilled": False, "gmacs": 0.03, "uniform_token": 4.17439, "entropy_token_init": 4.1743}
+    e1 = [
+        {**base, "family": "AnchorFormer", "label": "AnchorFormer-T (mini)", "top1": 89.5, "entropy_token": 3.727,
+         "entropy_anchor_init": 2.772, "entropy_anchor": 2.151, "uniform_anchor": 2.77259},
+        {**base, "family": "DeiT", "label": "DeiT-T (mini)", "top1": 97.5, "entropy_token": 2.5},
+    ]  # fmt: skip
+    (out / "cls/results/classification.json").write_text(json.dumps({"e1": e1, "e2": [], "e3": []}))
+    text = build_report(out, tmp_path / "r1" / "report.md", profile="mini")["markdown"].read_text()
+    assert "_Not run yet: `dvc repro cls-e9`._" in text
+    assert "| DeiT-T (mini) |  | p(token \\| token) | 4.174 | 2.500 | 4.174 | — | — | — |" in text  # E7's entropy table
+    e9 = [
+        {**e1[1], "variant": "DeiT-T (softmax attention, E1)", "role": "reference", "gap_to_deit": 0.0},
+        {**e1[0], "variant": "official anchors (E1)", "role": "official", "gap_to_deit": -8.0},
+        {**e1[0], "variant": "unit-norm anchors", "role": "ablation", "top1": 91.0, "gap_to_deit": -6.5},
+    ]
+    (out / "cls/results/classification.json").write_text(json.dumps({"e1": e1, "e2": [], "e3": [], "e9": e9}))
+    text = build_report(out, tmp_path / "r2" / "report.md", profile="mini")["markdown"].read_text()
+    assert "dvc repro cls-e9" not in text
+    assert "No variant closes the gap to DeiT-T: the best, unit-norm anchors, reaches 91.0%" in text
+    assert "| unit-norm anchors | 91.0 | -6.5 |" in text and "keeps the official initialisation" in text
+
+
 def test_report_holds_no_timings_and_no_machine(tmp_path):
     """The benchmark's figures and the machine stay out of the report: it links the bench page instead.
 

@@ -30,6 +30,7 @@ from timm.models.vision_transformer import VisionTransformer
 from ..ops.anchor_attention import IMPLS, anchor_attention
 
 __all__ = [
+    "ANCHOR_INITS",
     "ANCHOR_MODES",
     "DEFAULT_NUM_ANCHORS",
     "check_num_anchors",
@@ -43,6 +44,12 @@ __all__ = [
 ]
 
 ANCHOR_MODES = ("learned", "pooled")
+# How the anchors start (E9). official: the official nn.Linear(D, M) weight, U(-1/sqrt(D), 1/sqrt(D));
+# unit: the same draw with every row scaled to norm 1; qk_norm: rows scaled to the typical norm of
+# qk at initialisation (sqrt of E||qk||^2 for unit-variance inputs, the squared Frobenius norm of a
+# head's rows of the qk projection, averaged over heads); kmeans: the official draw, replaced before
+# training by k-means centroids of the first training batch's qk (anchorformer.models.anchor_init).
+ANCHOR_INITS = ("official", "unit", "qk_norm", "kmeans")
 DEFAULT_NUM_ANCHORS = 30  # M of the official code; the one place this default is set
 
 
@@ -105,6 +112,8 @@ class AnchorAttention(nn.Module):
         normalize: bool = True,  # apply Λ^-1 (False: the ablation without it)
         per_head_anchors: bool = False,  # (H, M, D) anchors instead of one (M, D) set per layer
         anchor_mode: str = "learned",  # "learned" (the method) or "pooled" (fixed-anchor ablation)
+        anchor_init: str = "official",  # ANCHOR_INITS: how the anchors start (E9)
+        learn_temperature: bool = False,  # a learned scale exp(logit_scale) on the token-anchor logits (E9)
         attn_impl: str = "auto",  # "auto" | "reference" | "triton"
         device: torch.device | str | None = None,  # timm's factory arguments: where and in which
         dtype: torch.dtype | None = None,  # dtype every parameter is created
@@ -117,6 +126,12 @@ class AnchorAttention(nn.Module):
         check_num_anchors(num_anchors)
         if anchor_mode not in ANCHOR_MODES:
             raise ValueError(f"AnchorAttention: anchor_mode must be one of {ANCHOR_MODES}; got {anchor_mode!r}")
+        if anchor_init not in ANCHOR_INITS:
+            raise ValueError(f"AnchorAttention: anchor_init must be one of {ANCHOR_INITS}; got {anchor_init!r}")
+        if anchor_init != "official" and anchor_mode != "learned":
+            raise ValueError(
+                f"AnchorAttention: anchor_init={anchor_init!r} needs anchor_mode='learned' (pooled anchors are not initialised)"
+            )
         if attn_impl not in IMPLS:
             raise ValueError(f"AnchorAttention: attn_impl must be one of {IMPLS}; got {attn_impl!r}")
         self.num_heads = num_heads
@@ -125,6 +140,7 @@ class AnchorAttention(nn.Module):
         self.normalize = normalize
         self.per_head_anchors = per_head_anchors
         self.anchor_mode = anchor_mode
+        self.anchor_init = anchor_init
         self.attn_impl = attn_impl
 
         self.in_proj = nn.Linear(dim, 2 * dim, bias=qkv_bias, **dd)  # -> [qk | v]
@@ -133,19 +149,40 @@ class AnchorAttention(nn.Module):
             self.anchors = nn.Parameter(torch.empty(shape, **dd))
         else:
             self.register_parameter("anchors", None)
+        # exists only when learned, so the official layout and earlier checkpoints load unchanged
+        self.logit_scale = nn.Parameter(torch.zeros((), **dd)) if learn_temperature else None
         self.proj = nn.Linear(dim, dim, bias=proj_bias, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
         self.init_weights()
 
     def init_weights(self) -> None:
-        """Anchors as the official ``nn.Linear(D, M)`` weight: U(-1/sqrt(D), 1/sqrt(D)).
+        """Anchors as the official ``nn.Linear(D, M)`` weight: U(-1/sqrt(D), 1/sqrt(D)), then
+        rescaled by ``anchor_init`` (the same random draw for every choice); the temperature at 1.
 
-        timm's ViT initialisation calls this for every attention layer; so does
-        ``model.init_weights()`` after ``create_model(..., device="meta")`` and ``to_empty``.
+        timm's ViT initialisation calls this for every attention layer, after the projections
+        (children first); so does ``model.init_weights()`` after ``create_model(..., device="meta")``
+        and ``to_empty``. ``"kmeans"`` starts as ``"official"``: its centroids need data
+        (:func:`anchorformer.models.anchor_init.init_anchors_kmeans`).
         """
         if self.anchors is not None:
             bound = 1.0 / math.sqrt(self.head_dim)
             nn.init.uniform_(self.anchors, -bound, bound)
+            if self.anchor_init in ("unit", "qk_norm"):
+                with torch.no_grad():
+                    self.anchors.div_(self.anchors.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+                    if self.anchor_init == "qk_norm":
+                        self.anchors.mul_(self.typical_qk_norm())
+        if self.logit_scale is not None:
+            nn.init.zeros_(self.logit_scale)
+
+    @torch.no_grad()
+    def typical_qk_norm(self) -> torch.Tensor:
+        """The typical norm of ``qk`` for inputs of unit variance per channel (LayerNorm's output):
+        E||W_h x||^2 = ||W_h||_F^2 for head h's (D, C) rows W_h of the qk projection; the root of
+        its mean over heads. A scalar tensor."""
+        w_qk = self.in_proj.weight[: self.num_heads * self.head_dim].float()  # (H*D, C)
+        per_head = w_qk.reshape(self.num_heads, -1).pow(2).sum(dim=1)  # (H,)
+        return per_head.mean().sqrt()
 
     def pooled_anchors(self, qk: torch.Tensor) -> torch.Tensor:
         """Fixed anchors: the tokens' embeddings average-pooled to M, detached (not learned).
@@ -167,6 +204,8 @@ class AnchorAttention(nn.Module):
         qkv = self.in_proj(x).reshape(B, N, 2, self.num_heads, self.head_dim)  # (B, N, 2, H, D)
         qk, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (B, H, N, D)
         anchors = self.anchors if self.anchors is not None else self.pooled_anchors(qk)
+        if self.logit_scale is not None:  # softmax(s * qk U^T / sqrt(D)) = softmax(qk (s U)^T / sqrt(D))
+            anchors = anchors * self.logit_scale.exp()
         return qk, v, anchors.to(qk.dtype)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
@@ -190,7 +229,8 @@ class AnchorAttention(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"heads={self.num_heads}, anchors={self.num_anchors}, normalize={self.normalize}, "
-            f"per_head_anchors={self.per_head_anchors}, anchor_mode={self.anchor_mode!r}, impl={self.attn_impl!r}"
+            f"per_head_anchors={self.per_head_anchors}, anchor_mode={self.anchor_mode!r}, "
+            f"anchor_init={self.anchor_init!r}, learn_temperature={self.logit_scale is not None}, impl={self.attn_impl!r}"
         )
 
 
@@ -217,6 +257,8 @@ class AnchorBlock(nn.Module):
         normalize: bool = True,
         per_head_anchors: bool = False,
         anchor_mode: str = "learned",
+        anchor_init: str = "official",
+        learn_temperature: bool = False,
         attn_impl: str = "auto",
         device: torch.device | str | None = None,  # timm's factory arguments, passed to every layer
         dtype: torch.dtype | None = None,
@@ -235,6 +277,8 @@ class AnchorBlock(nn.Module):
             normalize=normalize,
             per_head_anchors=per_head_anchors,
             anchor_mode=anchor_mode,
+            anchor_init=anchor_init,
+            learn_temperature=learn_temperature,
             attn_impl=attn_impl,
             **dd,
         )
@@ -253,7 +297,15 @@ class AnchorBlock(nn.Module):
         return x
 
 
-_ANCHOR_KWARGS = ("num_anchors", "normalize", "per_head_anchors", "anchor_mode", "attn_impl")
+_ANCHOR_KWARGS = (
+    "num_anchors",
+    "normalize",
+    "per_head_anchors",
+    "anchor_mode",
+    "anchor_init",
+    "learn_temperature",
+    "attn_impl",
+)
 
 
 def _split_anchor_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -292,9 +344,9 @@ class _AnchorMixin:
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        """Position embeddings, tokens and anchors are not decayed."""
+        """Position embeddings, tokens, anchors and temperatures are not decayed."""
         names = {"pos_embed", "cls_token", "dist_token"}
-        names |= {n for n, _ in self.named_parameters() if n.endswith(".anchors")}  # type: ignore[attr-defined]
+        names |= {n for n, _ in self.named_parameters() if n.endswith((".anchors", ".logit_scale"))}  # type: ignore[attr-defined]
         return names
 
 

@@ -13,7 +13,15 @@ from .windowed import WindowedAnchorBlock, WindowedBlock, set_window_attention
 
 __all__ = ["DEFAULT_NUM_ANCHORS", "backbone_kwargs", "check_num_anchors", "create_model", "is_anchorformer", "is_vit"]
 
-_ANCHOR_ONLY_KWARGS = ("num_anchors", "normalize", "per_head_anchors", "anchor_mode", "attn_impl")
+_ANCHOR_ONLY_KWARGS = (
+    "num_anchors",
+    "normalize",
+    "per_head_anchors",
+    "anchor_mode",
+    "anchor_init",
+    "learn_temperature",
+    "attn_impl",
+)
 _SIZE_WORDS = ("tiny", "small", "base")
 
 
@@ -40,8 +48,9 @@ def backbone_kwargs(name: str, recipe: Mapping[str, Any]) -> dict[str, Any]:
     (the grid the position embeddings belong to), ``patch_size`` when set, and the entry of
     ``model_sizes`` for the size word (tiny/small/base) in ``name``. For AnchorFormer also the
     anchor settings: ``num_anchors`` (M; ``None`` keeps the model's default,
-    :data:`DEFAULT_NUM_ANCHORS`), ``anchor_mode``, ``normalize``, ``per_head_anchors`` and
-    ``attn_impl``; baselines take none. For ViTs with ``window_size`` > 0 (ViTDet's windowed
+    :data:`DEFAULT_NUM_ANCHORS`), ``anchor_mode``, ``normalize``, ``per_head_anchors``,
+    ``attn_impl``, and ``anchor_init`` and ``learn_temperature`` where the recipe has them (the
+    classification recipe, E9); baselines take none. For ViTs with ``window_size`` > 0 (ViTDet's windowed
     attention, dense tasks): ``window_size`` and ``global_blocks``; with 0 (global attention) neither
     is passed, so a recipe without windows builds the model it always built. ``model_kwargs`` come
     last and win.
@@ -70,7 +79,7 @@ def backbone_kwargs(name: str, recipe: Mapping[str, Any]) -> dict[str, Any]:
     if is_anchorformer(name):
         if get("num_anchors") is not None:
             kw["num_anchors"] = check_num_anchors(get("num_anchors"))
-        for key in ("anchor_mode", "normalize", "per_head_anchors", "attn_impl"):
+        for key in ("anchor_mode", "normalize", "per_head_anchors", "anchor_init", "learn_temperature", "attn_impl"):
             if get(key) is not None:
                 kw[key] = get(key)
     kw.update(get("model_kwargs") or {})
@@ -86,7 +95,8 @@ def create_model(name: str, *, pretrained: bool = False, **kwargs: Any) -> nn.Mo
             :func:`anchorformer.load_checkpoint` instead.
         **kwargs: model arguments (``num_classes``, ``img_size``, ``drop_path_rate``,
             ``in_chans``, ...); for AnchorFormer also ``num_anchors``, ``attn_impl``,
-            ``normalize``, ``per_head_anchors`` and ``anchor_mode``. Anchor arguments given for a
+            ``normalize``, ``per_head_anchors``, ``anchor_mode``, ``anchor_init`` and
+            ``learn_temperature``. Anchor arguments given for a
             baseline are an error; ``attn_impl`` is ignored for baselines. ``window_size`` (S,
             default 0: global attention in every block) and ``global_blocks`` (default: ViTDet's,
             :func:`anchorformer.models.windowed.default_global_blocks`) window the attention of the

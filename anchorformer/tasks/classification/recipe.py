@@ -11,6 +11,8 @@ import dataclasses
 from typing import Any, ClassVar
 
 from ...engine.recipe import TaskRecipe, setting
+from ...models.anchorformer import ANCHOR_INITS
+from ...models.factory import is_anchorformer
 from .distillation import DISTILLATION_KINDS
 
 __all__ = ["ClsRecipe"]
@@ -22,6 +24,10 @@ class ClsRecipe(TaskRecipe):
 
     task: ClassVar[str] = "cls"
 
+    # --- the anchors (E9; AnchorFormer models only) ---------------------------------------------
+    anchor_init: str = setting(choices=ANCHOR_INITS)  # official (U(-1/sqrt(D), 1/sqrt(D))) | unit | qk_norm | kmeans
+    learn_temperature: bool = setting()  # a learned scale on each layer's token-anchor logits
+    anchor_lr_mult: float = setting(gt=0.0)  # the anchors' learning rate = lr x anchor_lr_mult
     # --- optimisation -------------------------------------------------------------------------
     epochs: int = setting(ge=1)
     batch_size: int = setting(ge=1)  # per process; global batch = batch_size x processes x accum_steps
@@ -92,6 +98,16 @@ class ClsRecipe(TaskRecipe):
         if self.global_batch is not None and self.accum_steps != 1:
             problems.append(
                 f"accum_steps={self.accum_steps}: derived from global_batch={self.global_batch}; set one of them (accum_steps=1)"
+            )
+        ablation = self.anchor_init != "official" or self.learn_temperature or self.anchor_lr_mult != 1.0
+        if ablation and not is_anchorformer(self.model):
+            problems.append(
+                f"anchor_init={self.anchor_init!r}, learn_temperature={self.learn_temperature}, "
+                f"anchor_lr_mult={self.anchor_lr_mult}: {self.model!r} has no anchors; expected official, false, 1.0"
+            )
+        if self.anchor_init != "official" and self.anchor_mode != "learned":
+            problems.append(
+                f"anchor_init={self.anchor_init!r}: expected official with anchor_mode={self.anchor_mode!r}"
             )
         unknown = set(self.model_sizes) - {"tiny", "small", "base"}
         if unknown:

@@ -11,9 +11,15 @@ values). This module reads them and builds (measured speed is the benchmark's, a
 - E2: top-1 and GMACs against the number of anchors M.
 - E3: the design ablations: learned vs fixed (pooled, detached) anchors, with vs without Λ⁻¹,
   shared vs per-head anchors.
+- E9: do the anchors learn? The anchors' initialisation (official U(-1/sqrt(D), 1/sqrt(D)),
+  unit-norm rows, rows at the typical norm of qk, k-means of the first batch's qk), a learned
+  temperature and a learning-rate multiplier for the anchors, each with its top-1, GMACs and the
+  attention entropies (mean over layers) at the start and the end of training against the uniform
+  values ln N and ln M, next to DeiT-T's top-1; :func:`e9_verdict` says which, if any, closes the
+  gap to DeiT-T. :func:`plot_entropy_curves` draws the entropies per epoch.
 
 Runs that serve two tables (the AnchorFormer-T baseline of E1 is also the default point of E2
-and the reference row of E3) are trained once and read from E1.
+and the reference row of E3 and E9) are trained once and read from E1.
 
 The ``*_markdown`` functions render one table each, without a heading, from the rows (as built
 here or as read back from ``classification.json``): the report puts them under its own headings.
@@ -47,10 +53,16 @@ __all__ = [
     "e2_table",
     "e3_markdown",
     "e3_table",
+    "e9_curve_runs",
+    "e9_markdown",
+    "e9_table",
+    "e9_verdict",
     "load_runs",
     "plot_accuracy_vs_gmacs",
     "plot_anchor_ablation",
     "plot_design_ablation",
+    "plot_e9_top1",
+    "plot_entropy_curves",
     "plot_training_curves",
     "tables_markdown",
     "write_results",
@@ -132,6 +144,26 @@ def describe_run(run: dict[str, Any]) -> dict[str, Any]:
         "anchor_mode": cfg.get("anchor_mode") if anchor else None,
         "normalize": cfg.get("normalize") if anchor else None,
         "per_head_anchors": cfg.get("per_head_anchors") if anchor else None,
+        "anchor_init": cfg.get("anchor_init", "official") if anchor else None,
+        "learn_temperature": bool(cfg.get("learn_temperature", False)) if anchor else None,
+        "anchor_lr_mult": float(cfg.get("anchor_lr_mult", 1.0)) if anchor else None,
+    }
+
+
+def _entropy_fields(run: dict[str, Any]) -> dict[str, Any]:
+    """Mean entropies over layers at the start and the end of training, and the uniform values
+    (``metrics.json`` ``entropy``; ``None`` for runs without it). p(token | ·) is p(token | anchor)
+    for AnchorFormer and p(token | token) for softmax attention."""
+    e = run.get("entropy") or {}
+    uniform, init, final = e.get("uniform") or {}, e.get("init") or {}, e.get("final") or {}
+    token = "token_given_anchor" if "token_given_anchor" in uniform else "token_given_token"
+    return {
+        "entropy_token_init": init.get(f"{token}/mean"),
+        "entropy_token": final.get(f"{token}/mean"),
+        "uniform_token": uniform.get(token),
+        "entropy_anchor_init": init.get("anchor_given_token/mean"),
+        "entropy_anchor": final.get("anchor_given_token/mean"),
+        "uniform_anchor": uniform.get("anchor_given_token"),
     }
 
 
@@ -146,12 +178,19 @@ def _row(run: dict[str, Any]) -> dict[str, Any]:
         "top5": run.get("top5"),
         "epochs": run.get("epochs"),
         "img_size": run.get("img_size"),
+        **_entropy_fields(run),
     }
 
 
 def _is_baseline_anchor(d: dict[str, Any]) -> bool:
     return (
-        d["family"] == "AnchorFormer" and d["anchor_mode"] == "learned" and d["normalize"] and not d["per_head_anchors"]
+        d["family"] == "AnchorFormer"
+        and d["anchor_mode"] == "learned"
+        and d["normalize"]
+        and not d["per_head_anchors"]
+        and d.get("anchor_init", "official") == "official"
+        and not d.get("learn_temperature")
+        and d.get("anchor_lr_mult", 1.0) == 1.0
     )
 
 
@@ -218,13 +257,120 @@ def e3_table(runs: Sequence[dict[str, Any]], baseline: Sequence[dict[str, Any]] 
     return rows
 
 
+_E9_ORDER = {"unit": 0, "qk_norm": 1, "kmeans": 2}
+_E9_INIT = {
+    "official": "official anchors U(-1/√D, 1/√D)",
+    "unit": "unit-norm anchors",
+    "qk_norm": "anchors at the typical norm of qk",
+    "kmeans": "k-means anchors (first batch's qk)",
+}
+
+
+def _e9_variant(d: dict[str, Any]) -> str:
+    parts = [_E9_INIT.get(d.get("anchor_init") or "official", str(d.get("anchor_init")))]
+    if d.get("learn_temperature"):
+        parts.append("learned temperature")
+    if (d.get("anchor_lr_mult") or 1.0) != 1.0:
+        parts.append(f"anchor lr ×{d['anchor_lr_mult']:g}")
+    return ", ".join(parts)
+
+
+def _is_plain_t(r: dict[str, Any], family: str) -> bool:
+    return r["family"] == family and r["size"] == "T" and not r["distilled"]
+
+
+def e9_table(runs: Sequence[dict[str, Any]], baseline: Sequence[dict[str, Any]] = ()) -> list[dict[str, Any]]:
+    """E9 rows: DeiT-T and the official AnchorFormer-T (both from E1), then each E9 variant.
+
+    Each row has ``variant``, ``role`` (``reference``, ``official`` or ``ablation``), top-1,
+    GMACs, the entropy fields and ``gap_to_deit`` (top-1 minus DeiT-T's, points; ``None``
+    without the DeiT-T run).
+    """
+    rows = []
+    for family, role in (("DeiT", "reference"), ("AnchorFormer", "official")):
+        for run in baseline:
+            r = _row(run)
+            if _is_plain_t(r, family) and (family == "DeiT" or _is_baseline_anchor(r)):
+                r["variant"] = "DeiT-T (softmax attention, E1)" if family == "DeiT" else _e9_variant(r) + " (E1)"
+                r["role"] = role
+                rows.append(r)
+                break
+    ablations = []
+    for run in runs:
+        r = _row(run)
+        r["variant"], r["role"] = _e9_variant(r), "ablation"
+        ablations.append(r)
+    ablations.sort(
+        key=lambda r: (
+            _E9_ORDER.get(r["anchor_init"], 3),
+            r["anchor_lr_mult"] or 1.0,
+            bool(r["learn_temperature"]),
+            r["run"] or "",
+        )
+    )
+    rows += ablations
+    deit = next((r["top1"] for r in rows if r["role"] == "reference"), None)
+    for r in rows:
+        r["gap_to_deit"] = None if deit is None or r["top1"] is None else round(r["top1"] - deit, 2)
+    return rows
+
+
+def e9_verdict(rows: Sequence[dict[str, Any]]) -> str:
+    """One paragraph from the E9 rows: the gap of the official AnchorFormer-T to DeiT-T, and which
+    variants, if any, close it (top-1 at least DeiT-T's); every number read from ``rows``."""
+    deit = next((r for r in rows if r["role"] == "reference"), None)
+    official = next((r for r in rows if r["role"] == "official"), None)
+    ablations = [r for r in rows if r["role"] == "ablation" and r["top1"] is not None]
+    tail = (
+        "The full profile keeps the official initialisation (anchor_init=official, no temperature, anchor_lr_mult=1) "
+        "unless a recipe key says otherwise."
+    )
+    if not ablations:
+        return "No E9 variant has run. " + tail
+    if deit is None or official is None:
+        missing = "DeiT-T" if deit is None else "AnchorFormer-T (official initialisation)"
+        return f"The E1 {missing} run is missing: no gap to compare. {tail}"
+    gap = official["top1"] - deit["top1"]
+    text = (
+        f"DeiT-T reaches {deit['top1']:.1f}% top-1 and the official AnchorFormer-T {official['top1']:.1f}% "
+        f"({gap:+.1f} points). "
+    )
+    closing = [r for r in ablations if r["top1"] >= deit["top1"]]
+    best = max(ablations, key=lambda r: r["top1"])
+    if closing:
+        names = "; ".join(f"{r['variant']} ({r['top1']:.1f}%)" for r in closing)
+        text += f"Closing the gap to DeiT-T (top-1 at least DeiT-T's): {names}. "
+    else:
+        text += (
+            f"No variant closes the gap to DeiT-T: the best, {best['variant']}, reaches {best['top1']:.1f}% "
+            f"({best['top1'] - deit['top1']:+.1f} points against DeiT-T, {best['top1'] - official['top1']:+.1f} "
+            "against the official initialisation). "
+        )
+    return text + tail
+
+
+def e9_curve_runs(e1_runs: Sequence[dict[str, Any]], e9_runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The runs whose entropy curves E9 draws: the plain T runs of E1 (AnchorFormer and DeiT), then E9's."""
+    plain_t = [r for r in e1_runs if describe_run(r)["size"] == "T" and not describe_run(r)["distilled"]]
+    return [*plain_t, *e9_runs]
+
+
 _FORMATS = {
     "params_m": "{:.3f}",
     "gmacs": "{:.4g}",
     "top1": "{:.1f}",
     "top5": "{:.1f}",
     "paper_top1": "{:.1f}",
+    "gap_to_deit": "{:+.1f}",
 }
+_ENTROPY_KEYS = (
+    "entropy_token_init",
+    "entropy_token",
+    "uniform_token",
+    "entropy_anchor_init",
+    "entropy_anchor",
+    "uniform_anchor",
+)
 
 
 def _display(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -235,6 +381,9 @@ def _display(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         for key, fmt in _FORMATS.items():
             if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool):
                 shown[key] = fmt.format(r[key])
+        for key in _ENTROPY_KEYS:
+            if isinstance(r.get(key), (int, float)):
+                shown[key] = f"{r[key]:.3f}"
         out.append(shown)
     return out
 
@@ -275,6 +424,30 @@ def e3_markdown(rows: Sequence[dict[str, Any]]) -> str:
     )
 
 
+def e9_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """The E9 table (no heading): top-1, its difference to DeiT-T, GMACs, and the mean entropies over
+    layers at the start → the end of training against uniform (ln N, ln M)."""
+    shown = _display(rows)
+    for r in shown:
+        for kind in ("token", "anchor"):
+            start, end = r.get(f"entropy_{kind}_init"), r.get(f"entropy_{kind}")
+            r[f"h_{kind}"] = "—" if end is None else f"{start} → {end}"
+    return markdown_table(
+        shown,
+        ["variant", "top1", "gap_to_deit", "gmacs", "h_token", "uniform_token", "h_anchor", "uniform_anchor"],
+        [
+            "variant",
+            "top-1",
+            "vs DeiT-T",
+            "GMACs",
+            "H p(token \\| anchor) start → end",
+            "ln N",
+            "H p(anchor \\| token) start → end",
+            "ln M",
+        ],
+    )
+
+
 def deit_reference_markdown() -> str:
     """:data:`DEIT_PAPER` as a table (no heading)."""
     return markdown_table(
@@ -295,6 +468,9 @@ def tables_markdown(tables: dict[str, list[dict[str, Any]]]) -> str:
             e2_markdown(tables.get("e2", [])),
             "\n## E3: design ablations (AnchorFormer-T)\n\n",
             e3_markdown(tables.get("e3", [])),
+            "\n## E9: the anchors' initialisation, temperature and learning rate (AnchorFormer-T)\n\n",
+            e9_markdown(tables.get("e9", [])),
+            "\n" + e9_verdict(tables.get("e9", [])) + "\n",
             "\n## Reference: DeiT paper (ImageNet-1k, 224², 300 epochs; B↑384 at 384²)\n\n",
             deit_reference_markdown(),
             f"\nAnchorFormer's own ImageNet numbers: {NOT_PUBLIC}. {UNVERIFIED_EXTRACTION}\n",
@@ -380,6 +556,28 @@ def plot_design_ablation(e3_rows: Sequence[dict[str, Any]], title: str = "E3: de
     return fig
 
 
+def plot_e9_top1(
+    e9_rows: Sequence[dict[str, Any]], title: str = "E9: the anchors' initialisation, temperature, lr"
+) -> Any:
+    """Horizontal bars of top-1 per E9 row: DeiT-T (orange, its top-1 also a dashed line), the
+    official AnchorFormer-T (blue), the variants (grey)."""
+    rows = [r for r in e9_rows if r.get("top1") is not None]
+    fig, ax = plt.subplots(figsize=(7, 0.6 * max(len(rows), 1) + 1.2))
+    colors = {"reference": "C1", "official": "C0"}
+    values = [r["top1"] for r in rows]
+    ax.barh(range(len(rows)), values, color=[colors.get(r.get("role"), "C7") for r in rows])
+    ax.set_yticks(range(len(rows)), [r["variant"] for r in rows], fontsize=8)
+    ax.invert_yaxis()
+    for i, v in enumerate(values):
+        ax.text(v, i, f" {v:.1f}", va="center", fontsize=8)
+    deit = next((r["top1"] for r in rows if r.get("role") == "reference"), None)
+    if deit is not None:
+        ax.axvline(deit, color="C1", linestyle="--", linewidth=1)
+    ax.set_xlabel("top-1 (%)")
+    ax.set_title(title)
+    return fig
+
+
 def plot_training_curves(runs: Sequence[dict[str, Any]], title: str = "training curves") -> Any:
     """Training loss and validation top-1 per epoch for each run."""
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
@@ -398,5 +596,43 @@ def plot_training_curves(runs: Sequence[dict[str, Any]], title: str = "training 
     ax1.grid(True, alpha=0.3)
     ax2.grid(True, alpha=0.3)
     ax2.legend(fontsize=7)
+    fig.suptitle(title)
+    return fig
+
+
+def plot_entropy_curves(runs: Sequence[dict[str, Any]], title: str = "Attention entropy through training") -> Any:
+    """Per epoch, the mean over layers of the entropy of p(token | anchor) (AnchorFormer; softmax
+    attention: p(token | token), dashed) and of p(anchor | token), with the uniform values ln N and
+    ln M as grey lines; epoch 0 is the initialisation. Runs without entropies are left out."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    uniform: dict[str, float] = {}
+    for i, run in enumerate(r for r in runs if (r.get("entropy") or {}).get("final")):
+        e = run["entropy"]
+        hist = [h for h in run.get("history") or [] if any(k.startswith("entropy/") for k in h)]
+        label = Path(str(run.get("run", i))).name
+        color = f"C{i % 10}"
+        uniform.update(e.get("uniform") or {})
+        softmax = "token_given_token" in (e.get("uniform") or {})
+        token = "token_given_token" if softmax else "token_given_anchor"
+        epochs = [0] + [h["epoch"] for h in hist]
+        init = e.get("init") or {}
+        ys = [init.get(f"{token}/mean")] + [h.get(f"entropy/{token}/mean") for h in hist]
+        ax1.plot(epochs, ys, "--" if softmax else "-", marker="o", markersize=3, color=color, label=label)
+        if not softmax:
+            ys = [init.get("anchor_given_token/mean")] + [h.get("entropy/anchor_given_token/mean") for h in hist]
+            ax2.plot(epochs, ys, "-", marker="o", markersize=3, color=color, label=label)
+    for ax, key, name in ((ax1, "token_given_anchor", "ln N"), (ax2, "anchor_given_token", "ln M")):
+        value = uniform.get(key, uniform.get("token_given_token") if key == "token_given_anchor" else None)
+        if value is not None:
+            ax.axhline(value, color="0.5", linewidth=1, linestyle=":")
+            ax.annotate(
+                f"uniform: {name} = {value:.3f}", (0, value), textcoords="offset points", xytext=(2, 3), fontsize=7
+            )
+        ax.set_xlabel("epoch (0: initialisation)")
+        ax.grid(True, alpha=0.3)
+    ax1.set_ylabel("mean entropy over layers (nats)")
+    ax1.set_title("p(token | anchor); DeiT (dashed): p(token | token)", fontsize=9)
+    ax2.set_title("p(anchor | token)", fontsize=9)
+    ax1.legend(fontsize=7)  # every run, DeiT included
     fig.suptitle(title)
     return fig

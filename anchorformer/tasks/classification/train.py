@@ -60,6 +60,7 @@ from ...models import create_model, load_checkpoint
 from ...models.checkpoint import CheckpointMismatchError
 from ...models.factory import backbone_kwargs, is_anchorformer
 from ...ops.counting import count_macs, count_params
+from .anchors import entropy_probe, kmeans_anchors_from_first_batch, optimizer_params
 from .distillation import DistillationLoss
 from .recipe import ClsRecipe
 
@@ -645,13 +646,21 @@ def _train(run: TrainingRun, data: Path, classes: list[str], model_kwargs: dict[
     net.to(device)
     if cfg["channels_last"]:
         net.to(memory_format=torch.channels_last)
+    if resume_state is None and cfg["anchor_init"] == "kmeans":  # a resumed run keeps its trained anchors
+        _logger.info(
+            "anchors: k-means of the first batch in %d layers",
+            kmeans_anchors_from_first_batch(net, train_loader, device, seed),
+        )
     lr = float(cfg["lr"]) * global_batch / cfg["lr_batch"]
     opt_kwargs: dict[str, Any] = {}
     if "adam" in cfg["opt"] or "lamb" in cfg["opt"]:
         opt_kwargs["eps"] = float(cfg["opt_eps"])
     if cfg["opt"] in ("sgd", "momentum", "nesterov"):
         opt_kwargs["momentum"] = float(cfg["momentum"])
-    optimizer = create_optimizer_v2(net, opt=cfg["opt"], lr=lr, weight_decay=float(cfg["weight_decay"]), **opt_kwargs)
+    params = optimizer_params(net, float(cfg["weight_decay"]), float(cfg["anchor_lr_mult"]))
+    optimizer = create_optimizer_v2(
+        params, opt=cfg["opt"], lr=lr, weight_decay=float(cfg["weight_decay"]), **opt_kwargs
+    )
     updates_per_epoch = max(1, len(train_loader) // plan.accum_steps)  # whole optimizer steps only
     scheduler, _ = create_scheduler_v2(
         optimizer,
@@ -669,6 +678,8 @@ def _train(run: TrainingRun, data: Path, classes: list[str], model_kwargs: dict[
 
     start_epoch, num_updates, history = 0, 0, []
     teacher_eval: dict[str, float] | None = None
+    probe = entropy_probe(net, val_ds, device) if dist_info.is_main else None  # E9: a fixed validation batch
+    entropy_init = probe.measure() if probe is not None else None
     if resume_state is not None:
         net.load_state_dict(resume_state["model"])
         optimizer.load_state_dict(resume_state["optimizer"])
@@ -681,6 +692,7 @@ def _train(run: TrainingRun, data: Path, classes: list[str], model_kwargs: dict[
         start_epoch, num_updates = int(resume_state["epoch"]), int(resume_state["num_updates"])
         history = list(resume_state["history"])
         teacher_eval = resume_state.get("teacher_eval")
+        entropy_init = resume_state.get("entropy_init")
         _set_sampler_epoch(sampler, start_epoch, seed)
     if teacher is not None and teacher_eval is None:  # the teacher's own top-1, measured once per run
         teacher_eval = evaluate(teacher, val_loader, device, cfg)
@@ -743,6 +755,8 @@ def _train(run: TrainingRun, data: Path, classes: list[str], model_kwargs: dict[
             row.update(top1=val["top1"], top5=val["top5"], val_loss=val["loss"])
             if ema is not None:
                 row["top1_ema"] = evaluate(ema.module, val_loader, device, cfg)["top1"]
+        if probe is not None:
+            row.update(probe.measure())
         clock.lap(epoch + 1)
         history.append(row)
         logger.log({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
@@ -769,6 +783,7 @@ def _train(run: TrainingRun, data: Path, classes: list[str], model_kwargs: dict[
                 "model_kwargs": model_kwargs,
                 "classes": classes,
                 "teacher_eval": teacher_eval,
+                "entropy_init": entropy_init,
             }
             if ema is not None:
                 state["model_ema"] = ema.module.state_dict()
@@ -816,6 +831,8 @@ def _train(run: TrainingRun, data: Path, classes: list[str], model_kwargs: dict[
             metrics.update(teacher=cfg["teacher"], teacher_top1=teacher_eval["top1"], teacher_top5=teacher_eval["top5"])
         if "top1_ema" in final:
             metrics["top1_ema"] = final["top1_ema"]
+        if probe is not None:  # E9: entropies at the start and the end, against uniform attention
+            metrics["entropy"] = probe.summary(entropy_init)
         final_state = {
             "model": net.state_dict(),
             "model_name": cfg["model"],
