@@ -1,7 +1,7 @@
 """The report built from the real outputs of a smoke pipeline: every stage's package functions, tiny settings.
 
 The session fixture runs what each stage's notebook runs (data, complexity, classification E1-E3
-and its results, detection and its summary, segmentation and its summary, anchor maps; not bench,
+and E9 and their results, detection and its summary, segmentation and its summary, anchor maps; not bench,
 whose timings the report links and never reads) with seconds-long settings into one temporary
 ``outputs/`` tree, then builds the report from it. The tests read the report as a reader would:
 each section and table once, one DeiT reference, E5's trained and standard backbones apart, E7's
@@ -74,7 +74,14 @@ def _stage_complexity(out: Path) -> None:
 
 def _stage_classification(out: Path, tmp: Path) -> None:
     from anchorformer.data.synthetic import make_mini_imagenet
-    from anchorformer.tasks.classification.results import e1_table, e2_table, e3_table, load_runs, write_results
+    from anchorformer.tasks.classification.results import (
+        e1_table,
+        e2_table,
+        e3_table,
+        e9_table,
+        load_runs,
+        write_results,
+    )
     from anchorformer.tasks.classification.train import train as train_classification
 
     data = tmp / "imagenet"
@@ -94,11 +101,15 @@ def _stage_classification(out: Path, tmp: Path) -> None:
         overrides=[*CLS_OVERRIDES, "anchor_mode=pooled"],
         epochs=1,
     )
+    train_classification(
+        data, cls / "e9" / "unit_init", t, profile="mini", overrides=[*CLS_OVERRIDES, "anchor_init=unit"], epochs=1
+    )
     e1 = load_runs([cls / "e1"])
     tables = {
         "e1": e1_table(e1),
         "e2": e2_table(load_runs([cls / "e2"]), baseline=e1),
         "e3": e3_table(load_runs([cls / "e3"]), baseline=e1),
+        "e9": e9_table(load_runs([cls / "e9"]), baseline=e1),
     }
     write_results(cls / "results", tables)
 

@@ -284,6 +284,14 @@ def test_resume_after_a_kill_ends_with_the_same_weights(
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+    def curves(run: Path) -> dict[str, bytes]:
+        return {str(f.relative_to(run)): f.read_bytes() for f in sorted((run / "dvclive").rglob("*")) if f.is_file()}
+
+    assert curves(tmp_path / "b") == curves(tmp_path / "a")  # the curves too, the final loss in the summary
+    shutil.rmtree(tmp_path / "a" / "dvclive")  # as DVC removes a stage's outputs before rerunning it
+    train(ade, tmp_path / "a", overrides=sets, iters=4, evaluate=False)  # a finished run, resumed
+    assert curves(tmp_path / "a") == curves(tmp_path / "b")
     # settings of how it runs or is tested may change on resumption (nothing left to train here)
     resumable = [*sets, "log_every=3", "test_flip=true", "checkpoint_every=1"]
     train(ade, tmp_path / "b", overrides=resumable, iters=4, max_eval_images=2)

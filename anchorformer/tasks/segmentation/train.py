@@ -556,7 +556,7 @@ def _train(
         cfg.model, cfg.head, n_train, total, bs, info.world_size,
     )  # fmt: skip
     clock = RunClock(total, start)
-    last: dict[str, float] = {}
+    last = _last_logged_losses((resume_state or {}).get("logged") or [])  # a finished run resumed: its final loss
     train_model.train()
     for it, (images, labels) in enumerate(progress(loader, desc="train seg", total=len(loader)), start=start):
         lr = lr_at(it, total, cfg)
@@ -664,6 +664,15 @@ def save_label_map(pred: torch.Tensor, path: Path) -> None:
 
 
 @torch.no_grad()
+def _last_logged_losses(rows: Sequence[Any]) -> dict[str, float]:
+    """The losses of the last logged training row (``train/<name>``, the learning rate aside)."""
+    for _, values in reversed(rows):
+        losses = {k.removeprefix("train/"): v for k, v in values.items() if k.startswith("train/") and k != "train/lr"}
+        if losses:
+            return losses
+    return {}
+
+
 def evaluate_segmentation(
     model: nn.Module,
     data_root: str | os.PathLike,
