@@ -189,13 +189,14 @@ def write_report(out_md: str | Path, markdown: str, title: str = "AnchorFormer r
 
 HEADLINE = "headline.json"  # beside the report; the pipeline's only declared metrics file
 _SIZES = {"tiny": "T", "small": "S", "base": "B"}
+_FAMILIES = {"anchorformer": "AF", "deit": "DeiT"}
 
 
 def short_model_name(model: str) -> str:
     """``anchorformer_tiny_patch16_224`` → ``AF-T``; ``deit_small_distilled_patch16_224`` →
     ``DeiT-S-dist``; other names unchanged."""
     family, _, rest = model.partition("_")
-    label = {"anchorformer": "AF", "deit": "DeiT"}.get(family)
+    label = _FAMILIES.get(family)
     size = next((v for k, v in _SIZES.items() if rest.startswith(k)), None)
     if label is None or size is None:
         return model
@@ -206,7 +207,7 @@ def short_run_name(run: str) -> str:
     """A run folder's name, shortened for a column: ``deit_t_matched`` → ``DeiT-T-matched``,
     ``anchorformer_s_upernet`` → ``AF-S-upernet``; other names unchanged."""
     family, *rest = run.split("_")
-    label = {"anchorformer": "AF", "deit": "DeiT"}.get(family)
+    label = _FAMILIES.get(family)
     if label is None or not rest or rest[0] not in ("t", "s", "b"):
         return run
     return "-".join([label, rest[0].upper(), *rest[1:]])

@@ -16,6 +16,16 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module: tiny matrices gain nothing from threads, and a busy
+    machine makes thread barriers slow (``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def mini_data(tmp_path_factory: pytest.TempPathFactory):
     """The three mini datasets (seed 0), generated once per session (a few seconds); read-only:

@@ -21,13 +21,7 @@ REQUIRED_KEYS = {"top1", "top5", "loss", "train_loss", "params", "gmacs", "confi
 TIMING_KEYS = {"throughput", "train_time_s", "epoch_time_s"}  # timings.json, apart from the results
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matrices gain nothing from threads, and a busy machine makes thread barriers slow."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

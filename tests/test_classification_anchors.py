@@ -20,12 +20,7 @@ from anchorformer.tasks.classification.train import classifier_kwargs, resolve_r
 MODEL = "anchorformer_tiny_patch16_224"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -290,8 +290,10 @@ def test_resume_after_a_kill_ends_with_the_same_weights(
 
     assert curves(tmp_path / "b") == curves(tmp_path / "a")  # the curves too, the final loss in the summary
     shutil.rmtree(tmp_path / "a" / "dvclive")  # as DVC removes a stage's outputs before rerunning it
+    trained = (tmp_path / "a" / "timings.json").read_bytes()
     train(ade, tmp_path / "a", overrides=sets, iters=4, evaluate=False)  # a finished run, resumed
     assert curves(tmp_path / "a") == curves(tmp_path / "b")
+    assert (tmp_path / "a" / "timings.json").read_bytes() == trained  # it trained nothing: the training's timings stay
     # settings of how it runs or is tested may change on resumption (nothing left to train here)
     resumable = [*sets, "log_every=3", "test_flip=true", "checkpoint_every=1"]
     train(ade, tmp_path / "b", overrides=resumable, iters=4, max_eval_images=2)

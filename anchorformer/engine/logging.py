@@ -166,12 +166,19 @@ class MetricLogger:
             monitor_system=False,
         )
         for step, values in replay or []:
-            self.log(values, step)
+            self._record(values, step)
+        if replay:
+            self._live.make_summary()
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         """Log ``metrics`` (name -> number) at ``step`` and refresh ``metrics.json``."""
         if self._live is None:
             return
+        self._record(metrics, step)
+        self._live.make_summary()
+
+    def _record(self, metrics: dict[str, Any], step: int) -> None:
+        """Add ``metrics`` to the curves at ``step`` and to :attr:`rows` (``metrics.json`` unchanged)."""
         self._live.step = int(step)
         logged = {}
         for name, value in metrics.items():
@@ -180,7 +187,6 @@ class MetricLogger:
                 self._live.log_metric(name, value)
                 logged[name] = value
         self.rows.append([int(step), logged])
-        self._live.make_summary()
 
     def summary(self, values: dict[str, Any]) -> None:
         """Add ``values`` to ``metrics.json`` without adding points to the curves."""

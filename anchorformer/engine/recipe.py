@@ -34,6 +34,7 @@ __all__ = [
     "RecipeError",
     "TaskRecipe",
     "load_preset",
+    "load_preset_with_entry",
     "load_recipe",
     "parse_override",
     "split_overrides",
@@ -312,6 +313,43 @@ def apply_overrides(data: dict[str, Any], sources: dict[str, str], overrides: It
         key, value = parse_override(item)
         _set_dotted(data, key, value, item, valid)
         sources[key.split(".")[0]] = f"--set {item}"
+
+
+def load_preset_with_entry(
+    cls: type[Recipe], profile: str, overrides: Iterable[str], choice_key: str, choice: Any = None
+) -> tuple[dict[str, Any], str]:
+    """The ``profile`` preset with the entry of its ``recipes`` mapping that ``choice_key`` selects.
+
+    The choice is the one the preset and ``overrides`` make together (``choice``, when given,
+    overrides both: a flag such as ``--head``); its entry replaces the preset's values, and the
+    caller applies ``overrides`` over the result (``load_recipe(..., preset=...)``).
+
+    Returns:
+        ``(preset, label)``, the label naming the entry (for errors).
+
+    Raises:
+        RecipeError: the entry is not a mapping, or holds keys that are not recipe keys.
+    """
+    values, label = load_preset(cls.task, profile)
+    valid = cls.keys()
+    first = copy.deepcopy(values)  # only to learn the choice and its entry as the user set them
+    apply_overrides(first, {}, overrides, valid)
+    if choice is not None:
+        first[choice_key] = choice
+    chosen, entries = first.get(choice_key), first.get("recipes")
+    entry = entries.get(chosen) if isinstance(entries, Mapping) and isinstance(chosen, str) else None
+    preset = copy.deepcopy(values)
+    if not entry:
+        return preset, label
+    if not isinstance(entry, Mapping):
+        raise RecipeError(f"recipes.{chosen}={entry!r} ({label}): expected a mapping of recipe keys")
+    unknown = sorted(k for k in entry if k not in valid or k in (choice_key, "recipes"))
+    if unknown:
+        raise RecipeError(
+            f"recipes.{chosen}: unknown recipe key(s) {unknown} ({label}); valid keys: {', '.join(valid)}"
+        )
+    preset.update(copy.deepcopy(dict(entry)))
+    return preset, f"{label} with recipes.{chosen}"
 
 
 def load_recipe(

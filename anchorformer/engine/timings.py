@@ -57,6 +57,11 @@ class RunClock:
         return seconds
 
     @property
+    def ran(self) -> bool:
+        """Whether this process closed any unit (a finished run resumed closes none)."""
+        return self.done > self.start
+
+    @property
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
 
@@ -90,8 +95,14 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
-def write_timings(out_dir: str | os.PathLike, timings: Mapping[str, Any]) -> Path:
-    """Write ``OUT/timings.json``: ``timings`` (seconds, throughput, ...) and :func:`machine_info`."""
+def write_timings(out_dir: str | os.PathLike, timings: Mapping[str, Any], *, ran: bool = True) -> Path:
+    """Write ``OUT/timings.json``: ``timings`` (seconds, throughput, ...) and :func:`machine_info`.
+
+    ``ran=False`` (a finished run resumed: this process trained nothing) keeps an existing file,
+    which holds the training's timings.
+    """
     path = Path(out_dir) / TIMINGS
+    if not ran and path.is_file():
+        return path
     write_json_atomic(path, {**dict(timings), "machine": machine_info()})
     return path

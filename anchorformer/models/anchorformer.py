@@ -31,6 +31,7 @@ from ..ops.anchor_attention import IMPLS, anchor_attention
 
 __all__ = [
     "ANCHOR_INITS",
+    "ANCHOR_KWARGS",
     "ANCHOR_MODES",
     "DEFAULT_NUM_ANCHORS",
     "check_num_anchors",
@@ -297,7 +298,7 @@ class AnchorBlock(nn.Module):
         return x
 
 
-_ANCHOR_KWARGS = (
+ANCHOR_KWARGS = (  # the keyword arguments of the anchor attention (routed into every block)
     "num_anchors",
     "normalize",
     "per_head_anchors",
@@ -309,7 +310,7 @@ _ANCHOR_KWARGS = (
 
 
 def _split_anchor_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    anchor = {k: kwargs.pop(k) for k in _ANCHOR_KWARGS if k in kwargs}
+    anchor = {k: kwargs.pop(k) for k in ANCHOR_KWARGS if k in kwargs}
     return anchor, kwargs
 
 

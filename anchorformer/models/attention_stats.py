@@ -37,6 +37,20 @@ __all__ = [
 ]
 
 
+def _forward_with_pre_hooks(model: nn.Module, images: torch.Tensor, hooks: list[Any], layers: list[nn.Module]) -> None:
+    """One forward pass of ``model`` in eval mode with ``hooks[i]`` a forward pre-hook of
+    ``layers[i]``; the hooks are removed and the mode restored after, also on an error."""
+    handles = [m.register_forward_pre_hook(h) for h, m in zip(hooks, layers)]
+    was_training = model.training
+    model.eval()
+    try:
+        model(images)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+
+
 def attention_layers(model: nn.Module) -> list[nn.Module]:
     """The attention modules of ``model`` in forward order: anchor attention or timm's softmax
     ``Attention`` (a model with neither gives an empty list)."""
@@ -117,15 +131,7 @@ def attention_entropies(model: nn.Module, images: torch.Tensor) -> list[dict[str
 
         return fn
 
-    handles = [m.register_forward_pre_hook(hook(i)) for i, m in enumerate(layers)]
-    was_training = model.training
-    model.eval()
-    try:
-        model(images)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
+    _forward_with_pre_hooks(model, images, [hook(i) for i in range(len(layers))], layers)
     missing = [i for i, r in enumerate(results) if r is None]
     if missing:
         raise RuntimeError(f"attention layers {missing} did not run in the forward pass")
@@ -230,13 +236,5 @@ def init_anchors_kmeans(model: nn.Module, images: torch.Tensor, *, seed: int, it
 
         return fn
 
-    handles = [m.register_forward_pre_hook(hook(i)) for i, m in enumerate(layers)]
-    was_training = model.training
-    model.eval()
-    try:
-        model(images)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
+    _forward_with_pre_hooks(model, images, [hook(i) for i in range(len(layers))], layers)
     return len(layers)

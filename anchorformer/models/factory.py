@@ -8,20 +8,11 @@ from typing import Any
 import timm
 import torch.nn as nn
 
-from .anchorformer import DEFAULT_NUM_ANCHORS, MODEL_NAMES, check_num_anchors
+from .anchorformer import ANCHOR_KWARGS, DEFAULT_NUM_ANCHORS, MODEL_NAMES, check_num_anchors
 from .windowed import WindowedAnchorBlock, WindowedBlock, set_window_attention
 
 __all__ = ["DEFAULT_NUM_ANCHORS", "backbone_kwargs", "check_num_anchors", "create_model", "is_anchorformer", "is_vit"]
 
-_ANCHOR_ONLY_KWARGS = (
-    "num_anchors",
-    "normalize",
-    "per_head_anchors",
-    "anchor_mode",
-    "anchor_init",
-    "learn_temperature",
-    "attn_impl",
-)
 _SIZE_WORDS = ("tiny", "small", "base")
 
 
@@ -120,7 +111,7 @@ def create_model(name: str, *, pretrained: bool = False, **kwargs: Any) -> nn.Mo
             close = sorted(n for n in MODEL_NAMES + timm.list_models("deit_*") if name.split("_")[0] in n)
             raise ValueError(f"unknown model {name!r}; AnchorFormer models: {MODEL_NAMES}; similar: {close[:8]}")
         kwargs.pop("attn_impl", None)
-        bad = [k for k in _ANCHOR_ONLY_KWARGS if k in kwargs]
+        bad = [k for k in ANCHOR_KWARGS if k in kwargs]
         if bad:
             raise ValueError(f"{name} is not an AnchorFormer model; it takes no {bad}")
     model = timm.create_model(name, pretrained=pretrained, **kwargs)

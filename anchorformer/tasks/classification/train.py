@@ -850,7 +850,7 @@ def _train(run: TrainingRun, data: Path, classes: list[str], model_kwargs: dict[
             "epoch_time_s": clock.laps,
             "first_epoch": start_epoch + 1,  # a resumed run times the epochs it ran
         }
-        write_timings(out_dir, timings)
+        write_timings(out_dir, timings, ran=clock.ran)
         _logger.info(
             "throughput %.1f img/s, trained %s (%s)", throughput, format_seconds(clock.elapsed), out_dir / TIMINGS
         )

@@ -26,7 +26,6 @@ DIR [--model NAME] [--profile mini|full] [--set k=v]...`` and ``anchorformer eva
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -48,7 +47,7 @@ from ...engine.checkpoint import capture_rng_state, load_training_checkpoint, re
 from ...engine.distributed import DistInfo, barrier, cleanup_distributed, init_distributed, unwrap_model
 from ...engine.launch import launch_if_several
 from ...engine.logging import MetricLogger, progress
-from ...engine.recipe import RecipeError, apply_overrides, load_preset, load_recipe
+from ...engine.recipe import load_preset_with_entry, load_recipe
 from ...engine.seeding import seed_everything, seed_worker
 from ...engine.timings import TIMINGS, RunClock, format_seconds, write_timings
 from ...engine.trainer import TrainingRun, finish_run, training_run
@@ -101,20 +100,7 @@ def resolve_recipe(
     """
     flag = (lambda f: f) if source == "cli" else (lambda f: f"{source}: {f.lstrip('-')}")
     explicit: dict[str, tuple[Any, str]] = {"model": (model, flag("--model")), "epochs": (epochs, flag("--epochs"))}
-    values, label = load_preset(TASK, profile)
-    first = copy.deepcopy(values)  # only to learn the recipe chosen and its entry as the user set them
-    apply_overrides(first, {}, overrides, DetRecipe.keys())
-    chosen, entries = first.get("recipe"), first.get("recipes")
-    entry = entries.get(chosen) if isinstance(entries, Mapping) and isinstance(chosen, str) else None
-    preset = copy.deepcopy(values)
-    if entry:
-        if not isinstance(entry, Mapping):
-            raise RecipeError(f"recipes.{chosen}={entry!r} ({label}): expected a mapping of recipe keys")
-        unknown = sorted(k for k in entry if k not in DetRecipe.keys() or k in ("recipe", "recipes"))
-        if unknown:
-            raise RecipeError(f"recipes.{chosen}: unknown recipe key(s) {unknown} ({label})")
-        preset.update(copy.deepcopy(dict(entry)))
-        label = f"{label} with recipes.{chosen}"
+    preset, label = load_preset_with_entry(DetRecipe, profile, overrides, "recipe")
     recipe = load_recipe(
         DetRecipe, profile, overrides=overrides, explicit={"model": explicit["model"]}, preset=(preset, label)
     )
@@ -753,7 +739,7 @@ def _train(run: TrainingRun, data_root: Path, backbone_ckpt: Any) -> dict[str, A
         "total_seconds": round(time.perf_counter() - t_start, 1),
         "first_iteration": clock.start + 1,  # a resumed run times the iterations it ran
     }
-    write_timings(out, timings)
+    write_timings(out, timings, ran=clock.ran)
     _logger.info(
         "trained in %s, evaluated in %s (%s)",
         format_seconds(train_seconds),

@@ -53,7 +53,7 @@ from ...engine.checkpoint import (
 from ...engine.distributed import all_reduce_mean, barrier, cleanup_distributed, init_distributed, unwrap_model
 from ...engine.launch import launch_if_several
 from ...engine.logging import MetricLogger, progress
-from ...engine.recipe import RecipeError, apply_overrides, load_preset, load_recipe
+from ...engine.recipe import RecipeError, load_preset, load_preset_with_entry, load_recipe
 from ...engine.seeding import seed_everything
 from ...engine.timings import RunClock, write_timings
 from ...engine.trainer import TrainingRun, training_run
@@ -171,25 +171,7 @@ def resolve_recipe(
         RecipeError: an unknown key, a value of the wrong type or out of range (naming the key
             and where it came from).
     """
-    values, label = load_preset(TASK, profile)
-    valid = SegRecipe.keys()
-    first = copy.deepcopy(values)  # only to learn the head and its recipe as the user set them
-    apply_overrides(first, {}, overrides, valid)
-    if head is not None:
-        first["head"] = head
-    chosen, recipes = first.get("head"), first.get("recipes")
-    entry = recipes.get(chosen) if isinstance(recipes, Mapping) and isinstance(chosen, str) else None
-    preset = copy.deepcopy(values)
-    if entry:
-        if not isinstance(entry, Mapping):
-            raise RecipeError(f"recipes.{chosen}={entry!r} ({label}): expected a mapping of recipe keys")
-        unknown = sorted(k for k in entry if k not in valid or k == "recipes")
-        if unknown:
-            raise RecipeError(
-                f"recipes.{chosen}: unknown recipe key(s) {unknown} ({label}); valid keys: {', '.join(valid)}"
-            )
-        preset.update(copy.deepcopy(dict(entry)))
-        label = f"{label} with recipes.{chosen}"
+    preset, label = load_preset_with_entry(SegRecipe, profile, overrides, "head", head)
     explicit = {
         "model": (model, _flag(source, "--model")),
         "head": (head, _flag(source, "--head")),
@@ -624,7 +606,7 @@ def _train(
     logger.close()
     if not (cfg.eval_at_end if evaluate is None else evaluate):
         if info.is_main:
-            write_timings(out, timings)
+            write_timings(out, timings, ran=clock.ran)
         return summary
     # metrics.json comes last (after per_class.json and predictions/): its presence means the run finished
     return evaluate_segmentation(
@@ -635,6 +617,7 @@ def _train(
         save_predictions=save_predictions,
         max_images=max_eval_images,
         timings=timings,
+        keep_timings=not clock.ran,
         extra={
             **run_description(cfg, model, profile),
             **plan.record(),
@@ -684,6 +667,7 @@ def evaluate_segmentation(
     max_images: int | None = None,
     extra: Mapping[str, Any] | None = None,
     timings: Mapping[str, Any] | None = None,
+    keep_timings: bool = False,
 ) -> dict[str, Any]:
     """mIoU, mAcc and aAcc of ``model`` on a split, with the test settings of ``cfg``.
 
@@ -701,6 +685,7 @@ def evaluate_segmentation(
         extra: more entries for ``metrics.json`` (iterations, GMACs, ...).
         timings: more entries for ``timings.json`` (the training's seconds), written beside
             ``metrics.json`` with the evaluation's seconds and the machine.
+        keep_timings: leave an existing ``timings.json`` (a finished run resumed trained nothing).
 
     Returns:
         The contents of ``metrics.json``: ``mIoU``, ``mAcc``, ``aAcc`` (percent), ``num_images``,
@@ -767,7 +752,7 @@ def evaluate_segmentation(
             shutil.rmtree(out / "predictions", ignore_errors=True)
             os.replace(pred_tmp, out / "predictions")
         write_json_atomic(out / "per_class.json", [r for r in per_class if r["gt_pixels"] or r["pred_pixels"]])
-        write_timings(out, {**dict(timings or {}), "eval_time_s": round(eval_time, 2)})
+        write_timings(out, {**dict(timings or {}), "eval_time_s": round(eval_time, 2)}, ran=not keep_timings)
         write_json_atomic(out / "metrics.json", summary)
         _logger.info("%s: mIoU %.2f  mAcc %.2f  aAcc %.2f", split, summary["mIoU"], summary["mAcc"], summary["aAcc"])
     return summary
