@@ -120,6 +120,15 @@ def _refs(tree: ast.AST, module: str | None = None, is_package: bool = False) ->
                 refs.modules.add(strings[0])
         elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             refs.defs.add(node.name)
+        elif isinstance(node, ast.ClassDef):
+            # a recipe class (task = "det"): the engine reads its preset with load_preset(cls.task, ...)
+            for item in node.body:
+                target = item.target if isinstance(item, ast.AnnAssign) else None
+                if isinstance(item, ast.Assign) and len(item.targets) == 1:
+                    target = item.targets[0]
+                value = string(item.value) if isinstance(item, (ast.Assign, ast.AnnAssign)) and item.value else None
+                if isinstance(target, ast.Name) and target.id == "task" and value:
+                    refs.calls.add(("load_preset", value))
         if isinstance(node, (ast.List, ast.Tuple)):  # [..., "-m", "anchorformer.cli", ...]: a module run
             items = [e.value if isinstance(e, ast.Constant) else None for e in node.elts]
             refs.modules.update(b for a, b in zip(items, items[1:]) if a == "-m" and isinstance(b, str))
