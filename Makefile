@@ -33,8 +33,13 @@ $(STAMP): pyproject.toml requirements.lock
 $(KERNEL): $(STAMP)
 	$(BIN)/python -m ipykernel install --sys-prefix --name anchorformer --display-name "anchorformer (.venv)"
 
+# The pipeline, independent stages side by side (scripts/repro.py: each stage is a
+# `dvc repro --single-item`; one stage per core on the mini profile, one at a time on the full
+# one; REPRO_JOBS=N overrides). The outputs and dvc.lock are those of a plain `dvc repro`.
+REPRO_JOBS ?= auto
+
 repro: env
-	$(BIN)/dvc repro
+	$(BIN)/python scripts/repro.py --jobs $(REPRO_JOBS)
 
 # The tests, then every notebook top to bottom with its smoke defaults (nbval, started in
 # notebooks/ as JupyterLab does; cells marked NBVAL_CHECK_OUTPUT are compared with their stored
