@@ -523,6 +523,7 @@ def model_benchmark(
     process: str = "fresh",
     threads: int | None = None,
     malloc: str = "default",
+    skip: Sequence[str] = (),
     on_progress: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Images/s of DeiT and AnchorFormer (distilled, ``attn_impl="auto"``) at each size and side.
@@ -541,6 +542,7 @@ def model_benchmark(
         malloc: ``"tuned"``: on the CPU, fix glibc malloc's mmap and trim thresholds first
             (:func:`anchorformer.ops.cpu.tune_glibc_malloc`; in a shared process it stays set);
             ``"default"``: glibc's dynamic thresholds.
+        skip: ``"size@side"`` configurations left out (e.g. ``"small@1024"``).
 
     Returns:
         One row per (size, side, mode, family): ``family``, ``size`` (T/S/B), ``img_size``,
@@ -558,6 +560,8 @@ def model_benchmark(
     rows: list[dict[str, Any]] = []
     for size in sizes:
         for img in sorted(set(img_sizes) | set(train_img_sizes)):
+            if f"{size}@{img}" in skip:
+                continue
             job = {
                 "size": size,
                 "img": img,
@@ -1204,9 +1208,18 @@ def bench_config(profile: str, overrides: Sequence[str] | str | None = None) -> 
     if cfg["dtype"] not in DTYPES:
         raise ValueError(f"bench config: dtype must be one of {sorted(DTYPES)}; got {cfg['dtype']!r}")
     keys = ("op_tokens", "op_impls", "op_modes", "model_sizes", "model_img_sizes", "model_train_img_sizes")
-    for key in (*keys, "model_processes"):
+    for key in (*keys, "model_processes", "model_skip"):
         if not isinstance(cfg[key], list):
             raise ValueError(f"bench config: {key} must be a list, e.g. {key}=[a,b]; got {cfg[key]!r}")
+    shared = cfg["model_shared_sizes"]
+    if shared is not None and not (isinstance(shared, list) and set(shared) <= set(cfg["model_sizes"])):
+        raise ValueError(
+            f"bench config: model_shared_sizes must be null or a list of model_sizes {cfg['model_sizes']}; got {shared!r}"
+        )
+    for item in cfg["model_skip"]:
+        size, _, side = str(item).partition("@")
+        if size not in MODEL_SIZES or not side.isdigit():
+            raise ValueError(f"bench config: model_skip items are size@side, e.g. small@1024; got {item!r}")
     if cfg["malloc"] not in MALLOC_MODES:
         raise ValueError(f"bench config: malloc must be one of {MALLOC_MODES}; got {cfg['malloc']!r}")
     bad = [p for p in cfg["model_processes"] if p not in MODEL_PROCESSES]
@@ -1303,8 +1316,9 @@ def _run(
         results["models"] = []
         for process in cfg["model_processes"]:
             done = list(results["models"])
+            shared_sizes = cfg["model_shared_sizes"]
             results["models"] = done + model_benchmark(
-                cfg["model_sizes"],
+                shared_sizes if process == "shared" and shared_sizes is not None else cfg["model_sizes"],
                 cfg["model_img_sizes"],
                 cfg["model_train_img_sizes"],
                 batch=cfg["model_batch"],
@@ -1317,6 +1331,7 @@ def _run(
                 process=process,
                 threads=cfg["threads"],
                 malloc=cfg["malloc"],
+                skip=cfg["model_skip"],
                 on_progress=lambda rows, done=done: write_json_atomic(json_path, {**results, "models": done + rows}),
             )
         results["models_seconds"] = round(time.perf_counter() - t1, 1)

@@ -791,12 +791,26 @@ def _anchor_maps_section(doc: _Doc, maps: dict | None, cls_tables: dict[str, lis
 DEVIATIONS = Path(__file__).resolve().parent / "configs" / "deviations.yaml"
 
 
+RUN_ROOTS = ("cls", "det", "seg")  # the pipeline's training runs live under outputs/<task>/
+
+
 def batch_rows(outputs: Path) -> list[dict[str, Any]]:
-    """Each training run's global batch, processes and accumulation, from its ``metrics.json``."""
+    """Each training run's global batch, processes and accumulation, from its ``metrics.json``.
+
+    Only the pipeline's run folders (``outputs/cls``, ``det``, ``seg``) count: a smoke run of a
+    notebook elsewhere under ``outputs/`` is not one of the report's runs.
+    """
     rows = []
-    for m in collect_metrics(outputs):
-        if "global_batch" not in m or "recipe_global_batch" not in m or Path(m["run"]).name == "dvclive":
+    found = []
+    for root in RUN_ROOTS:
+        for m in collect_metrics(Path(outputs) / root):
+            found.append({**m, "run": f"{root}/{m['run']}"})
+    for m in found:
+        parts = Path(m["run"]).parts
+        if "global_batch" not in m or "recipe_global_batch" not in m or parts[-1] == "dvclive":
             continue  # dvclive's copy of a run's summary is the same run
+        if any(p.startswith("previous-") for p in parts):
+            continue  # a run's earlier training, kept aside when its recipe changed
         row = {k: m.get(k) for k in ("run", "global_batch", "recipe_global_batch", "world_size", "accum_steps")}
         row["per_device_batch"] = m.get("per_device_batch")
         row["matches"] = "yes" if m["global_batch"] == m["recipe_global_batch"] else "**NO**"

@@ -39,7 +39,14 @@ def test_presets_load_and_overrides_apply():
         bench.bench_config("mini", ["model_processes=[forked]"])
     with pytest.raises(ValueError, match="malloc must be one of"):
         bench.bench_config("mini", ["malloc=jemalloc"])
+    # mini: S stops at 512², and only T (the targets' model) is measured again in a shared process
+    assert mini["model_skip"] == ["small@1024"] and mini["model_shared_sizes"] == ["tiny"]
+    with pytest.raises(ValueError, match="model_skip items are size@side"):
+        bench.bench_config("mini", ["model_skip=[huge@1024]"])
+    with pytest.raises(ValueError, match="model_shared_sizes must be null or a list of model_sizes"):
+        bench.bench_config("mini", ["model_sizes=[tiny]", "model_shared_sizes=[small]"])
     full = bench.bench_config("full")
+    assert full["model_skip"] == [] and full["model_shared_sizes"] is None
     assert (full["op_batch"], full["op_heads"], full["op_head_dim"], full["op_anchors"]) == (8, 6, 64, 30)
     assert full["op_tokens"] == [196, 1024, 4096, 16384, 65536] and full["dtype"] == "bfloat16"
     cfg = bench.bench_config("mini", "op_tokens=[64,128] repeats=2")
@@ -432,3 +439,6 @@ def test_models_in_fresh_and_shared_processes():
     assert rows[1]["gmacs"] < rows[0]["gmacs"]
     with pytest.raises(ValueError, match="model process must be one of"):
         bench.model_benchmark(["tiny"], [32], [], process="forked", **common)
+    # a skipped size@side is not measured; the other sides are
+    kept = bench.model_benchmark(["tiny"], [32, 48], [], process="shared", skip=["tiny@32"], **common)
+    assert {r["img_size"] for r in kept} == {48}

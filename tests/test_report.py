@@ -183,3 +183,25 @@ def test_report_holds_no_timings_and_no_machine(tmp_path):
     environment = text.split("## Environment\n", 1)[1].split("\n## ", 1)[0]
     for machine in {platform.platform(), platform.node(), platform.processor()} - {""}:
         assert machine not in environment
+
+
+def test_batch_rows_read_the_pipelines_runs_only(tmp_path):
+    """The global-batch table lists the runs under outputs/{cls,det,seg}: not a notebook's smoke run
+    elsewhere under outputs/, not dvclive's copy of a summary, not a run's earlier training."""
+    from anchorformer.report import batch_rows
+
+    m = {"global_batch": 32, "recipe_global_batch": 32, "world_size": 1, "accum_steps": 1, "per_device_batch": 32}
+    for rel in (
+        "cls/e1/a",
+        "cls/e1/a/dvclive",
+        "cls/e1/a/previous-20260101-000000",
+        "det/b",
+        "det_smoke/c",
+        "smoke/d",
+        "seg/e",
+    ):
+        (tmp_path / rel).mkdir(parents=True)
+        (tmp_path / rel / "metrics.json").write_text(json.dumps(m))
+    rows = batch_rows(tmp_path)
+    assert [r["run"] for r in rows] == ["cls/e1/a", "det/b", "seg/e"]
+    assert all(r["matches"] == "yes" for r in rows)
