@@ -136,16 +136,18 @@ def test_two_at_a_time_records_what_a_serial_dvc_repro_records(tmp_path):
     assert not any(_overlap(spans["e"], spans[n]) for n in "abcd"), spans  # the exclusive stage ran alone
     # every line a stage printed carries its name; the summary says how many stages ran
     assert "[b" in done.stdout and "Running stage 'b'" in done.stdout
-    assert "5 stages up to date, 2 at a time" in done.stdout
+    assert "5 stages up to date, 5 of them run by DVC, 2 at a time" in done.stdout
     # the stages' seconds are kept as next time's scheduling hints
     assert set(yaml.safe_load((parallel / repro.SECONDS_FILE).read_text())) == set("abcde")
 
     # a second run runs nothing; a changed dep reruns its stage and what depends on it, only
     log.unlink()
-    assert _run(parallel, log).returncode == 0
+    again = _run(parallel, log)
+    assert again.returncode == 0 and "Data and pipelines are up to date." in again.stdout
     assert _spans(log) == {}
     (parallel / "c_extra.txt").write_text("changed", encoding="utf-8")
-    assert _run(parallel, log, "-j", "2").returncode == 0
+    again = _run(parallel, log, "-j", "2")
+    assert again.returncode == 0 and "5 stages up to date, 2 of them run by DVC" in again.stdout
     assert set(_spans(log)) == {"c", "d"}
     # targets: a stage and what it depends on; --force reruns them
     log.unlink()
@@ -179,6 +181,7 @@ def test_scheduling_order_and_arguments(tmp_path):
     assert sched.command("c") == ["dvc", "--wait-for-lock", "repro", "--single-item", "c"]
     # targets take what they depend on; a foreach group's name stands for its items
     assert set(repro.select(stages, ["b"])) == {"a", "b"}
+    assert repro.descendants(stages, {"b"}) == {"b", "d"} and repro.descendants(stages, {"a"}) == set(stages)
     grouped = {"x": (set(), False), "g@1": ({"x"}, False), "g@2": (set(), False)}
     assert set(repro.select(grouped, ["g"])) == {"x", "g@1", "g@2"}
     with pytest.raises(SystemExit, match="no stage named 'zz'"):
