@@ -1314,9 +1314,9 @@ def _run(
     if "models" in parts:
         t1 = time.perf_counter()
         results["models"] = []
+        shared_sizes = cfg["model_shared_sizes"]
         for process in cfg["model_processes"]:
             done = list(results["models"])
-            shared_sizes = cfg["model_shared_sizes"]
             results["models"] = done + model_benchmark(
                 shared_sizes if process == "shared" and shared_sizes is not None else cfg["model_sizes"],
                 cfg["model_img_sizes"],

@@ -188,8 +188,7 @@ def write_report(out_md: str | Path, markdown: str, title: str = "AnchorFormer r
 # ---------------------------------------------------------------------------------------------
 
 HEADLINE = "headline.json"  # beside the report; the pipeline's only declared metrics file
-_SIZES = {"tiny": "T", "small": "S", "base": "B"}
-_FAMILIES = {"anchorformer": "AF", "deit": "DeiT"}
+_FAMILIES = {"anchorformer": "AF", "deit": "DeiT"}  # short, for column names (the tables: _FAMILY)
 
 
 def short_model_name(model: str) -> str:
@@ -197,7 +196,7 @@ def short_model_name(model: str) -> str:
     ``DeiT-S-dist``; other names unchanged."""
     family, _, rest = model.partition("_")
     label = _FAMILIES.get(family)
-    size = next((v for k, v in _SIZES.items() if rest.startswith(k)), None)
+    size = next((v for k, v in _LETTER.items() if rest.startswith(k)), None)
     if label is None or size is None:
         return model
     return f"{label}-{size}" + ("-dist" if "_distilled" in rest else "")
@@ -378,6 +377,7 @@ class _Doc:
         self.fig_dir.mkdir(parents=True, exist_ok=True)
         self.parts: list[str] = []
         self.present: dict[str, bool] = {}
+        self.copied: set[str] = set()  # figures already beside the report (two sections may show one)
 
     def add(self, *texts: str) -> None:
         self.parts.extend(t if t.endswith("\n") else t + "\n" for t in texts)
@@ -406,10 +406,14 @@ class _Doc:
                 continue
             dst = self.fig_dir / rel.replace("/", "__")
             shown = dst.relative_to(self.out_md.parent).as_posix()
-            _copy_png_for_reading(src, dst)
             svg = src.with_suffix(".svg")
-            if svg.is_file() and svg.stat().st_size <= SVG_MAX_BYTES:
-                shutil.copyfile(svg, dst.with_suffix(".svg"))
+            with_svg = svg.is_file() and svg.stat().st_size <= SVG_MAX_BYTES
+            if rel not in self.copied:
+                _copy_png_for_reading(src, dst)
+                if with_svg:
+                    shutil.copyfile(svg, dst.with_suffix(".svg"))
+                self.copied.add(rel)
+            if with_svg:
                 self.add(f"[![{caption}]({shown})]({Path(shown).with_suffix('.svg').as_posix()})\n\n*{caption}*\n")
             else:
                 self.add(f"![{caption}]({shown})\n\n*{caption}*\n")
@@ -653,17 +657,7 @@ def _entropy_curves_section(doc: _Doc, tables: dict[str, list[dict]]) -> None:
     doc.add(
         markdown_table(
             shown,
-            [
-                "label",
-                "distill",
-                "kind",
-                "entropy_token_init",
-                "entropy_token",
-                "uniform_token",
-                "entropy_anchor_init",
-                "entropy_anchor",
-                "uniform_anchor",
-            ],
+            ["label", "distill", "kind", *cls_results.ENTROPY_KEYS],
             ["model", "⚗", "over tokens", "start", "end", "ln N", "p(anchor \\| token) start", "end", "ln M"],
             digits=3,
         )
@@ -801,10 +795,7 @@ def batch_rows(outputs: Path) -> list[dict[str, Any]]:
     notebook elsewhere under ``outputs/`` is not one of the report's runs.
     """
     rows = []
-    found = []
-    for root in RUN_ROOTS:
-        for m in collect_metrics(Path(outputs) / root):
-            found.append({**m, "run": f"{root}/{m['run']}"})
+    found = [{**m, "run": f"{root}/{m['run']}"} for root in RUN_ROOTS for m in collect_metrics(Path(outputs) / root)]
     for m in found:
         parts = Path(m["run"]).parts
         if "global_batch" not in m or "recipe_global_batch" not in m or parts[-1] == "dvclive":

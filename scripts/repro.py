@@ -47,6 +47,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,15 +107,19 @@ def descendants(stages: dict, names: set[str]) -> set[str]:
     return found
 
 
-def changed_stages(repo_dir: Path, dvc: list[str], stages: dict) -> set[str]:
-    """The stages ``dvc status`` reports changed, and all downstream of them (which may change once
-    those ran; each decides for itself when its turn comes)."""
-    done = subprocess.run([*dvc, "status", "--json"], cwd=repo_dir, capture_output=True, text=True)
+def dvc_status(repo_dir: Path, dvc: list[str], targets: Iterable[str] = ()) -> dict:
+    """``dvc status --json`` of ``targets`` (all stages when empty): what changed, by stage."""
+    done = subprocess.run([*dvc, "status", "--json", *targets], cwd=repo_dir, capture_output=True, text=True)
     if done.returncode != 0:
         sys.stdout.write(done.stdout + done.stderr)
         raise SystemExit(f"repro.py: dvc status failed (exit status {done.returncode})")
-    reported = set(json.loads(done.stdout or "{}"))
-    return descendants(stages, reported & set(stages))
+    return json.loads(done.stdout or "{}")
+
+
+def changed_stages(repo_dir: Path, dvc: list[str], stages: dict) -> set[str]:
+    """The stages ``dvc status`` reports changed, and all downstream of them (which may change once
+    those ran; each decides for itself when its turn comes)."""
+    return descendants(stages, set(dvc_status(repo_dir, dvc)) & set(stages))
 
 
 def priorities(stages: dict, seconds: dict) -> dict[str, float]:
@@ -261,11 +266,7 @@ class Scheduler:
 
 def check_up_to_date(repo_dir: Path, dvc: list[str], targets: list[str]) -> int:
     """0 when ``dvc status`` reports nothing to do for ``targets``; otherwise its report and 1."""
-    done = subprocess.run([*dvc, "status", "--json", *targets], cwd=repo_dir, capture_output=True, text=True)
-    if done.returncode != 0:
-        sys.stdout.write(done.stdout + done.stderr)
-        return done.returncode
-    changed = json.loads(done.stdout or "{}")
+    changed = dvc_status(repo_dir, dvc, targets)
     if changed:
         sys.stdout.write(
             "repro.py: dvc status still reports changes after the run (`dvc repro` reruns them):\n"

@@ -19,7 +19,7 @@ import csv
 import logging
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +169,16 @@ class MetricLogger:
             self._record(values, step)
         if replay:
             self._live.make_summary()
+
+    @classmethod
+    def for_run(
+        cls, out_dir: str | os.PathLike, enabled: bool, state: Mapping[str, Any] | None, step: int
+    ) -> MetricLogger:
+        """The logger of a training run: fresh when ``state`` is None, else resumed at ``step`` with
+        the rows the training checkpoint ``state`` stored (``state["logged"]``, from :attr:`rows`)."""
+        if state is None:
+            return cls(out_dir, enabled=enabled)
+        return cls(out_dir, enabled=enabled, resume_step=step, rows=state.get("logged"))
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         """Log ``metrics`` (name -> number) at ``step`` and refresh ``metrics.json``."""

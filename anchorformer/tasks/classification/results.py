@@ -43,6 +43,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 __all__ = [
     "DEIT_PAPER",
+    "ENTROPY_KEYS",
     "NOT_PUBLIC",
     "UNVERIFIED_EXTRACTION",
     "deit_reference_markdown",
@@ -351,8 +352,8 @@ def e9_verdict(rows: Sequence[dict[str, Any]]) -> str:
 
 def e9_curve_runs(e1_runs: Sequence[dict[str, Any]], e9_runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """The runs whose entropy curves E9 draws: the plain T runs of E1 (AnchorFormer and DeiT), then E9's."""
-    plain_t = [r for r in e1_runs if describe_run(r)["size"] == "T" and not describe_run(r)["distilled"]]
-    return [*plain_t, *e9_runs]
+    described = [(r, describe_run(r)) for r in e1_runs]
+    return [*(r for r, d in described if d["size"] == "T" and not d["distilled"]), *e9_runs]
 
 
 _FORMATS = {
@@ -363,7 +364,8 @@ _FORMATS = {
     "paper_top1": "{:.1f}",
     "gap_to_deit": "{:+.1f}",
 }
-_ENTROPY_KEYS = (
+# The entropy columns of a row (:func:`_entropy_fields`), in table order; nats to 3 decimals.
+ENTROPY_KEYS = (
     "entropy_token_init",
     "entropy_token",
     "uniform_token",
@@ -371,6 +373,7 @@ _ENTROPY_KEYS = (
     "entropy_anchor",
     "uniform_anchor",
 )
+_FORMATS.update(dict.fromkeys(ENTROPY_KEYS, "{:.3f}"))
 
 
 def _display(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -381,9 +384,6 @@ def _display(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         for key, fmt in _FORMATS.items():
             if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool):
                 shown[key] = fmt.format(r[key])
-        for key in _ENTROPY_KEYS:
-            if isinstance(r.get(key), (int, float)):
-                shown[key] = f"{r[key]:.3f}"
         out.append(shown)
     return out
 

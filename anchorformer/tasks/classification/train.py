@@ -708,12 +708,7 @@ def _train(run: TrainingRun, data: Path, classes: list[str], model_kwargs: dict[
             train_model, device_ids=[device] if device.type == "cuda" else None
         )
 
-    logger = MetricLogger(
-        out_dir,
-        enabled=dist_info.is_main,
-        resume_step=start_epoch if resume_state else None,
-        rows=(resume_state or {}).get("logged"),
-    )
+    logger = MetricLogger.for_run(out_dir, dist_info.is_main, resume_state, start_epoch)
     plan.log(_logger)
     _logger.info(
         "training %s (%s) on %d images, %d classes, %d epochs, global batch %d, lr %.3g, distillation %s, %d process(es)",

@@ -614,12 +614,7 @@ def _train(run: TrainingRun, data_root: Path, backbone_ckpt: Any) -> dict[str, A
     use_amp = bool(cfg.get("amp", False)) and device.type == "cuda"
     clip = cfg.get("clip_grad")
     log_every = max(1, int(cfg.get("log_every", 20)))
-    logger = MetricLogger(
-        out,
-        enabled=info.is_main,
-        resume_step=it if latest is not None else None,
-        rows=(latest or {}).get("logged"),
-    )
+    logger = MetricLogger.for_run(out, info.is_main, latest, it)
     with_masks = det_cfg.detector == "mask_rcnn"
     if info.is_main:
         write_json_atomic(

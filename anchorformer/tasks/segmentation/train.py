@@ -524,12 +524,7 @@ def _train(
         pin_memory=device.type == "cuda",
         generator=torch.Generator().manual_seed(seed),  # leaves the global RNG (dropout) alone
     )
-    logger = MetricLogger(
-        out,
-        enabled=info.is_main,
-        resume_step=start if resume_state is not None else None,
-        rows=(resume_state or {}).get("logged"),
-    )
+    logger = MetricLogger.for_run(out, info.is_main, resume_state, start)
     every = int(cfg.checkpoint_every)
     log_every = max(1, int(cfg.log_every))
     plan.log(_logger)
@@ -646,7 +641,6 @@ def save_label_map(pred: torch.Tensor, path: Path) -> None:
     Image.fromarray(arr.astype(np.uint8), mode="L").save(path)
 
 
-@torch.no_grad()
 def _last_logged_losses(rows: Sequence[Any]) -> dict[str, float]:
     """The losses of the last logged training row (``train/<name>``, the learning rate aside)."""
     for _, values in reversed(rows):
@@ -656,6 +650,7 @@ def _last_logged_losses(rows: Sequence[Any]) -> dict[str, float]:
     return {}
 
 
+@torch.no_grad()
 def evaluate_segmentation(
     model: nn.Module,
     data_root: str | os.PathLike,
