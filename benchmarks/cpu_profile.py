@@ -14,7 +14,15 @@ Each page fault maps a fresh 4 KiB page of a tensor that glibc returned to the s
 took back (``mmap``/``munmap`` of large blocks, trimming of the heap); the count shows how much
 of a forward pass's memory is first-touched anew on every call.
 
-Usage: python benchmarks/cpu_profile.py [--img 512 1024] [--out results.json]
+``--what op_share`` asks instead where the time over the MAC ratio goes. In one process with
+glibc malloc tuned, in rounds of alternating calls (process CPU time, medians over the rounds):
+DeiT-T; AnchorFormer-T, with the wall time of each anchor-attention call taken inside the model;
+AnchorFormer-T with the operator replaced by a stand-in that costs nothing (returns one
+preallocated output: the speed-up the model would have if the operator were free); AnchorFormer-T
+with the operator compiled by ``torch.compile`` (inductor's fused C++); and the operator alone on
+the model's shapes, in a loop of its own (caches warm).
+
+Usage: python benchmarks/cpu_profile.py [--what allocations|op_share] [--img 512 1024] [--out results.json]
 """
 
 from __future__ import annotations
@@ -74,14 +82,99 @@ def forward_faults_and_ms(m, x, repeats: int) -> tuple[list[int], list[float]]:
     return fl, ms
 
 
+def op_share(img: int, rounds: int) -> dict[str, object]:
+    """The anchor-attention operator's share of AnchorFormer-T's inference time at ``img``² (see
+    the module's docstring, ``--what op_share``)."""
+    import statistics
+
+    from anchorformer.complexity import model_complexity
+    from anchorformer.models import anchorformer as af_module
+
+    reference = sys.modules["anchorformer.ops.anchor_attention.reference"]
+    attend = af_module._attend
+    deit, af = model("deit_tiny_distilled_patch16_224", img), model("anchorformer_tiny_distilled_patch16_224", img)
+    x = torch.randn(1, 3, img, img)
+    N, H, D = (img // 16) ** 2 + 2, 3, 64
+    spent = [0.0]
+
+    def timed(*args):
+        t0 = time.perf_counter()
+        out = attend(*args)
+        spent[0] += time.perf_counter() - t0
+        return out
+
+    free_out = torch.zeros(1, N, H, D).transpose(1, 2)  # the operator's token-major output, made once
+    compiled = torch.compile(reference._reference_autograd, dynamic=False)
+    variants = {
+        "deit": (deit, attend),
+        "anchorformer": (af, timed),
+        "anchorformer_free_operator": (af, lambda *args: free_out),
+        "anchorformer_compiled_operator": (af, lambda qk, v, u, normalize, impl: compiled(qk, v, u, normalize)),
+    }
+    cpu_ms: dict[str, list[float]] = {k: [] for k in variants}
+    op_ms: list[float] = []
+    try:
+        with torch.inference_mode():
+            for m, fn in variants.values():  # warm-up; the first compiled call compiles
+                af_module._attend = fn
+                m(x)
+                m(x)
+            for _ in range(rounds):
+                for key, (m, fn) in variants.items():
+                    af_module._attend = fn
+                    spent[0] = 0.0
+                    c = time.process_time()
+                    m(x)
+                    cpu_ms[key].append((time.process_time() - c) * 1e3)
+                    if key == "anchorformer":
+                        op_ms.append(spent[0] * 1e3 / len(af.blocks))
+            qkv = torch.randn(1, N, 2, H, D)
+            qk, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            u = af.blocks[0].attn.anchors.detach()
+            for _ in range(10):
+                anchor_attention(qk, v, u, impl="reference")
+            alone = []
+            for _ in range(10 * rounds):
+                t0 = time.perf_counter()
+                anchor_attention(qk, v, u, impl="reference")
+                alone.append((time.perf_counter() - t0) * 1e3)
+    finally:
+        af_module._attend = attend
+    macs = (
+        model_complexity("deit_tiny_distilled_patch16_224", img)["gmacs"]
+        / model_complexity("anchorformer_tiny_distilled_patch16_224", img, num_anchors=30)["gmacs"]
+    )
+    med = {k: statistics.median(v) for k, v in cpu_ms.items()}
+    speedups = {k: med["deit"] / med[k] for k in cpu_ms if k != "deit"}
+    return {
+        "rounds": rounds,
+        "mac_ratio": round(macs, 3),
+        "cpu_median_ms": {k: round(v, 1) for k, v in med.items()},
+        "speedup_over_deit": {k: round(v, 3) for k, v in speedups.items()},
+        "speedup_over_mac_ratio": {k: round(v / macs, 3) for k, v in speedups.items()},
+        "operator_ms_per_call_in_model": round(statistics.median(op_ms), 3),
+        "operator_ms_per_call_alone": round(statistics.median(alone), 3),
+        "operator_share_of_model": round(statistics.median(op_ms) * len(af.blocks) / med["anchorformer"], 3),
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--what", choices=("allocations", "op_share"), default="allocations")
     p.add_argument("--img", type=int, nargs="+", default=[512, 1024])
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="forward passes (allocations) or rounds (op_share)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     torch.set_num_threads(1)
     report: dict[str, object] = {"torch": torch.__version__, "threads": 1}
+    if args.what == "op_share":
+        from anchorformer.ops.cpu import tune_glibc_malloc
+
+        report["malloc"] = "tuned" if tune_glibc_malloc() else "default"
+        for img in args.img:
+            report[str(img)] = op_share(img, args.repeats)
+        _write(report, args.out)
+        return
     for img in args.img:
         af = model("anchorformer_tiny_distilled_patch16_224", img)
         x = torch.randn(1, 3, img, img)
@@ -109,10 +202,14 @@ def main() -> None:
                 rows[key][1].extend(t)
         report[str(img)]["faults_alternating"] = {k: v[0] for k, v in rows.items()}
         report[str(img)]["ms_alternating"] = {k: v[1] for k, v in rows.items()}
+    _write(report, args.out)
+
+
+def _write(report: dict[str, object], out: Path | None) -> None:
     text = json.dumps(report, indent=1)
     print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    if out:
+        out.write_text(text + "\n")
 
 
 if __name__ == "__main__":

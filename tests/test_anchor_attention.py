@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from anchor_helpers import fp64_truth, logit_gap_inputs
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from anchorformer.ops import anchor_attention
 from anchorformer.ops.anchor_attention import resolve_impl
@@ -252,3 +253,33 @@ def test_inference_allocates_one_probability_buffer_and_the_output(B):
     large = sorted(s for s in sizes if s > B * H * M * D * 4)
     assert large == sorted([probs, out]), f"allocations above the (B, H, M, D) size: {large}"
     assert sum(sizes) < probs + out + 64 * B * H * M * D, f"{len(sizes)} allocations, {sum(sizes)} bytes"
+
+
+class _CountOps(TorchDispatchMode):
+    """The aten calls made under it, by name (views included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+_VIEWS = {"transpose", "select", "expand", "view", "unsqueeze", "permute", "as_strided", "alias"}
+
+
+@pytest.mark.parametrize("B", [1, 2])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_inference_makes_only_the_calls_the_maths_needs(B, normalize):
+    """Inside a model every call costs several times its cost in a loop of its own: besides views,
+    the path scales the anchors, allocates its three buffers, and runs 3 products per image, one
+    softmax and (normalized) the degrees' sum, mask and reciprocal: no conversion, copy or check."""
+    qk, v, u = _strided_inputs(B, 3, 50, 16, 7, 2)
+    with torch.inference_mode(), _CountOps() as ops:
+        anchor_attention(qk, v, u, normalize=normalize, impl="reference")
+    work = sorted(n for n in ops.names if n not in _VIEWS)
+    want = ["mul", *["empty"] * 3, *["bmm"] * (3 * B), "softmax"]
+    want += ["sum", "le", "masked_fill_", "reciprocal_", "mul_"] if normalize else []
+    assert work == sorted(want), f"calls besides views: {work}"

@@ -23,7 +23,7 @@ import os
 import torch
 
 from .limits import fused_unsupported
-from .reference import anchor_attention_reference, anchor_probabilities, check_inputs
+from .reference import _reference_checked, anchor_attention_reference, anchor_probabilities, check_inputs
 
 __all__ = [
     "IMPLS",
@@ -89,7 +89,7 @@ def anchor_attention(
     if impl == "triton" and requested == "auto" and fused_unsupported(qk, anchors) is not None:
         impl = "reference"  # "auto" serves shapes beyond the kernels' limits (D > 128, ...) by the reference
     if impl == "reference":
-        return anchor_attention_reference(qk, v, anchors, normalize=normalize)
+        return _reference_checked(qk, v, anchors, normalize)
     try:
         from .triton import anchor_attention_triton
     except ImportError as e:  # pragma: no cover - depends on the install

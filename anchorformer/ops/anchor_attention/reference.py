@@ -89,7 +89,7 @@ def _broadcast_anchors(anchors: torch.Tensor) -> torch.Tensor:
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 for fp16/bf16/fp32 inputs; fp64 stays fp64."""
-    return torch.promote_types(dtype, torch.float32)
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def degree_floor(dtype: torch.dtype) -> float:
@@ -104,8 +104,7 @@ def degree_floor(dtype: torch.dtype) -> float:
 
 def inverse_degree(deg: torch.Tensor) -> torch.Tensor:
     """1/deg where deg > :func:`degree_floor`, else 0, without ever computing 1/0 or 1/denormal."""
-    floor = degree_floor(deg.dtype)
-    return deg.clamp_min(floor).reciprocal_().masked_fill_(deg <= floor, 0.0)
+    return deg.masked_fill(deg <= degree_floor(deg.dtype), float("inf")).reciprocal_()  # 1/inf = 0
 
 
 def _scaled_anchors(anchors: torch.Tensor, D: int, dtype: torch.dtype) -> torch.Tensor:
@@ -158,29 +157,38 @@ def _reference_autograd(qk, v, anchors, normalize):
 
 @torch.no_grad()
 def _reference_inference(qk, v, anchors, normalize):
-    """The same maths without autograd and with few transient tensors: per image, the logits go
-    into one (H, M, N) slice of a buffer of A^T (anchors by tokens: the softmax over anchors
-    then runs along contiguous tokens, several times faster than along a row of M = 30), the
-    softmax is taken in place, and ``A W`` is written straight into a token-major output
-    (B, N, H, D); ``out=`` forms throughout, batched over heads, so the strided views of a
-    packed projection are read without copies."""
+    """The same maths without autograd, with few transient tensors and few calls.
+
+    Per image, the logits go into one (H, M, N) slice of a buffer of A^T (anchors by tokens:
+    the softmax over anchors then runs along contiguous tokens, several times faster than along
+    a row of M = 30), the softmax is taken in place, and ``A W`` is written straight into a
+    token-major output (B, N, H, D); ``out=`` forms throughout, batched over heads, so the
+    strided views of a packed projection are read without copies. Inside a model each call
+    costs several times what it costs in a loop of its own (its code and data have left the
+    CPU's caches), so the path keeps to the calls the maths needs. The softmax and the degrees
+    run once over the whole buffer: a reduction's bits depend on the shape it is given.
+    """
     B, H, N, D = qk.shape
     M = anchors.shape[-2]
     acc = accumulation_dtype(qk.dtype)
-    u = _scaled_anchors(anchors, D, acc).expand(B, H, M, D)  # (B, H, M, D)
-    probs_t = qk.new_empty((B, H, M, N), dtype=acc)  # logits^T, then p(m|n)^T in place
-    kv = qk.new_empty((B, H, M, D), dtype=acc)
-    out = qk.new_empty((B, N, H, D), dtype=acc).permute(0, 2, 1, 3)  # (B, H, N, D), token-major
-    qk_acc, v_acc = qk.to(acc), v.to(acc)
+    if qk.dtype != acc:
+        qk, v = qk.to(acc), v.to(acc)
+    u = (anchors if anchors.dtype == acc else anchors.to(acc)) * D**-0.5  # the logits' scale, on the anchors
+    if u.dim() == 2:
+        u = u.expand(H, M, D)
+    probs_t = torch.empty((B, H, M, N), dtype=acc, device=qk.device)  # logits^T, then p(m|n)^T in place
+    kv = torch.empty((B, H, M, D), dtype=acc, device=qk.device)
+    out = torch.empty((B, N, H, D), dtype=acc, device=qk.device).transpose(1, 2)  # (B, H, N, D), token-major
     for b in range(B):  # bmm, not matmul: matmul's out= path costs up to half again on these shapes
-        torch.bmm(u[b], qk_acc[b].transpose(-1, -2), out=probs_t[b])  # (H, M, N) logits^T
-    torch.softmax(probs_t, dim=-2, out=probs_t)  # over anchors
+        torch.bmm(u[b] if u.dim() == 4 else u, qk[b].transpose(1, 2), out=probs_t[b])  # (H, M, N) logits^T
+    torch.softmax(probs_t, dim=2, out=probs_t)  # over anchors
     for b in range(B):
-        torch.bmm(probs_t[b], v_acc[b], out=kv[b])  # (H, M, D)
-    if normalize:
-        kv.mul_(inverse_degree(probs_t.sum(dim=-1)).unsqueeze(-1))  # (B, H, M, D) the anchors' mean values
+        torch.bmm(probs_t[b], v[b], out=kv[b])  # (H, M, D)
+    if normalize:  # the anchors' mean values; degrees at or below the floor weigh 0, as in inverse_degree
+        deg = probs_t.sum(dim=3, keepdim=True)  # (B, H, M, 1)
+        kv.mul_(deg.masked_fill_(deg <= degree_floor(acc), float("inf")).reciprocal_())
     for b in range(B):
-        torch.bmm(probs_t[b].transpose(-1, -2), kv[b], out=out[b])  # (H, N, D) into (N, H, D) storage
+        torch.bmm(probs_t[b].transpose(1, 2), kv[b], out=out[b])  # (H, N, D) into (N, H, D) storage
     return out
 
 
@@ -202,9 +210,14 @@ def anchor_attention_reference(
         stored token-major (a view of a (B, N, H, D) tensor), as the fused kernels return it.
     """
     check_inputs(qk, v, anchors)
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (qk, v, anchors))
+    return _reference_checked(qk, v, anchors, normalize)
+
+
+def _reference_checked(qk: torch.Tensor, v: torch.Tensor, anchors: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """:func:`anchor_attention_reference` on inputs :func:`check_inputs` has passed."""
+    needs_grad = torch.is_grad_enabled() and (qk.requires_grad or v.requires_grad or anchors.requires_grad)
     if needs_grad or torch.compiler.is_compiling():  # a compiler fuses the formula itself (and takes no strided out=)
         out = _reference_autograd(qk, v, anchors, normalize)
     else:
         out = _reference_inference(qk, v, anchors, normalize)
-    return out.to(v.dtype)
+    return out if out.dtype == v.dtype else out.to(v.dtype)
