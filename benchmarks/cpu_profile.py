@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -84,9 +86,8 @@ def forward_faults_and_ms(m, x, repeats: int) -> tuple[list[int], list[float]]:
 
 def op_share(img: int, rounds: int) -> dict[str, object]:
     """The anchor-attention operator's share of AnchorFormer-T's inference time at ``img``² (see
-    the module's docstring, ``--what op_share``)."""
-    import statistics
-
+    the module's docstring, ``--what op_share``): the bench's interleaved timing, its CPU times."""
+    from anchorformer.bench import measure_time, measure_times
     from anchorformer.complexity import model_complexity
     from anchorformer.models import anchorformer as af_module
 
@@ -95,12 +96,12 @@ def op_share(img: int, rounds: int) -> dict[str, object]:
     deit, af = model("deit_tiny_distilled_patch16_224", img), model("anchorformer_tiny_distilled_patch16_224", img)
     x = torch.randn(1, 3, img, img)
     N, H, D = (img // 16) ** 2 + 2, 3, 64
-    spent = [0.0]
+    op_s: list[float] = []  # every operator call of the timed AnchorFormer-T forwards
 
     def timed(*args):
         t0 = time.perf_counter()
         out = attend(*args)
-        spent[0] += time.perf_counter() - t0
+        op_s.append(time.perf_counter() - t0)
         return out
 
     free_out = torch.zeros(1, N, H, D).transpose(1, 2)  # the operator's token-major output, made once
@@ -111,50 +112,49 @@ def op_share(img: int, rounds: int) -> dict[str, object]:
         "anchorformer_free_operator": (af, lambda *args: free_out),
         "anchorformer_compiled_operator": (af, lambda qk, v, u, normalize, impl: compiled(qk, v, u, normalize)),
     }
-    cpu_ms: dict[str, list[float]] = {k: [] for k in variants}
-    op_ms: list[float] = []
+
+    def forward(m, fn):
+        def call():
+            af_module._attend = fn
+            return m(x)
+
+        return call
+
+    cpu = torch.device("cpu")
+    qkv = torch.randn(1, N, 2, H, D)
+    qk, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, D) views, as in the model
+    u = af.blocks[0].attn.anchors.detach()
     try:
-        with torch.inference_mode():
-            for m, fn in variants.values():  # warm-up; the first compiled call compiles
-                af_module._attend = fn
-                m(x)
-                m(x)
-            for _ in range(rounds):
-                for key, (m, fn) in variants.items():
-                    af_module._attend = fn
-                    spent[0] = 0.0
-                    c = time.process_time()
-                    m(x)
-                    cpu_ms[key].append((time.process_time() - c) * 1e3)
-                    if key == "anchorformer":
-                        op_ms.append(spent[0] * 1e3 / len(af.blocks))
-            qkv = torch.randn(1, N, 2, H, D)
-            qk, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-            u = af.blocks[0].attn.anchors.detach()
-            for _ in range(10):
-                anchor_attention(qk, v, u, impl="reference")
-            alone = []
-            for _ in range(10 * rounds):
-                t0 = time.perf_counter()
-                anchor_attention(qk, v, u, impl="reference")
-                alone.append((time.perf_counter() - t0) * 1e3)
+        with torch.inference_mode():  # two warm-up calls each; the first compiled call compiles
+            timings = measure_times(
+                {k: forward(*mf) for k, mf in variants.items()}, cpu, warmup=2, repeats=rounds, budget_s=math.inf
+            )
+            alone = measure_time(
+                lambda: anchor_attention(qk, v, u, impl="reference"),
+                cpu,
+                warmup=10,
+                repeats=10 * rounds,
+                budget_s=math.inf,
+            )
     finally:
         af_module._attend = attend
+    op_calls = op_s[-rounds * len(af.blocks) :]  # the timed rounds' calls, not the warm-up's
+    op_ms = statistics.median(op_calls) * 1e3
     macs = (
         model_complexity("deit_tiny_distilled_patch16_224", img)["gmacs"]
         / model_complexity("anchorformer_tiny_distilled_patch16_224", img, num_anchors=30)["gmacs"]
     )
-    med = {k: statistics.median(v) for k, v in cpu_ms.items()}
-    speedups = {k: med["deit"] / med[k] for k in cpu_ms if k != "deit"}
+    med = {k: t["cpu_median_ms"] for k, t in timings.items()}
+    speedups = {k: med["deit"] / med[k] for k in med if k != "deit"}
     return {
         "rounds": rounds,
         "mac_ratio": round(macs, 3),
         "cpu_median_ms": {k: round(v, 1) for k, v in med.items()},
         "speedup_over_deit": {k: round(v, 3) for k, v in speedups.items()},
         "speedup_over_mac_ratio": {k: round(v / macs, 3) for k, v in speedups.items()},
-        "operator_ms_per_call_in_model": round(statistics.median(op_ms), 3),
-        "operator_ms_per_call_alone": round(statistics.median(alone), 3),
-        "operator_share_of_model": round(statistics.median(op_ms) * len(af.blocks) / med["anchorformer"], 3),
+        "operator_ms_per_call_in_model": round(op_ms, 3),
+        "operator_ms_per_call_alone": round(alone["median_ms"], 3),
+        "operator_share_of_model": round(op_ms * len(af.blocks) / med["anchorformer"], 3),
     }
 
 

@@ -108,9 +108,9 @@ def inverse_degree(deg: torch.Tensor) -> torch.Tensor:
 
 
 def _scaled_anchors(anchors: torch.Tensor, D: int, dtype: torch.dtype) -> torch.Tensor:
-    """U / sqrt(D) in the accumulation dtype, broadcast to (1 or B, 1 or H, M, D): the logits'
-    scale folded into the (M, D)-sized anchors instead of a pass over the (B, H, N, M) logits."""
-    return _broadcast_anchors(anchors).to(dtype) * D**-0.5
+    """U / sqrt(D) in the accumulation dtype, in the anchors' own shape: the logits' scale folded
+    into the (M, D)-sized anchors instead of a pass over the (B, H, N, M) logits."""
+    return (anchors if anchors.dtype == dtype else anchors.to(dtype)) * D**-0.5
 
 
 def anchor_probabilities(qk: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
@@ -124,7 +124,8 @@ def anchor_probabilities(qk: torch.Tensor, anchors: torch.Tensor) -> torch.Tenso
         (B, H, N, M) in fp32 (fp64 for fp64 inputs); every row sums to 1.
     """
     acc = accumulation_dtype(qk.dtype)
-    logits = qk.to(acc) @ _scaled_anchors(anchors, qk.shape[-1], acc).transpose(-1, -2)  # (B, H, N, M)
+    u = _broadcast_anchors(_scaled_anchors(anchors, qk.shape[-1], acc))  # (1 or B, 1 or H, M, D)
+    logits = qk.to(acc) @ u.transpose(-1, -2)  # (B, H, N, M)
     return logits.softmax(dim=-1)
 
 
@@ -173,7 +174,7 @@ def _reference_inference(qk, v, anchors, normalize):
     acc = accumulation_dtype(qk.dtype)
     if qk.dtype != acc:
         qk, v = qk.to(acc), v.to(acc)
-    u = (anchors if anchors.dtype == acc else anchors.to(acc)) * D**-0.5  # the logits' scale, on the anchors
+    u = _scaled_anchors(anchors, D, acc)
     if u.dim() == 2:
         u = u.expand(H, M, D)
     probs_t = torch.empty((B, H, M, N), dtype=acc, device=qk.device)  # logits^T, then p(m|n)^T in place
@@ -184,9 +185,8 @@ def _reference_inference(qk, v, anchors, normalize):
     torch.softmax(probs_t, dim=2, out=probs_t)  # over anchors
     for b in range(B):
         torch.bmm(probs_t[b], v[b], out=kv[b])  # (H, M, D)
-    if normalize:  # the anchors' mean values; degrees at or below the floor weigh 0, as in inverse_degree
-        deg = probs_t.sum(dim=3, keepdim=True)  # (B, H, M, 1)
-        kv.mul_(deg.masked_fill_(deg <= degree_floor(acc), float("inf")).reciprocal_())
+    if normalize:  # the anchors' mean values
+        kv.mul_(inverse_degree(probs_t.sum(dim=3, keepdim=True)))  # (B, H, M, 1)
     for b in range(B):
         torch.bmm(probs_t[b].transpose(1, 2), kv[b], out=out[b])  # (H, N, D) into (N, H, D) storage
     return out
