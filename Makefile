@@ -11,13 +11,16 @@ export HF_HUB_OFFLINE := 1
 export DVC_NO_ANALYTICS := 1
 export PYTHONHASHSEED := 0
 
-.PHONY: env repro test test-slow test-all test-fast test-notebooks lint lab clean-venv
+.PHONY: env repro test test-slow test-all test-fast test-notebooks test-lab lab-browser lint lab clean-venv
 
 # The project's Jupyter kernel, registered inside .venv (not in ~/.local): JupyterLab lists it as
 # "anchorformer (.venv)" and the notebooks name it; the stages and nbval run the current interpreter.
 KERNEL := $(VENV)/share/jupyter/kernels/anchorformer/kernel.json
+# JupyterLab's settings for this project (scripts/lab_overrides.json: no news pop-up, no update
+# check), installed as the environment's overrides: they apply to every Lab started from .venv.
+LAB_OVERRIDES := $(VENV)/share/jupyter/lab/settings/overrides.json
 
-env: $(STAMP) $(KERNEL)
+env: $(STAMP) $(KERNEL) $(LAB_OVERRIDES)
 
 # Every version comes from requirements.lock; the project is installed editable with all its extras.
 # timm's source distribution gives its own model tests (tests/test_timm_models.py), run on ours.
@@ -32,6 +35,10 @@ $(STAMP): pyproject.toml requirements.lock
 
 $(KERNEL): $(STAMP)
 	$(BIN)/python -m ipykernel install --sys-prefix --name anchorformer --display-name "anchorformer (.venv)"
+
+$(LAB_OVERRIDES): scripts/lab_overrides.json $(STAMP)
+	mkdir -p $(dir $@)
+	cp scripts/lab_overrides.json $@
 
 # The pipeline, independent stages side by side (scripts/repro.py: each stage is a
 # `dvc repro --single-item`; one stage per core on the mini profile, one at a time on the full
@@ -49,18 +56,35 @@ repro: env
 NBVAL := --nbval-lax --nbval-current-env --nbval-cell-timeout=900
 
 test: env
-	$(BIN)/python -m pytest tests notebooks -m "not slow" $(NBVAL)
+	$(BIN)/python -m pytest tests notebooks -m "not slow and not lab" $(NBVAL)
+	$(MAKE) test-lab
+
+# JupyterLab in a real browser (tests/test_lab.py): `jupyter lab` on a free local port with a
+# token, Debian's Chromium driven by Playwright, Run All Cells through the menu in notebooks 01, 10
+# (smoke) and 90; screenshots of the last run in build/test-lab/. Lab's settings, workspaces and
+# runtime files go to a temporary folder. Chromium comes from the system (`apt-get install
+# chromium`; installed here when running as root with apt, as in CI); without it the test is
+# skipped with a line saying so.
+test-lab: env lab-browser
+	$(BIN)/python -m pytest tests/test_lab.py -m lab -p no:cacheprovider
+
+lab-browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing Chromium for make test-lab (apt-get install chromium)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else echo "no chromium on PATH: tests/test_lab.py will be skipped (sudo apt-get install chromium)"; fi
 
 # The tests marked slow (multi-process runs, every variant and notebook, the Triton interpreter
 # suite, the bare-wheel install): tens of minutes on 2 cores.
 test-slow: env
 	$(BIN)/python -m pytest tests -m slow
 
-test-all: env
+test-all: env lab-browser
 	$(BIN)/python -m pytest tests notebooks $(NBVAL)
 
 test-fast: env
-	$(BIN)/python -m pytest tests -m "not slow"
+	$(BIN)/python -m pytest tests -m "not slow and not lab"
 
 test-notebooks: env
 	$(BIN)/python -m pytest notebooks $(NBVAL)
@@ -76,11 +100,12 @@ lint: env
 	$(BIN)/python scripts/clean_notebooks.py --check
 	$(BIN)/python scripts/dvc_deps.py --check
 
-# JupyterLab on notebooks/ with the project's kernel; as root (containers) it needs --allow-root.
+# JupyterLab serving the repository (the report, outputs/ and README open from its file browser),
+# opening on notebooks/, with the project's kernel; as root (containers) it needs --allow-root.
 LAB_FLAGS ?= $(if $(filter 0,$(shell id -u)),--allow-root)
 
 lab: env
-	$(BIN)/jupyter lab notebooks $(LAB_FLAGS)
+	$(BIN)/jupyter lab --ServerApp.root_dir="$(CURDIR)" --ServerApp.default_url=/lab/tree/notebooks $(LAB_FLAGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -40,6 +41,7 @@ __all__ = [
     "environment_info",
     "headline_checks",
     "headline_markdown",
+    "markdown_seen_from",
     "write_report",
 ]
 
@@ -927,3 +929,26 @@ def build_report(
     paths = write_report(doc.out_md, doc.text())
     paths["metrics"] = write_json_atomic(doc.out_md.parent / HEADLINE, headline_metrics(out_dir))
     return {**paths, "headline": headline, "sections": doc.present}
+
+
+_LINK = re.compile(r"(!?\[[^\]]*\]\()([^)\s]+)(\))")
+
+
+def markdown_seen_from(markdown_file: str | Path, folder: str | Path = "notebooks") -> str:
+    """The text of ``markdown_file`` with its relative links rewritten to resolve from ``folder``.
+
+    A notebook shows the report with ``display(Markdown(...))``; JupyterLab resolves the links of
+    a cell's output from the notebook's folder (``notebooks/``), not from the report's. Absolute
+    URLs, anchors (``#...``) and absolute paths are left as they are. Both paths are taken from the
+    working directory (the repository root in the notebooks).
+    """
+    markdown_file = Path(markdown_file)
+    base = Path(os.path.relpath(markdown_file.parent.resolve(), Path(folder).resolve()))
+
+    def rebase(match: re.Match[str]) -> str:
+        target = match.group(2)
+        if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*:|^#|^/", target):
+            return match.group(0)
+        return f"{match.group(1)}{Path(os.path.normpath(base / target)).as_posix()}{match.group(3)}"
+
+    return _LINK.sub(rebase, markdown_file.read_text(encoding="utf-8"))

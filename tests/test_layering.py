@@ -11,7 +11,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "anchorformer"
 FLOORS = [  # lowest first; a module may import its own floor and the floors below
-    ("anchorformer.io", "anchorformer.paths", "anchorformer.tables"),
+    ("anchorformer.io", "anchorformer.paths", "anchorformer.tables", "anchorformer.console"),
     ("anchorformer.ops",),
     ("anchorformer.models",),
     ("anchorformer.data",),

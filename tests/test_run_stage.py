@@ -151,6 +151,10 @@ def test_the_package_log_reaches_the_terminal_and_not_the_notebook(tmp_path):
             "import logging\nlogging.getLogger('anchorformer.test').info('epoch %d/8 loss 0.5', x)"
         ),
         nbformat.v4.new_code_cell("print('printed', x)"),
+        nbformat.v4.new_code_cell(
+            "import anchorformer.console as c\nfrom anchorformer.engine.logging import progress\n"
+            "print('kernel', c.in_interactive_kernel(), c.show_progress())\nfor _ in progress(range(3)): pass"
+        ),
     ]
     nbformat.write(nb, tmp_path / "in.ipynb")
     done = subprocess.run(
@@ -163,16 +167,21 @@ def test_the_package_log_reaches_the_terminal_and_not_the_notebook(tmp_path):
     out = nbformat.read(tmp_path / "sub" / "out.ipynb", as_version=4)
     texts = [o.get("text", "") for c in out.cells for o in c.get("outputs", [])]
     assert "printed 3\n" in texts and not any("epoch" in t for t in texts)
+    # no progress bar (a widget or text) in a stage's notebook: nothing there depends on the clock
+    assert "kernel False False\n" in texts
+    assert not any(o.get("output_type") == "display_data" for c in out.cells for o in c.get("outputs", []))
 
 
 def test_make_env_registers_the_kernel_inside_the_venv_and_lab_runs_as_root():
     makefile = (ROOT / "Makefile").read_text()
     assert "ipykernel install --sys-prefix --name anchorformer" in makefile and "--user" not in makefile
-    assert "env: $(STAMP) $(KERNEL)" in makefile
+    assert "env: $(STAMP) $(KERNEL) $(LAB_OVERRIDES)" in makefile
     lab = makefile[makefile.index("\nlab:") :]
     assert "$(LAB_FLAGS)" in lab.splitlines()[2] and "--allow-root" in makefile
     done = subprocess.run(
         ["make", "--no-print-directory", "-n", "lab", "VENV=/nonexistent", "LAB_FLAGS=--allow-root"],
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
-    assert done.stdout.strip().splitlines()[-1] == "/nonexistent/bin/jupyter lab notebooks --allow-root", done.stdout
+    # Lab serves the repository (the report, outputs/, the README open from its file browser) and opens on notebooks/
+    want = f'/nonexistent/bin/jupyter lab --ServerApp.root_dir="{ROOT}" --ServerApp.default_url=/lab/tree/notebooks --allow-root'
+    assert done.stdout.strip().splitlines()[-1] == want, done.stdout

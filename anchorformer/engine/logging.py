@@ -18,21 +18,27 @@ from __future__ import annotations
 import csv
 import logging
 import os
-import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
+from ..console import show_progress
+
 __all__ = ["MetricLogger", "progress"]
 
 _logger = logging.getLogger(__name__)
 
 
-def progress(iterable: Iterable[Any], **kw: Any) -> Iterable[Any]:
-    """``tqdm(iterable, **kw)``, disabled when stderr is not a terminal (logs, CI, papermill)."""
-    kw.setdefault("disable", not sys.stderr.isatty())
+def progress(iterable: Iterable[Any], **kw: Any) -> tqdm:
+    """``tqdm.auto.tqdm(iterable, **kw)``: a bar in a terminal, a widget in an interactive kernel.
+
+    Off where nobody watches it (logs, CI, a pipeline stage's kernel: see
+    :mod:`anchorformer.console`). The tasks' loops call ``set_postfix`` on it with the loss and
+    the learning rate; ``unit="img", unit_scale=BATCH`` makes its rate images per second.
+    """
+    kw.setdefault("disable", not show_progress())
     kw.setdefault("leave", False)
     kw.setdefault("dynamic_ncols", True)
     return tqdm(iterable, **kw)

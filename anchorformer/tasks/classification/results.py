@@ -586,7 +586,8 @@ def plot_training_curves(runs: Sequence[dict[str, Any]], title: str = "training 
         if not hist:
             continue
         label = Path(str(run.get("run", i))).name
-        ax1.plot([h["epoch"] for h in hist], [h["train_loss"] for h in hist], label=label, color=f"C{i % 10}")
+        losses = [h["train_loss"] for h in hist]
+        ax1.plot([h["epoch"] for h in hist], losses, "o-", markersize=3, label=label, color=f"C{i % 10}")
         ev = [h for h in hist if "top1" in h]
         ax2.plot([h["epoch"] for h in ev], [h["top1"] for h in ev], "o-", markersize=3, label=label, color=f"C{i % 10}")
     ax1.set_xlabel("epoch")

@@ -441,7 +441,9 @@ def _train_one_epoch(
     loss_sum = torch.zeros((), dtype=torch.float64)
     steps = 0
     optimizer.zero_grad(set_to_none=True)
-    for i, (images, target) in enumerate(progress(loader, desc=f"epoch {epoch + 1}", total=n_batches)):
+    batch = loader.batch_size or 1
+    bar = progress(loader, desc=f"epoch {epoch + 1}", total=n_batches, unit="img", unit_scale=batch)
+    for i, (images, target) in enumerate(bar):
         if i >= n_batches:
             break
         images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
@@ -477,6 +479,7 @@ def _train_one_epoch(
                 ema.update(unwrap_model(model), step=num_updates)
         loss_sum += loss_value
         steps += 1
+        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.3g}", refresh=False)
         if cfg["log_every"] and (i + 1) % int(cfg["log_every"]) == 0:
             _logger.info(
                 "epoch %d step %d/%d loss %.4f lr %.3g",

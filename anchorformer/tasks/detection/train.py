@@ -631,9 +631,14 @@ def _train(run: TrainingRun, data_root: Path, backbone_ckpt: Any) -> dict[str, A
         sums: dict[str, float] = defaultdict(float)
         count = 0
         optimizer.zero_grad(set_to_none=True)
-        for j, (images, targets) in enumerate(
-            progress(loader, desc=f"det epoch {epoch + 1}/{epochs}", total=micro_batches)
-        ):
+        bar = progress(
+            loader,
+            desc=f"det epoch {epoch + 1}/{epochs}",
+            total=micro_batches,
+            unit="img",
+            unit_scale=loader.batch_size or 1,
+        )
+        for j, (images, targets) in enumerate(bar):
             if j >= micro_batches:
                 break
             images = [im.to(device, non_blocking=True) for im in images]
@@ -667,6 +672,7 @@ def _train(run: TrainingRun, data_root: Path, backbone_ckpt: Any) -> dict[str, A
                     step=it,
                 )
                 clock.lap(it)
+                bar.set_postfix(loss=f"{sums['loss'] / count:.4f}", lr=f"{optimizer.param_groups[-1]['lr']:.3g}")
                 _logger.info(
                     "epoch %d it %d/%d loss %.4f (%s)",
                     epoch + 1,

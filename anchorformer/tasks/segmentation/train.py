@@ -535,7 +535,9 @@ def _train(
     clock = RunClock(total, start)
     last = _last_logged_losses((resume_state or {}).get("logged") or [])  # a finished run resumed: its final loss
     train_model.train()
-    for it, (images, labels) in enumerate(progress(loader, desc="train seg", total=len(loader)), start=start):
+    per_process = max(1, bs // info.world_size)  # images per iteration on this process
+    bar = progress(loader, desc="train seg", total=len(loader), unit="img", unit_scale=per_process)
+    for it, (images, labels) in enumerate(bar, start=start):
         lr = lr_at(it, total, cfg)
         for g in optimizer.param_groups:
             g["lr"] = lr * g.get("lr_scale", 1.0)
@@ -568,6 +570,7 @@ def _train(
             last = {k: float(all_reduce_mean(v.detach())) for k, v in losses.items()}
             logger.log({**{f"train/{k}": v for k, v in last.items()}, "train/lr": lr}, step=done)
             clock.lap(done)
+            bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{lr:.3g}")
             _logger.info("iter %d/%d  loss %.4f  lr %.3g  (%s)", done, total, last["loss"], lr, clock.progress())
         if info.is_main and (done % every == 0 or done == total):
             state = {
