@@ -162,7 +162,9 @@ def test_e9_table_verdict_and_curves(tmp_path):
     assert rows[1]["entropy_token"] == 3.7 and rows[1]["uniform_anchor"] == round(math.log(16), 5)
     assert rows[0]["entropy_token"] == 3.0 and rows[0]["entropy_anchor"] is None
     verdict = e9_verdict(rows)
-    assert "DeiT-T reaches 97.5% top-1 and the official AnchorFormer-T 89.5% (-8.0 points; no paired interval" in verdict
+    assert (
+        "DeiT-T reaches 97.5% top-1 and the official AnchorFormer-T 89.5% (-8.0 points; no paired interval" in verdict
+    )
     assert "unit-norm anchors (97.5%); official anchors U(-1/√D, 1/√D), learned temperature (98.0%)" in verdict
     assert "keeps the official initialisation" in verdict
     table = e9_markdown(rows)
