@@ -206,3 +206,24 @@ def test_runs_without_predictions_get_wilson_and_no_paired_interval(outputs):
     assert (af["top1_lo"], af["top1_hi"]) == pytest.approx(intervals.wilson_interval(85.0, 200))
     assert af["interval"] == "wilson" and af["vs_deit"]["verdict"] == "no interval"
     assert "no paired interval" in e9_verdict(tables["e9"])
+
+
+def test_the_seeded_rows_are_those_a_verdict_rests_on():
+    """params.yaml: E1's T pair, E9's official and best (anchor_lr_x10) rows and every E10 model run with
+    every extra seed; seed 0 is each experiment's own run, so no seed list repeats it."""
+    from pathlib import Path
+
+    import yaml
+
+    from anchorformer.engine.recipe import split_overrides
+
+    cls = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text(encoding="utf-8"))["cls"]
+    assert cls["seeds"] and 0 not in cls["seeds"] and len(set(cls["seeds"])) == len(cls["seeds"]) == 2
+    seeded = {(r["model"], tuple(split_overrides(r["overrides"]))) for r in cls["seeded"]}
+    names = [r["name"] for r in cls["seeded"]]
+    assert len(set(names)) == len(names)
+    want = {("anchorformer_tiny_patch16_224", ()), ("deit_tiny_patch16_224", ())}
+    want.add((cls["e9"]["model"], tuple(split_overrides(cls["e9"]["variants"]["anchor_lr_x10"]))))
+    want |= {(m, ()) for m in cls["e10"]["models"]}
+    assert seeded == want
+    assert all("_tiny_" in m for m in cls["e10"]["models"]) and len(cls["e10"]["models"]) == 4
