@@ -227,3 +227,21 @@ def test_the_seeded_rows_are_those_a_verdict_rests_on():
     want |= {(m, ()) for m in cls["e10"]["models"]}
     assert seeded == want
     assert all("_tiny_" in m for m in cls["e10"]["models"]) and len(cls["e10"]["models"]) == 4
+
+
+def test_gather_puts_each_shard_back_in_dataset_order():
+    """Rank r evaluates images r, r + world, ...: its flags land there (the other ranks' add up by all-reduce)."""
+    import torch
+
+    from anchorformer.engine.distributed import DistInfo
+    from anchorformer.tasks.classification.train import _gather_correct
+
+    cpu = torch.device("cpu")
+    shards = {0: [True, False, True], 1: [False, True, True]}  # 6 images over 2 processes
+    parts = [
+        _gather_correct(torch.tensor(flags), 6, DistInfo(rank, 2, rank, cpu, rank == 0, False)).tolist()
+        for rank, flags in shards.items()
+    ]
+    assert parts[0] == [True, False, False, False, True, False]
+    assert parts[1] == [False, False, False, True, False, True]
+    assert [a or b for a, b in zip(*parts, strict=True)] == [True, False, False, True, True, True]
