@@ -585,20 +585,11 @@ def diff_cell(d: dict[str, Any] | None) -> str:
     return f"{d['diff']:+.1f} [{d['lo']:+.1f}, {d['hi']:+.1f}] {d['verdict']}"
 
 
-def e10_markdown(rows: Sequence[dict[str, Any]], bench: dict[str, dict[int, float]] | None = None) -> str:
+def e10_markdown(rows: Sequence[dict[str, Any]]) -> str:
     """The E10 table (no heading): top-1 with its interval and seeds, the paired differences to AnchorFormer-T
-    and DeiT-T, params, GMACs, CPU milliseconds per image at 224² and 1024² (``bench``: model → image size →
-    ms, from the benchmark; — where it did not measure) and the entropy of the attention at the end of training
-    (p(token | ·), mean over layers; — for a method without attention maps)."""
-    bench = bench or {}
+    and DeiT-T, params, GMACs and the entropy of the attention at the end of training (p(token | ·), mean over
+    layers; — for a method without attention maps). CPU time per image is a timing: the benchmark's page."""
     shown = _display(rows)
-    for r, raw in zip(shown, rows, strict=True):
-        r["top1_ci"], r["seeds_shown"] = top1_cell(raw), seeds_cell(raw)
-        r["vs_ref_shown"], r["vs_deit_shown"] = diff_cell(raw.get("vs_ref")), diff_cell(raw.get("vs_deit"))
-        name = str(raw.get("model_name") or "")
-        # the benchmark times the distilled form when it lists no other (one more token: the same cost)
-        times = bench.get(name) or bench.get(name.replace("_patch", "_distilled_patch", 1)) or {}
-        r["ms224"], r["ms1024"] = times.get(224), times.get(1024)
     return markdown_table(
         shown,
         [
@@ -609,8 +600,6 @@ def e10_markdown(rows: Sequence[dict[str, Any]], bench: dict[str, dict[int, floa
             "vs_deit_shown",
             "params_m",
             "gmacs",
-            "ms224",
-            "ms1024",
             "entropy_token",
         ],
         [
@@ -621,8 +610,6 @@ def e10_markdown(rows: Sequence[dict[str, Any]], bench: dict[str, dict[int, floa
             "− DeiT-T",
             "params (M)",
             "GMACs",
-            "CPU ms/img 224²",
-            "CPU ms/img 1024²",
             "H p(token \\| ·) end",
         ],
         digits=1,
