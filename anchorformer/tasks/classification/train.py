@@ -376,7 +376,7 @@ def evaluate(
             logits = model(images)
         logits = logits.float()
         if per_image:
-            hits.append((logits.argmax(dim=1) == target).cpu())  # (B,) top-1 hit per image
+            hits.append((logits.topk(1, dim=1).indices[:, 0] == target).cpu())  # (B,) top-1 hit, as accuracy()
         k = min(5, logits.shape[1])
         acc1, acc5 = accuracy(logits, target, topk=(1, k))
         n = target.shape[0]
