@@ -11,6 +11,8 @@ modules' defaults:
   to a √n x √n grid (n = 49 = 7 x 7), σ the softmax with DeiT's 1/√D scale, agent biases ``B₁``,
   ``B₂`` (a 7 x 7 map per head and agent resized to the token grid, plus row and column terms, plus
   one term per prefix token) and a 3 x 3 depthwise convolution of ``V`` on the patch grid.
+  The row and column terms have the official length 14 (the grid of 224² images) and, like the
+  7 x 7 maps, are resized (bilinear) to the current grid, so the weights fit any image size.
 - :class:`NystromAttention` (Xiong et al., "Nyströmformer", AAAI 2021; official ``NysAttention``
   of ``token_nystromformer.py``): ``O = σ(Q K̃ᵀ) Z σ(Q̃ Kᵀ) V`` with ``Z ≈ pinv(σ(Q̃ K̃ᵀ))``, the
   landmarks ``Q̃``, ``K̃`` = means of L = 64 consecutive segments of the tokens (raster order,
@@ -39,8 +41,7 @@ Choices where the official code does not fit a DeiT with any prefix tokens or gr
 - The token grid: the attention knows the patch grid ``grid_size`` (h, w) the model was built for
   (``set_input_size`` updates it), so non-square grids work (dense tasks, ``forward_intermediates``
   at other sizes); a token count that does not match P + h w is an error. Agent's bias maps are
-  resized (bilinear) from the grid they were created for to the current grid; its agents are
-  adaptive-average-pooled from any grid.
+  resized (bilinear) to the current grid; its agents are adaptive-average-pooled from any grid.
 - Nyström when N is not divisible by L: the first ``L − N mod L`` segments hold ⌊N/L⌋ tokens, the
   rest one more (the official rule); with fewer tokens than landmarks, every token is its own
   landmark (L = N).
@@ -172,6 +173,8 @@ class AgentAttention(_PeerAttention):
         num_agents: n, a square (agents pooled to √n x √n); the official 49.
         agent_bias: learn the official agent biases B₁, B₂ (False: none).
         dwc_kernel: side of the depthwise convolution of V (official 3); 0: none.
+        bias_window: length of the row and column biases (official 14, the grid of 224² images),
+            resized to the grid's height and width: the weights fit a model of any image size.
         grid_size, num_prefix_tokens: the token layout (set by the model).
     """
 
@@ -185,6 +188,7 @@ class AgentAttention(_PeerAttention):
         num_agents: int = 49,
         agent_bias: bool = True,
         dwc_kernel: int = 3,
+        bias_window: int = 14,
         grid_size: tuple[int, int] | int = (14, 14),
         num_prefix_tokens: int = 1,
         device: torch.device | str | None = None,
@@ -205,7 +209,7 @@ class AgentAttention(_PeerAttention):
         self.dwc_kernel = dwc_kernel
         self.dwc = nn.Conv2d(dim, dim, dwc_kernel, padding=dwc_kernel // 2, groups=dim, **dd) if dwc_kernel else None
         H, n, P = num_heads, num_agents, self.num_prefix_tokens
-        h0, w0 = self.grid_h, self.grid_w  # the grid the row/column biases are created for
+        h0 = w0 = bias_window  # the row/column biases' length (official: the 14 x 14 grid of 224²)
         if agent_bias:
             s = AGENT_BIAS_SIDE
             self.an_bias = nn.Parameter(torch.empty(H, n, s, s, **dd))  # agent -> patch map (B₁)
@@ -245,7 +249,7 @@ class AgentAttention(_PeerAttention):
         ac, ca = self.ac_bias, self.ca_bias
         assert an is not None and na is not None and ah is not None and aw is not None
         assert ha is not None and wa is not None and ac is not None and ca is not None
-        # resize each map to the grid (an identity at the creation grid for the rows and columns)
+        # each map resized to the grid (an identity for the rows and columns on a 14 x 14 grid)
         b1 = F.interpolate(an, size=(h, w), mode="bilinear", align_corners=False)  # (H, n, h, w)
         b1 = b1 + F.interpolate(ah, size=(h, 1), mode="bilinear", align_corners=False)
         b1 = b1 + F.interpolate(aw, size=(1, w), mode="bilinear", align_corners=False)
@@ -330,6 +334,9 @@ def nystrom_pinv(k: torch.Tensor, iterations: int = 6) -> torch.Tensor:
     if torch.jit.is_scripting():
         return _newton_schulz(k.float(), iterations)
     return _newton_schulz_fp32(k, iterations)
+
+
+torch.fx.wrap("nystrom_pinv")  # one opaque node for FX: its autocast check needs the real device
 
 
 def segment_bounds(n: int, landmarks: int) -> list[tuple[int, int]]:
@@ -598,7 +605,7 @@ PEER_TOKEN_KWARG: dict[str, str | None] = {
 }
 # each family's own creation arguments (the ones the official code has, and M)
 PEER_KWARGS: dict[str, tuple[str, ...]] = {
-    "agent": ("num_agents", "agent_bias", "dwc_kernel"),
+    "agent": ("num_agents", "agent_bias", "dwc_kernel", "bias_window"),
     "nystrom": ("num_landmarks", "pinv_iterations"),
     "flatten": ("focusing_factor", "dwc_kernel"),
     "isab": ("num_inducing",),
