@@ -93,7 +93,7 @@ def test_tables(runs, tmp_path):
     ]
     tables = {"e1": e1, "e2": e2, "e3": e3}
     md = tables_markdown(tables)
-    assert "| DeiT-T (mini) | ⚗ | — | 0.400 | 0.03 | 75.0 | 99.0 | 74.5 |" in md
+    assert "| DeiT-T (mini) | ⚗ | — | 0.400 | 0.03 | 75.0 | 1 | — | 99.0 | 74.5 |" in md
     assert md.count(NOT_PUBLIC) >= 7
     paths = write_results(tmp_path / "out", tables)
     saved = json.loads(paths["json"].read_text())
@@ -162,11 +162,13 @@ def test_e9_table_verdict_and_curves(tmp_path):
     assert rows[1]["entropy_token"] == 3.7 and rows[1]["uniform_anchor"] == round(math.log(16), 5)
     assert rows[0]["entropy_token"] == 3.0 and rows[0]["entropy_anchor"] is None
     verdict = e9_verdict(rows)
-    assert "DeiT-T reaches 97.5% top-1 and the official AnchorFormer-T 89.5% (-8.0 points)" in verdict
+    assert (
+        "DeiT-T reaches 97.5% top-1 and the official AnchorFormer-T 89.5% (-8.0 points; no paired interval" in verdict
+    )
     assert "unit-norm anchors (97.5%); official anchors U(-1/√D, 1/√D), learned temperature (98.0%)" in verdict
     assert "keeps the official initialisation" in verdict
     table = e9_markdown(rows)
-    assert "| unit-norm anchors | 97.5 | +0.0 | 0.03 | 4.174 → 3.500 | 4.174 | 2.770 → 1.900 | 2.773 |" in table
+    assert "| unit-norm anchors | 97.5 | 1 | — | — | 0.03 | 4.174 → 3.500 | 4.174 | 2.770 → 1.900 | 2.773 |" in table
     assert "E9" in tables_markdown({"e9": rows}) and verdict in tables_markdown({"e9": rows})
     curves = e9_curve_runs(e1, e9)
     assert [r["run"].split("/")[-1] for r in curves][:2] == ["af_t", "deit_t"] and len(curves) == 6

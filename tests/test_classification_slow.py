@@ -49,6 +49,12 @@ def test_two_process_ddp_takes_the_same_step_as_one_process(tmp_path, monkeypatc
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5, msg=k)
     assert abs(two["train_loss"] - one["train_loss"]) < 1e-5
+    # the per-image flags come back in dataset order from the two shards (rank 0: 0, 2, 4; rank 1: 1, 3, 5)
+    from anchorformer.tasks.classification.intervals import read_predictions
+
+    pa, pb = read_predictions(tmp_path / "ddp2"), read_predictions(tmp_path / "ddp1")
+    assert pa["files_sha256"] == pb["files_sha256"] and pa["correct"].tolist() == pb["correct"].tolist()
+    assert 100.0 * pa["correct"].mean() == pytest.approx(two["top1"])
 
 
 def _train_cmd(root, out, epochs, *extra):

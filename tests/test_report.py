@@ -148,7 +148,7 @@ def test_report_e9_section_and_entropy_curves(tmp_path):
     text = build_report(out, tmp_path / "r2" / "report.md", profile="mini")["markdown"].read_text()
     assert "dvc repro cls-e9" not in text
     assert "No variant closes the gap to DeiT-T: the best, unit-norm anchors, reaches 91.0%" in text
-    assert "| unit-norm anchors | 91.0 | -6.5 |" in text and "keeps the official initialisation" in text
+    assert "| unit-norm anchors | 91.0 | 1 | — | — |" in text and "keeps the official initialisation" in text
 
 
 def test_report_holds_no_timings_and_no_machine(tmp_path):

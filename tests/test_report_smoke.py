@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 SECTIONS = [
     "# AnchorFormer: reproduction report",
+    "## Reading the numbers: intervals and verdicts",
     "## E8 · The abstract's claims, recomputed from our tables",
     "### Trained pairs (profile mini)",
     "### Counted pairs: the standard models, untrained",
@@ -38,6 +39,7 @@ SECTIONS = [
     "### E3 · Design ablations (AnchorFormer-T)",
     "### Reference: the DeiT paper (ImageNet-1k, 224², 300 epochs; B ↑384 at 384²)",
     "## E9 · Do the anchors learn? Initialisation, temperature, learning rate (AnchorFormer-T)",
+    "## E10 · AnchorFormer among its peers (T size, the E1 recipe)",
     "## E5 · COCO detection and instance segmentation",
     "### Trained detectors (profile mini)",
     "### Comparable FLOPs: AnchorFormer vs DeiT at matched backbone GMACs",
@@ -85,10 +87,12 @@ def _stage_complexity(out: Path) -> None:
 def _stage_classification(out: Path, tmp: Path) -> None:
     from anchorformer.data.synthetic import make_mini_imagenet
     from anchorformer.tasks.classification.results import (
+        attach_intervals,
         e1_table,
         e2_table,
         e3_table,
         e9_table,
+        e10_table,
         load_runs,
         write_results,
     )
@@ -114,13 +118,20 @@ def _stage_classification(out: Path, tmp: Path) -> None:
     train_classification(
         data, cls / "e9" / "unit_init", t, profile="mini", overrides=[*CLS_OVERRIDES, "anchor_init=unit"], epochs=1
     )
-    e1 = load_runs([cls / "e1"])
+    peer = "agent_deit_tiny_patch16_224"
+    train_classification(data, cls / "e10" / peer, peer, profile="mini", overrides=CLS_OVERRIDES, epochs=1)
+    train_classification(
+        data, cls / "seeds" / "anchorformer_t-s1", t, profile="mini", overrides=[*CLS_OVERRIDES, "seed=1"], epochs=1
+    )
+    e1, e9 = load_runs([cls / "e1"]), load_runs([cls / "e9"])
     tables = {
         "e1": e1_table(e1),
         "e2": e2_table(load_runs([cls / "e2"]), baseline=e1),
         "e3": e3_table(load_runs([cls / "e3"]), baseline=e1),
-        "e9": e9_table(load_runs([cls / "e9"]), baseline=e1),
+        "e9": e9_table(e9, baseline=e1),
+        "e10": e10_table(load_runs([cls / "e10"]), baseline=e1, e9_runs=e9),
     }
+    attach_intervals(tables, load_runs([cls / "seeds"]), n_boot=200)
     write_results(cls / "results", tables)
 
 
@@ -270,3 +281,22 @@ def test_e8_trained_and_counted_pairs_apart(smoke_report):
     headline = smoke_report["result"]["headline"]
     assert [r["best_pair"] for r in headline["counted"]] == ["T@384² (M=30)"]
     assert headline["trained"][0]["pairs"] and headline["trained"][2]["pairs"]
+
+
+def test_every_top1_carries_an_interval_and_every_difference_a_verdict(smoke_report):
+    text = smoke_report["text"]
+    sections = _sections(text)
+    assert text.count("**Rule:**") == 1  # stated once
+    e1 = _sections(text)["### E1 · AnchorFormer vs DeiT, without and with distillation (⚗)"]
+    for line in _tables(e1)[0].splitlines()[2:]:
+        assert re.search(r"\| \d+\.\d \[\d+\.\d, \d+\.\d\] \|", line), line  # top-1 [lo, hi]
+    af = next(line for line in e1.splitlines() if line.startswith("| AnchorFormer-T"))
+    assert "| 2: " in af  # two seeds: the E1 run and the cls-seeds run
+    assert re.search(r"\[[-+]\d+\.\d, [-+]\d+\.\d\] (higher|lower|not distinguishable)", af)
+    (e10,) = _tables(sections["## E10 · AnchorFormer among its peers (T size, the E1 recipe)"])
+    assert "| Agent-T |" in e10 and "[" in e10
+    assert "**Verdict.**" in sections["## E10 · AnchorFormer among its peers (T size, the E1 recipe)"]
+    (trained,) = _tables(sections["### Trained pairs (profile mini)"])
+    accuracy = trained.splitlines()[2]
+    assert re.search(r"% \[[-+]\d+\.\d\d, [-+]\d+\.\d\d\] \|", accuracy), accuracy
+    assert any(v in accuracy for v in ("supported", "same direction", "not distinguishable"))

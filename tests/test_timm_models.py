@@ -1,4 +1,5 @@
-"""timm's own model tests (``tests/test_models.py`` of the pinned timm) on every AnchorFormer variant.
+"""timm's own model tests (``tests/test_models.py`` of the pinned timm) on every AnchorFormer variant
+and every peer of E10 (``agent_deit_*``, ``nystrom_deit_*``, ``flatten_deit_*``, ``isab_deit_*``).
 
 The test module comes from timm's source distribution, which ``make env`` downloads beside the
 environment (``.venv/src/timm-<version>.tar.gz``; ``TIMM_SDIST`` names another file). It is
@@ -25,7 +26,9 @@ from pathlib import Path
 import pytest
 import timm
 
-from anchorformer.models import MODEL_NAMES
+from anchorformer.models import MODEL_NAMES, PEER_MODEL_NAMES
+
+OURS = MODEL_NAMES + PEER_MODEL_NAMES  # every model this package registers in timm
 
 # timm's tests that take their models from list_models (the others name timm models).
 SUITE = (
@@ -63,14 +66,18 @@ def timm_sdist() -> Path:
 
 
 def deit_twin(name: str) -> str:
-    """The timm DeiT a variant replaces the attention of: anchorformer_/anchor_deit_ -> deit_."""
+    """The timm DeiT a variant replaces the attention of: anchorformer_/anchor_deit_ -> deit_, and
+    for the peers agent_deit_/nystrom_deit_/flatten_deit_/isab_deit_ -> deit_."""
+    if name in PEER_MODEL_NAMES:
+        return "deit_" + name.split("_deit_", 1)[1]
     for prefix in ("anchorformer_", "anchor_deit_"):
         if name.startswith(prefix):
             return "deit_" + name[len(prefix) :]
-    raise ValueError(f"{name} is not an AnchorFormer variant")
+    raise ValueError(f"{name} is not an AnchorFormer variant nor a peer")
 
 
-# By default: the two tiny architectures; the rest (S, B, B@384, the official names) are slow.
+# By default: the two tiny architectures; the rest (S, B, B@384, the official names, and the
+# peers: about two CPU minutes each, checked at mini shapes by tests/test_peers.py) are slow.
 DEFAULT_RUN = ("anchorformer_tiny_patch16_224", "anchorformer_tiny_distilled_patch16_224")
 
 
@@ -87,7 +94,7 @@ def _our_list_models(real):
         if pretrained:
             return []  # no AnchorFormer weights are published
         chosen = set(real(filter, module, False, exclude_filters, name_matches_cfg, include_tags=False))
-        return [_param(n) for n in MODEL_NAMES if deit_twin(n) in chosen]
+        return [_param(n) for n in OURS if deit_twin(n) in chosen]
 
     return list_models
 
@@ -133,9 +140,9 @@ def test_every_variant_takes_part():
         (mark,) = [
             m for m in getattr(_timm_tests, test).pytestmark if m.name == "parametrize" and m.args[0] == "model_name"
         ]
-        assert sorted(p.values[0] for p in mark.args[1]) == sorted(MODEL_NAMES), test
+        assert sorted(p.values[0] for p in mark.args[1]) == sorted(OURS), test
     for test in (t for t in NOT_OURS if hasattr(_timm_tests, t)):
         (mark,) = [
             m for m in getattr(_timm_tests, test).pytestmark if m.name == "parametrize" and m.args[0] == "model_name"
         ]
-        assert not [p for p in mark.args[1] if "anchor" in str(getattr(p, "values", [p])[0])], test
+        assert not [p for p in mark.args[1] if str(getattr(p, "values", [p])[0]) in OURS], test

@@ -20,11 +20,14 @@ from .checkpoint import (
     save_safetensors,
 )
 from .factory import backbone_kwargs, create_model
+from .peers import PEER_FAMILIES, PEER_MODEL_NAMES, is_peer, peer_family
 
 __all__ = [
     "ANCHOR_MODES",
     "DEFAULT_NUM_ANCHORS",
     "MODEL_NAMES",
+    "PEER_FAMILIES",
+    "PEER_MODEL_NAMES",
     "AnchorAttention",
     "AnchorBlock",
     "AnchorFormer",
@@ -34,8 +37,10 @@ __all__ = [
     "backbone_kwargs",
     "checkpoint_filter_fn",
     "create_model",
+    "is_peer",
     "load_checkpoint",
     "model_from_checkpoint",
+    "peer_family",
     "read_state_dict",
     "safetensors_beside",
     "save_safetensors",

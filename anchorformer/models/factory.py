@@ -9,9 +9,18 @@ import timm
 import torch.nn as nn
 
 from .anchorformer import ANCHOR_KWARGS, DEFAULT_NUM_ANCHORS, MODEL_NAMES, check_num_anchors
+from .peers import PEER_MODEL_NAMES, PEER_TOKEN_KWARG, is_peer, peer_family
 from .windowed import WindowedAnchorBlock, WindowedBlock, set_window_attention
 
-__all__ = ["DEFAULT_NUM_ANCHORS", "backbone_kwargs", "check_num_anchors", "create_model", "is_anchorformer", "is_vit"]
+__all__ = [
+    "DEFAULT_NUM_ANCHORS",
+    "backbone_kwargs",
+    "check_num_anchors",
+    "create_model",
+    "is_anchorformer",
+    "is_peer",
+    "is_vit",
+]
 
 _SIZE_WORDS = ("tiny", "small", "base")
 
@@ -22,8 +31,8 @@ def is_anchorformer(name: str) -> bool:
 
 
 def is_vit(name: str) -> bool:
-    """Whether ``name`` is a plain ViT whose shape a recipe sets (AnchorFormer, ``deit_*``, ``vit_*``)."""
-    return is_anchorformer(name) or name.startswith(("deit_", "vit_"))
+    """Whether ``name`` is a plain ViT whose shape a recipe sets (AnchorFormer, its peers, ``deit_*``, ``vit_*``)."""
+    return is_anchorformer(name) or is_peer(name) or name.startswith(("deit_", "vit_"))
 
 
 def _size_word(name: str) -> str | None:
@@ -41,7 +50,9 @@ def backbone_kwargs(name: str, recipe: Mapping[str, Any]) -> dict[str, Any]:
     anchor settings: ``num_anchors`` (M; ``None`` keeps the model's default,
     :data:`DEFAULT_NUM_ANCHORS`), ``anchor_mode``, ``normalize``, ``per_head_anchors``,
     ``attn_impl``, and ``anchor_init`` and ``learn_temperature`` where the recipe has them (the
-    classification recipe, E9); baselines take none. For ViTs with ``window_size`` > 0 (ViTDet's windowed
+    classification recipe, E9); baselines take none. For the peers (:mod:`anchorformer.models.peers`)
+    ``num_anchors`` sets their number of summary tokens (Agent's agents, Nyström's landmarks,
+    ISAB's inducing points; FLatten has none), so that a recipe compares them at one M. For ViTs with ``window_size`` > 0 (ViTDet's windowed
     attention, dense tasks): ``window_size`` and ``global_blocks``; with 0 (global attention) neither
     is passed, so a recipe without windows builds the model it always built. ``model_kwargs`` come
     last and win.
@@ -73,6 +84,10 @@ def backbone_kwargs(name: str, recipe: Mapping[str, Any]) -> dict[str, Any]:
         for key in ("anchor_mode", "normalize", "per_head_anchors", "anchor_init", "learn_temperature", "attn_impl"):
             if get(key) is not None:
                 kw[key] = get(key)
+    elif is_peer(name):
+        token_kwarg = PEER_TOKEN_KWARG[peer_family(name)]  # type: ignore[index]
+        if token_kwarg is not None and get("num_anchors") is not None:
+            kw[token_kwarg] = check_num_anchors(get("num_anchors"))
     kw.update(get("model_kwargs") or {})
     return kw
 
@@ -101,14 +116,16 @@ def create_model(name: str, *, pretrained: bool = False, **kwargs: Any) -> nn.Mo
     window_size = kwargs.pop("window_size", 0) or 0
     global_blocks = kwargs.pop("global_blocks", None)
     if window_size:
-        if not is_vit(name):
-            raise ValueError(f"{name}: window_size applies to plain ViTs (AnchorFormer, deit_*, vit_*) only")
+        if not is_vit(name) or is_peer(name):
+            raise ValueError(f"{name}: window_size applies to AnchorFormer, deit_* and vit_* only")
         if isinstance(window_size, bool) or not isinstance(window_size, int) or window_size < 0:
             raise ValueError(f"window_size must be an integer >= 0; got {window_size!r}")
         kwargs["block_fn"] = WindowedAnchorBlock if is_anchorformer(name) else WindowedBlock
     if not is_anchorformer(name):
         if not timm.is_model(name):
-            close = sorted(n for n in MODEL_NAMES + timm.list_models("deit_*") if name.split("_")[0] in n)
+            close = sorted(
+                n for n in MODEL_NAMES + PEER_MODEL_NAMES + timm.list_models("deit_*") if name.split("_")[0] in n
+            )
             raise ValueError(f"unknown model {name!r}; AnchorFormer models: {MODEL_NAMES}; similar: {close[:8]}")
         kwargs.pop("attn_impl", None)
         bad = [k for k in ANCHOR_KWARGS if k in kwargs]

@@ -37,12 +37,23 @@ import matplotlib
 
 from ...io import atomic_write_text, write_json_atomic
 from ...tables import markdown_table
+from . import intervals
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 __all__ = [
     "DEIT_PAPER",
+    "PEER_FAMILIES",
+    "attach_intervals",
+    "diff_cell",
+    "e10_markdown",
+    "e10_table",
+    "e10_verdict",
+    "plot_e10_top1",
+    "run_signature",
+    "seeds_cell",
+    "top1_cell",
     "ENTROPY_KEYS",
     "NOT_PUBLIC",
     "UNVERIFIED_EXTRACTION",
@@ -87,6 +98,8 @@ UNVERIFIED_EXTRACTION = (
     "unverified, and were never used as targets."
 )
 _SIZE_LETTER = {"tiny": "T", "small": "S", "base": "B"}
+# E10's peers, by the prefix of their timm names (``agent_deit_tiny_patch16_224``, ...): the family shown.
+PEER_FAMILIES = {"agent_deit": "Agent", "nystrom_deit": "Nyström", "flatten_deit": "FLatten", "isab_deit": "ISAB"}
 _SIZE_ORDER = ["T", "S", "B", "B↑384"]
 
 
@@ -124,12 +137,13 @@ def describe_run(run: dict[str, Any]) -> dict[str, Any]:
     name = str(run.get("model", ""))
     cfg = run.get("config", {}) or {}
     parts = name.split("_")
+    peer = next((label for prefix, label in PEER_FAMILIES.items() if name.startswith(prefix + "_")), None)
     family = (
         "AnchorFormer"
         if name.startswith(("anchorformer", "anchor_deit"))
         else "DeiT"
         if name.startswith("deit")
-        else name
+        else peer or name
     )
     size = next((_SIZE_LETTER[p] for p in parts if p in _SIZE_LETTER), "?")
     if size == "B" and name.endswith("384"):
@@ -173,6 +187,9 @@ def _row(run: dict[str, Any]) -> dict[str, Any]:
     return {
         **d,
         "run": run.get("run"),
+        "model_name": run.get("model"),
+        "signature": run_signature(run),
+        "val_images": run.get("val_images"),
         "params_m": run.get("params_m"),
         "gmacs": run.get("gmacs"),
         "top1": run.get("top1"),
@@ -219,6 +236,7 @@ def e2_table(runs: Sequence[dict[str, Any]], baseline: Sequence[dict[str, Any]] 
         r = _row(run)
         if r["family"] == "AnchorFormer" and r["size"] == "T" and not r["distilled"] and _is_baseline_anchor(r):
             if r["num_anchors"] not in have:
+                r["role"] = "default"
                 rows.append(r)
                 have.add(r["num_anchors"])
     for r in rows:
@@ -318,7 +336,13 @@ def e9_table(runs: Sequence[dict[str, Any]], baseline: Sequence[dict[str, Any]] 
 
 def e9_verdict(rows: Sequence[dict[str, Any]]) -> str:
     """One paragraph from the E9 rows: the gap of the official AnchorFormer-T to DeiT-T, and which
-    variants, if any, close it (top-1 at least DeiT-T's); every number read from ``rows``."""
+    variants, if any, close it; every number read from ``rows``.
+
+    With paired intervals (:func:`attach_intervals`), the verdict follows the report's rule: a variant closes
+    the gap when its difference to DeiT-T is not *lower* (higher or not distinguishable), and improves on the
+    official initialisation when its difference to it is *higher*. Without them (rows of runs that predate
+    per-image predictions), a variant closes the gap when its top-1 is at least DeiT-T's.
+    """
     deit = next((r for r in rows if r["role"] == "reference"), None)
     official = next((r for r in rows if r["role"] == "official"), None)
     ablations = [r for r in rows if r["role"] == "ablation" and r["top1"] is not None]
@@ -331,10 +355,29 @@ def e9_verdict(rows: Sequence[dict[str, Any]]) -> str:
     if deit is None or official is None:
         missing = "DeiT-T" if deit is None else "AnchorFormer-T (official initialisation)"
         return f"The E1 {missing} run is missing: no gap to compare. {tail}"
-    gap = official["top1"] - deit["top1"]
+    gap = official.get("vs_deit")
+    if gap and gap.get("lo") is not None:
+        text = (
+            f"DeiT-T reaches {top1_cell(deit)}% top-1 and the official AnchorFormer-T {top1_cell(official)}% "
+            f"(difference {diff_cell(gap)}). "
+        )
+        closing = [r for r in ablations if (r.get("vs_deit") or {}).get("verdict") in ("higher", "not distinguishable")]
+        gains = [r for r in ablations if (r.get("vs_ref") or {}).get("verdict") == "higher"]
+        if closing:
+            names = "; ".join(f"{r['variant']} ({diff_cell(r['vs_deit'])} against DeiT-T)" for r in closing)
+            text += f"Not below DeiT-T by the rule (the gap closed or not distinguishable from closed): {names}. "
+        else:
+            text += "Every variant stays below DeiT-T by the rule. "
+        if gains:
+            names = "; ".join(f"{r['variant']} ({diff_cell(r['vs_ref'])})" for r in gains)
+            text += f"Above the official initialisation by the rule: {names}. "
+        else:
+            text += "No variant is above the official initialisation by the rule. "
+        return text + tail
+    gap_points = official["top1"] - deit["top1"]
     text = (
         f"DeiT-T reaches {deit['top1']:.1f}% top-1 and the official AnchorFormer-T {official['top1']:.1f}% "
-        f"({gap:+.1f} points). "
+        f"({gap_points:+.1f} points; no paired interval: the runs have no per-image predictions). "
     )
     closing = [r for r in ablations if r["top1"] >= deit["top1"]]
     best = max(ablations, key=lambda r: r["top1"])
@@ -354,6 +397,245 @@ def e9_curve_runs(e1_runs: Sequence[dict[str, Any]], e9_runs: Sequence[dict[str,
     """The runs whose entropy curves E9 draws: the plain T runs of E1 (AnchorFormer and DeiT), then E9's."""
     described = [(r, describe_run(r)) for r in e1_runs]
     return [*(r for r, d in described if d["size"] == "T" and not d["distilled"]), *e9_runs]
+
+
+# ---------------------------------------------------------------------------------------------
+# E10 (AnchorFormer among its peers) and the intervals of every row
+# ---------------------------------------------------------------------------------------------
+
+
+def e10_table(
+    runs: Sequence[dict[str, Any]], baseline: Sequence[dict[str, Any]] = (), e9_runs: Sequence[dict[str, Any]] = ()
+) -> list[dict[str, Any]]:
+    """E10 rows: DeiT-T and the official AnchorFormer-T (E1), AnchorFormer-T with the anchors' learning rate
+    ×10 (E9's best variant, its E9 run), then each peer at T size (E10's runs), all under the E1 recipe.
+
+    Each row has ``variant`` and ``role`` (``reference``: DeiT-T, ``official``: AnchorFormer-T, ``anchorformer``:
+    the ×10 variant, ``peer``), top-1, params, GMACs and the entropy fields.
+    """
+    rows = []
+    for family, role in (("DeiT", "reference"), ("AnchorFormer", "official")):
+        for run in baseline:
+            r = _row(run)
+            if _is_plain_t(r, family) and (family == "DeiT" or _is_baseline_anchor(r)):
+                r["variant"] = "DeiT-T (softmax attention, E1)" if family == "DeiT" else "AnchorFormer-T (official, E1)"
+                r["role"] = role
+                rows.append(r)
+                break
+    for run in e9_runs:
+        r = _row(run)
+        if (
+            _is_plain_t(r, "AnchorFormer")
+            and (r["anchor_lr_mult"] or 1.0) != 1.0
+            and r["anchor_init"] == "official"
+            and not r["learn_temperature"]
+        ):
+            r["variant"] = f"AnchorFormer-T, anchor lr ×{r['anchor_lr_mult']:g} (E9)"
+            r["role"] = "anchorformer"
+            rows.append(r)
+    peers = []
+    for run in runs:
+        r = _row(run)
+        r["variant"] = f"{r['family']}-{r['size']}"
+        r["role"] = "peer"
+        peers.append(r)
+    order = {label: i for i, label in enumerate(PEER_FAMILIES.values())}
+    peers.sort(key=lambda r: (order.get(r["family"], 9), r["run"] or ""))
+    return rows + peers
+
+
+def run_signature(run: dict[str, Any]) -> str:
+    """What makes two runs the same configuration but for the seed: the model and its anchor settings."""
+    d = describe_run(run)
+    keys = ("num_anchors", "anchor_mode", "normalize", "per_head_anchors", "anchor_init", "learn_temperature")
+    return "|".join([str(run.get("model")), *(f"{k}={d[k]}" for k in keys), f"lr={d['anchor_lr_mult']}"])
+
+
+def _seed_of(run: dict[str, Any]) -> int:
+    return int((run.get("config") or {}).get("seed", 0))
+
+
+def _run_flags(run_dir: str | None) -> dict[str, Any] | None:
+    return intervals.read_predictions(run_dir) if run_dir else None
+
+
+def attach_intervals(
+    tables: dict[str, list[dict[str, Any]]], seed_runs: Sequence[dict[str, Any]] = (), *, n_boot: int | None = None
+) -> dict[str, list[dict[str, Any]]]:
+    """Give every row its seeds and a 95% interval, and every compared row its paired differences (in place).
+
+    A row's seeds are its own run and every run of ``seed_runs`` with the same :func:`run_signature` (another
+    seed of the same configuration). With every seed's ``predictions.json``, ``top1`` becomes the mean over
+    seeds and ``top1_lo``/``top1_hi`` the bootstrap interval (:func:`intervals.bootstrap_top1`); without, the
+    Wilson interval of the first run's count. Differences (:func:`intervals.paired_difference`, None without
+    per-image flags): E1's AnchorFormer rows ``vs_deit`` (same size and distillation); E2's rows ``vs_ref``
+    (the default M, the E1 run); E3's ablations ``vs_ref`` (the method); E9's and E10's rows ``vs_ref`` (the
+    official AnchorFormer-T) and ``vs_deit`` (DeiT-T).
+
+    Raises:
+        ValueError: when two seeds of a row, or two compared rows, were evaluated on different image lists.
+    """
+    boot = {"n_boot": n_boot} if n_boot else {}
+    by_signature: dict[str, list[dict[str, Any]]] = {}
+    for run in seed_runs:
+        by_signature.setdefault(run_signature(run), []).append(run)
+    flags_of: dict[int, tuple[list[Any], str | None] | None] = {}
+
+    def row_flags(row: dict[str, Any]) -> tuple[list[Any], str | None] | None:
+        return flags_of.get(id(row))
+
+    for rows in tables.values():
+        for row in rows:
+            seeds = [row] + sorted(by_signature.get(row.get("signature") or "", []), key=_seed_of)
+            preds = [_run_flags(s.get("run")) for s in seeds]
+            row["seeds"] = len(seeds)
+            row["per_seed"] = [s.get("top1") for s in seeds]
+            if all(p is not None for p in preds):
+                hashes = {p["files_sha256"] for p in preds}
+                if len(hashes) > 1:
+                    where = ", ".join(str(s.get("run")) for s in seeds)
+                    raise ValueError(f"the seeds {where} were evaluated on different validation images")
+                flags = [p["correct"] for p in preds]
+                ci = intervals.bootstrap_top1(flags, **boot)
+                row.update(top1=ci["top1"], top1_lo=ci["lo"], top1_hi=ci["hi"], spread=ci["spread"])
+                row["interval"] = "bootstrap"
+                flags_of[id(row)] = (flags, preds[0]["files_sha256"])
+            elif row.get("top1") is not None and row.get("val_images"):
+                top1s = [s.get("top1") for s in seeds if s.get("top1") is not None]
+                row["top1"] = sum(top1s) / len(top1s)
+                row["spread"] = _sample_std(top1s)
+                row["top1_lo"], row["top1_hi"] = intervals.wilson_interval(row["top1"], int(row["val_images"]))
+                row["interval"] = "wilson"
+
+    def diff(a: dict[str, Any], b: dict[str, Any] | None, label: str) -> dict[str, Any] | None:
+        if b is None or a is b:
+            return None
+        fa, fb = row_flags(a), row_flags(b)
+        if fa is None or fb is None:
+            top_a, top_b = a.get("top1"), b.get("top1")
+            if top_a is None or top_b is None:
+                return None
+            return {"against": label, "diff": top_a - top_b, "lo": None, "hi": None, "verdict": "no interval"}
+        if fa[1] != fb[1]:
+            raise ValueError(f"{a.get('run')} and {b.get('run')} were evaluated on different validation images")
+        return {"against": label, **intervals.paired_difference(fa[0], fb[0], **boot)}
+
+    for a in tables.get("e1", []):
+        if a.get("family") == "AnchorFormer":
+            partner = next(
+                (
+                    d
+                    for d in tables["e1"]
+                    if d.get("family") == "DeiT"
+                    and d.get("size") == a.get("size")
+                    and d.get("distilled") == a.get("distilled")
+                ),
+                None,
+            )
+            a["vs_deit"] = diff(a, partner, "DeiT")
+    e2 = tables.get("e2", [])
+    default = next((r for r in e2 if r.get("role") == "default"), None)
+    for r in e2:
+        r["vs_ref"] = diff(r, default, "default M")
+    e3 = tables.get("e3", [])
+    for r in e3[1:]:
+        r["vs_ref"] = diff(r, e3[0] if e3 and e3[0].get("variant", "").startswith("AnchorFormer (") else None, "method")
+    for key in ("e9", "e10"):
+        rows = tables.get(key, [])
+        official = next((r for r in rows if r.get("role") == "official"), None)
+        deit = next((r for r in rows if r.get("role") == "reference"), None)
+        for r in rows:
+            r["vs_ref"] = diff(r, official, "AnchorFormer-T")
+            r["vs_deit"] = diff(r, deit, "DeiT-T")
+    return tables
+
+
+def _sample_std(values: Sequence[float]) -> float | None:
+    if len(values) < 2:
+        return None
+    mean = sum(values) / len(values)
+    return (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+
+
+def top1_cell(row: dict[str, Any]) -> str:
+    """``87.2 [83.1, 90.9]``: the row's top-1 (mean over seeds) and its 95% interval."""
+    if row.get("top1") is None:
+        return "—"
+    if row.get("top1_lo") is None:
+        return f"{row['top1']:.1f}"
+    return f"{row['top1']:.1f} [{row['top1_lo']:.1f}, {row['top1_hi']:.1f}]"
+
+
+def seeds_cell(row: dict[str, Any]) -> str:
+    """``3: 89.5 / 85.5 / 86.5 (sd 2.1)``, or ``1`` for one seed."""
+    n = row.get("seeds") or 1
+    if n < 2:
+        return "1"
+    values = " / ".join("—" if v is None else f"{v:.1f}" for v in row.get("per_seed") or [])
+    sd = row.get("spread")
+    return f"{n}: {values}" + (f" (sd {sd:.1f})" if sd is not None else "")
+
+
+def diff_cell(d: dict[str, Any] | None) -> str:
+    """``+5.0 [+2.1, +8.0] higher``: a paired difference in points, its interval and verdict."""
+    if not d:
+        return "—"
+    if d.get("lo") is None:
+        return f"{d['diff']:+.1f} (no interval)"
+    return f"{d['diff']:+.1f} [{d['lo']:+.1f}, {d['hi']:+.1f}] {d['verdict']}"
+
+
+def e10_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """The E10 table (no heading): top-1 with its interval and seeds, the paired differences to AnchorFormer-T
+    and DeiT-T, params, GMACs and the entropy of the attention at the end of training (p(token | ·), mean over
+    layers; — for a method without attention maps). CPU time per image is a timing: the benchmark's page."""
+    shown = _display(rows)
+    return markdown_table(
+        shown,
+        [
+            "variant",
+            "top1_ci",
+            "seeds_shown",
+            "vs_ref_shown",
+            "vs_deit_shown",
+            "params_m",
+            "gmacs",
+            "entropy_token",
+        ],
+        [
+            "model",
+            "top-1 [95% CI]",
+            "seeds: top-1 each",
+            "− AnchorFormer-T",
+            "− DeiT-T",
+            "params (M)",
+            "GMACs",
+            "H p(token \\| ·) end",
+        ],
+        digits=1,
+    )
+
+
+def e10_verdict(rows: Sequence[dict[str, Any]]) -> str:
+    """One paragraph from the E10 rows: each peer against AnchorFormer-T (official and ×10), by the intervals."""
+    peers = [r for r in rows if r.get("role") == "peer" and r.get("top1") is not None]
+    if not peers:
+        return "No E10 peer has run."
+    best_af = [r for r in rows if r.get("role") in ("official", "anchorformer") and r.get("top1") is not None]
+    parts = []
+    for p in peers:
+        d = p.get("vs_ref")
+        parts.append(f"{p['variant']} {diff_cell(d)} against the official AnchorFormer-T" if d else p["variant"])
+    text = "Each peer minus the official AnchorFormer-T, points [95% interval] and verdict: " + "; ".join(parts) + ". "
+    if best_af:
+        af = max(best_af, key=lambda r: r["top1"])
+        better = [p["variant"] for p in peers if (p.get("vs_ref") or {}).get("verdict") == "higher"]
+        text += f"AnchorFormer-T's best row is {af['variant']} ({top1_cell(af)}). " + (
+            f"Peers above the official AnchorFormer-T: {', '.join(better)}."
+            if better
+            else "No peer is above the official AnchorFormer-T by the rule."
+        )
+    return text
 
 
 _FORMATS = {
@@ -377,13 +659,16 @@ _FORMATS.update(dict.fromkeys(ENTROPY_KEYS, "{:.3f}"))
 
 
 def _display(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Numbers as the tables show them (params in M to 3 decimals, GMACs to 4 digits, ...)."""
+    """Numbers as the tables show them (params in M to 3 decimals, GMACs to 4 digits, ...), and the cells of
+    the intervals: ``top1_ci`` (top-1 [95% interval]), ``seeds_shown``, ``vs_ref_shown``, ``vs_deit_shown``."""
     out = []
     for r in rows:
         shown = dict(r)
         for key, fmt in _FORMATS.items():
             if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool):
                 shown[key] = fmt.format(r[key])
+        shown["top1_ci"], shown["seeds_shown"] = top1_cell(r), seeds_cell(r)
+        shown["vs_ref_shown"], shown["vs_deit_shown"] = diff_cell(r.get("vs_ref")), diff_cell(r.get("vs_deit"))
         out.append(shown)
     return out
 
@@ -392,14 +677,27 @@ def e1_markdown(rows: Sequence[dict[str, Any]]) -> str:
     """The E1 table (no heading): model, ⚗, M, params, GMACs, top-1/5, the paper's top-1."""
     return markdown_table(
         _display(rows),
-        ["label", "distill", "num_anchors", "params_m", "gmacs", "top1", "top5", "paper_top1"],
+        [
+            "label",
+            "distill",
+            "num_anchors",
+            "params_m",
+            "gmacs",
+            "top1_ci",
+            "seeds_shown",
+            "vs_deit_shown",
+            "top5",
+            "paper_top1",
+        ],
         [
             "model",
             "⚗",
             "M",
             "params (M)",
             "GMACs",
-            "top-1",
+            "top-1 [95% CI]",
+            "seeds: top-1 each",
+            "− DeiT (paired)",
             "top-5",
             "paper top-1 (ImageNet-1k)",
         ],
@@ -410,8 +708,8 @@ def e2_markdown(rows: Sequence[dict[str, Any]]) -> str:
     """The E2 table (no heading): one row per anchor count M."""
     return markdown_table(
         _display(rows),
-        ["num_anchors", "params_m", "gmacs", "top1", "top5", "paper_top1"],
-        ["M", "params (M)", "GMACs", "top-1", "top-5", "paper top-1"],
+        ["num_anchors", "params_m", "gmacs", "top1_ci", "vs_ref_shown", "top5", "paper_top1"],
+        ["M", "params (M)", "GMACs", "top-1 [95% CI]", "− default M (paired)", "top-5", "paper top-1"],
     )
 
 
@@ -419,8 +717,8 @@ def e3_markdown(rows: Sequence[dict[str, Any]]) -> str:
     """The E3 table (no heading): the method, then each design ablation."""
     return markdown_table(
         _display(rows),
-        ["variant", "num_anchors", "params_m", "gmacs", "top1", "top5", "paper_top1"],
-        ["variant", "M", "params (M)", "GMACs", "top-1", "top-5", "paper top-1"],
+        ["variant", "num_anchors", "params_m", "gmacs", "top1_ci", "vs_ref_shown", "top5", "paper_top1"],
+        ["variant", "M", "params (M)", "GMACs", "top-1 [95% CI]", "− the method (paired)", "top-5", "paper top-1"],
     )
 
 
@@ -434,11 +732,24 @@ def e9_markdown(rows: Sequence[dict[str, Any]]) -> str:
             r[f"h_{kind}"] = "—" if end is None else f"{start} → {end}"
     return markdown_table(
         shown,
-        ["variant", "top1", "gap_to_deit", "gmacs", "h_token", "uniform_token", "h_anchor", "uniform_anchor"],
         [
             "variant",
-            "top-1",
-            "vs DeiT-T",
+            "top1_ci",
+            "seeds_shown",
+            "vs_ref_shown",
+            "vs_deit_shown",
+            "gmacs",
+            "h_token",
+            "uniform_token",
+            "h_anchor",
+            "uniform_anchor",
+        ],
+        [
+            "variant",
+            "top-1 [95% CI]",
+            "seeds: top-1 each",
+            "− official (paired)",
+            "− DeiT-T (paired)",
             "GMACs",
             "H p(token \\| anchor) start → end",
             "ln N",
@@ -471,6 +782,9 @@ def tables_markdown(tables: dict[str, list[dict[str, Any]]]) -> str:
             "\n## E9: the anchors' initialisation, temperature and learning rate (AnchorFormer-T)\n\n",
             e9_markdown(tables.get("e9", [])),
             "\n" + e9_verdict(tables.get("e9", [])) + "\n",
+            "\n## E10: AnchorFormer among its peers (T size, the E1 recipe)\n\n",
+            e10_markdown(tables.get("e10", [])),
+            "\n" + e10_verdict(tables.get("e10", [])) + "\n",
             "\n## Reference: DeiT paper (ImageNet-1k, 224², 300 epochs; B↑384 at 384²)\n\n",
             deit_reference_markdown(),
             f"\nAnchorFormer's own ImageNet numbers: {NOT_PUBLIC}. {UNVERIFIED_EXTRACTION}\n",
@@ -493,6 +807,14 @@ def write_results(out_dir: str | os.PathLike, tables: dict[str, list[dict[str, A
 # ---------------------------------------------------------------------------------------------
 
 
+def _errors(rows: Sequence[dict[str, Any]]) -> Any:
+    """(2, n) distances from each row's top-1 down to ``top1_lo`` and up to ``top1_hi`` (0 without an interval),
+    for matplotlib's ``xerr``/``yerr``."""
+    lower = [r["top1"] - r["top1_lo"] if r.get("top1_lo") is not None else 0.0 for r in rows]
+    upper = [r["top1_hi"] - r["top1"] if r.get("top1_hi") is not None else 0.0 for r in rows]
+    return [lower, upper]
+
+
 def plot_accuracy_vs_gmacs(e1_rows: Sequence[dict[str, Any]], title: str = "E1: top-1 vs GMACs") -> Any:
     """Top-1 against GMACs, AnchorFormer (circles) and DeiT (squares); filled markers are distilled."""
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -505,9 +827,11 @@ def plot_accuracy_vs_gmacs(e1_rows: Sequence[dict[str, Any]], title: str = "E1: 
             if not rows:
                 continue
             label = family + (" ⚗" if distilled else "")
-            ax.plot(
+            ax.errorbar(
                 [r["gmacs"] for r in rows],
                 [r["top1"] for r in rows],
+                yerr=_errors(rows),
+                capsize=3,
                 marker=marker,
                 color=color,
                 linestyle="-" if distilled else "--",
@@ -529,7 +853,7 @@ def plot_anchor_ablation(e2_rows: Sequence[dict[str, Any]], title: str = "E2: an
     fig, ax = plt.subplots(figsize=(6, 4))
     rows = [r for r in e2_rows if r["num_anchors"] is not None]
     m = [r["num_anchors"] for r in rows]
-    ax.plot(m, [r["top1"] for r in rows], "o-", color="C0", label="top-1")
+    ax.errorbar(m, [r["top1"] for r in rows], yerr=_errors(rows), fmt="o-", capsize=3, color="C0", label="top-1")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("anchors M")
     ax.set_ylabel("top-1 (%)", color="C0")
@@ -546,7 +870,13 @@ def plot_design_ablation(e3_rows: Sequence[dict[str, Any]], title: str = "E3: de
     fig, ax = plt.subplots(figsize=(7, 0.6 * max(len(e3_rows), 1) + 1.2))
     labels = [r["variant"] for r in e3_rows]
     values = [r["top1"] or 0.0 for r in e3_rows]
-    ax.barh(range(len(values)), values, color=["C0"] + ["C7"] * (len(values) - 1))
+    ax.barh(
+        range(len(values)),
+        values,
+        xerr=_errors([r for r in e3_rows]) if all(r.get("top1") is not None for r in e3_rows) else None,
+        capsize=3,
+        color=["C0"] + ["C7"] * (len(values) - 1),
+    )
     ax.set_yticks(range(len(values)), labels, fontsize=8)
     ax.invert_yaxis()
     for i, v in enumerate(values):
@@ -565,7 +895,9 @@ def plot_e9_top1(
     fig, ax = plt.subplots(figsize=(7, 0.6 * max(len(rows), 1) + 1.2))
     colors = {"reference": "C1", "official": "C0"}
     values = [r["top1"] for r in rows]
-    ax.barh(range(len(rows)), values, color=[colors.get(r.get("role"), "C7") for r in rows])
+    ax.barh(
+        range(len(rows)), values, xerr=_errors(rows), capsize=3, color=[colors.get(r.get("role"), "C7") for r in rows]
+    )
     ax.set_yticks(range(len(rows)), [r["variant"] for r in rows], fontsize=8)
     ax.invert_yaxis()
     for i, v in enumerate(values):
@@ -574,6 +906,25 @@ def plot_e9_top1(
     if deit is not None:
         ax.axvline(deit, color="C1", linestyle="--", linewidth=1)
     ax.set_xlabel("top-1 (%)")
+    ax.set_title(title)
+    return fig
+
+
+def plot_e10_top1(e10_rows: Sequence[dict[str, Any]], title: str = "E10: AnchorFormer among its peers (T)") -> Any:
+    """Horizontal bars of top-1 (mean over seeds) per E10 row with its 95% interval as error bars: DeiT-T
+    (orange), AnchorFormer-T (blue: official, then the ×10 anchor learning rate), the peers (grey)."""
+    rows = [r for r in e10_rows if r.get("top1") is not None]
+    fig, ax = plt.subplots(figsize=(7, 0.6 * max(len(rows), 1) + 1.2))
+    colors = {"reference": "C1", "official": "C0", "anchorformer": "C0"}
+    values = [r["top1"] for r in rows]
+    ax.barh(
+        range(len(rows)), values, xerr=_errors(rows), capsize=3, color=[colors.get(r.get("role"), "C7") for r in rows]
+    )
+    ax.set_yticks(range(len(rows)), [r["variant"] for r in rows], fontsize=8)
+    ax.invert_yaxis()
+    for i, r in enumerate(rows):
+        ax.text(r.get("top1_hi") or r["top1"], i, f" {r['top1']:.1f}", va="center", fontsize=8)
+    ax.set_xlabel("top-1 (%), mean over seeds; bars: 95% interval")
     ax.set_title(title)
     return fig
 

@@ -62,6 +62,7 @@ from ...models.factory import backbone_kwargs, is_anchorformer
 from ...ops.counting import count_macs, count_params
 from .anchors import entropy_probe, kmeans_anchors_from_first_batch, optimizer_params
 from .distillation import DistillationLoss
+from .intervals import PREDICTIONS, predictions_record
 from .recipe import ClsRecipe
 
 __all__ = [
@@ -346,17 +347,27 @@ def _autocast(device: torch.device, cfg: dict[str, Any]) -> Any:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, loader: DataLoader, device: torch.device, cfg: dict[str, Any] | None = None
-) -> dict[str, float]:
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    cfg: dict[str, Any] | None = None,
+    *,
+    per_image: bool = False,
+) -> dict[str, Any]:
     """Top-1, top-5 (percent) and cross-entropy of ``model`` over ``loader``, summed over processes.
 
+    Args:
+        per_image: also return ``correct``, a bool tensor (n_local,) of this process's top-1 hits in the
+            loader's order (:func:`_gather_correct` puts the processes' shards back in dataset order).
+
     Returns:
-        ``{"top1", "top5", "loss", "n"}``.
+        ``{"top1", "top5", "loss", "n"}`` (and ``"correct"``).
     """
     cfg = cfg or {"amp": False, "amp_dtype": "bfloat16", "channels_last": False}
     was_training = model.training
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64)  # correct@1, correct@5, loss sum, count
+    hits: list[torch.Tensor] = []
     for images, target in progress(loader, desc="eval"):
         images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
         if cfg.get("channels_last"):
@@ -364,6 +375,8 @@ def evaluate(
         with _autocast(device, cfg):
             logits = model(images)
         logits = logits.float()
+        if per_image:
+            hits.append((logits.topk(1, dim=1).indices[:, 0] == target).cpu())  # (B,) top-1 hit, as accuracy()
         k = min(5, logits.shape[1])
         acc1, acc5 = accuracy(logits, target, topk=(1, k))
         n = target.shape[0]
@@ -379,12 +392,33 @@ def evaluate(
     model.train(was_training)
     totals = all_reduce_sum(totals.to(device)).cpu()
     n = max(float(totals[3]), 1.0)
-    return {
+    out: dict[str, Any] = {
         "top1": 100.0 * float(totals[0]) / n,
         "top5": 100.0 * float(totals[1]) / n,
         "loss": float(totals[2]) / n,
         "n": int(totals[3]),
     }
+    if per_image:
+        out["correct"] = torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool)
+    return out
+
+
+def _gather_correct(correct: torch.Tensor, total: int, dist_info: DistInfo) -> torch.Tensor:
+    """Every process's top-1 hits (its shard of :func:`_eval_loader`: indices rank, rank + world, ...) as
+    one bool tensor (total,) in dataset order."""
+    full = torch.zeros(total, dtype=torch.float64)
+    full[dist_info.rank :: dist_info.world_size] = correct.to(torch.float64)
+    return all_reduce_sum(full.to(dist_info.device)).cpu() > 0.5
+
+
+def _eval_files(dataset: Dataset) -> list[str]:
+    """The evaluated files in evaluation order, relative to the split folder (class/file)."""
+    indices: list[int] = list(range(len(dataset)))  # type: ignore[arg-type]
+    while isinstance(dataset, Subset):
+        indices = [int(dataset.indices[i]) for i in indices]
+        dataset = dataset.dataset
+    root = Path(dataset.root)  # type: ignore[attr-defined]
+    return [Path(dataset.samples[i][0]).relative_to(root).as_posix() for i in indices]  # type: ignore[attr-defined]
 
 
 @torch.no_grad()
@@ -749,7 +783,7 @@ def _train(run: TrainingRun, data: Path, classes: list[str], model_kwargs: dict[
         row: dict[str, Any] = {"epoch": epoch + 1, **stats}
         last = epoch + 1 == cfg["epochs"]
         if last or (epoch + 1) % cfg["eval_every"] == 0:
-            val = evaluate(net, val_loader, device, cfg)
+            val = evaluate(net, val_loader, device, cfg, per_image=last)
             row.update(top1=val["top1"], top5=val["top5"], val_loss=val["loss"])
             if ema is not None:
                 row["top1_ema"] = evaluate(ema.module, val_loader, device, cfg)["top1"]
@@ -788,8 +822,10 @@ def _train(run: TrainingRun, data: Path, classes: list[str], model_kwargs: dict[
             save_training_state(out_dir, epoch + 1, state, int(cfg["keep_checkpoints"]))
         barrier()
 
-    if not val:  # resumed a finished run: evaluate the final weights
-        val = evaluate(net, val_loader, device, cfg)
+    if "correct" not in val:  # resumed a finished run: evaluate the final weights
+        val = evaluate(net, val_loader, device, cfg, per_image=True)
+    # image by image (predictions.json): the report pairs runs over the same images
+    correct = _gather_correct(val["correct"], len(val_ds), dist_info)  # type: ignore[arg-type]
     metrics: dict[str, Any] = {}
     if dist_info.is_main:
         bare = unwrap_model(net)
@@ -842,6 +878,7 @@ def _train(run: TrainingRun, data: Path, classes: list[str], model_kwargs: dict[
         if ema is not None:
             final_state["model_ema"] = ema.module.state_dict()
         write_json_atomic(out_dir / "history.json", history)
+        write_json_atomic(out_dir / PREDICTIONS, predictions_record(correct.numpy(), _eval_files(val_ds)))
         timings = {
             "throughput": round(throughput, 2),
             "train_time_s": round(clock.elapsed, 2),
