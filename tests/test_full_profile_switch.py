@@ -124,3 +124,24 @@ def test_nproc_auto_uses_every_visible_gpu_and_one_process_on_a_cpu(monkeypatch,
     for bad in ("0", "two", "1.5", -1):
         with pytest.raises(ValueError, match="nproc must be 'auto' or a positive integer"):
             launch.resolve_nproc(bad)
+
+
+def test_the_full_profile_refuses_the_mini_sets_unless_dry(mini_data, tmp_path):
+    """``dvc exp run -S profile=full`` without the roots stops at the data stage, in one line."""
+    from anchorformer.data.stage import run_data_stage
+
+    roots = {
+        "imagenet_root": mini_data / "imagenet",
+        "coco_root": "",
+        "ade20k_root": mini_data / "ade20k" / "ADEChallengeData2016",
+    }
+    common = dict(mini_dir=mini_data, out_dir=tmp_path / "out", make_mini=False, decode=False, **roots)
+    with pytest.raises(ValueError) as e:
+        run_data_stage("full", **common)
+    message = str(e.value)
+    assert message.startswith(f"profile full: data.imagenet_root={mini_data / 'imagenet'} is a generated mini set")
+    assert "dry_run=true" in message and "\n" not in message
+    assert not list((tmp_path / "out").glob("manifest_*.json"))
+    manifests = run_data_stage("full", dry_run=True, **common)
+    assert manifests["imagenet"]["expect"] == manifests["ade20k"]["expect"] == "mini"
+    assert manifests["coco"] == {"dataset": "coco", "expect": "full", "skipped": "no root given"}
