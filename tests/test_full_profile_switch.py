@@ -35,14 +35,18 @@ def _set(params: dict, dotted: str, value: str) -> None:
 
 
 def _resolved(folder: Path) -> dict[str, dict]:
+    """Every stage: its command, deps, outs and ``upstream`` (the stages it needs, transitively)."""
+    import networkx as nx
     from dvc.repo import Repo
 
     with Repo(str(folder)) as repo:
+        graph = repo.index.graph  # edges run from a stage to the stages it depends on
         return {
             s.name: {
                 "cmd": s.cmd if isinstance(s.cmd, str) else " && ".join(s.cmd),
                 "deps": [str(d.def_path) for d in s.deps if not hasattr(d, "params")],
                 "outs": [str(o.def_path) for o in s.outs],
+                "upstream": {getattr(u, "name", "") for u in nx.descendants(graph, s)},
             }
             for s in repo.index.stages
             if getattr(s, "cmd", None)
@@ -103,6 +107,15 @@ def test_distilled_stages_depend_on_the_teacher_of_the_profile(stages):
             assert teacher in stage["deps"], (profile, name, stage["deps"])
             assert f"teacher_checkpoint={teacher};" in stage["cmd"], name
     assert "outputs/cls/teacher/model.pth" in stages["mini"]["cls-teacher"]["outs"]
+
+
+def test_the_full_profile_pipeline_does_not_need_the_mini_teacher(stages):
+    """``dvc exp run ... report bench`` (the README) runs every stage but the mini teacher's in full."""
+    for profile, left_out in (("mini", set()), ("full", {"cls-teacher"})):
+        needed = stages[profile]["report"]["upstream"] | {"report", "bench"}
+        assert set(stages[profile]) - needed == left_out, profile
+        for name in (n for n in stages[profile] if n.startswith("cls-e1-distilled")):
+            assert ("cls-teacher" in stages[profile][name]["upstream"]) == (profile == "mini"), name
 
 
 def test_every_stage_runs_on_auto_processes_by_default():
