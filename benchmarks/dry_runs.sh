@@ -1,9 +1,17 @@
 #!/usr/bin/env bash
-# One dry run of each full recipe (`--set dry_run=true`: a few optimizer steps and a tiny evaluation
-# through every code path of the recipe; README, "Running the full profile") on DEVICE, on the mini
-# sets, each within a time cap; the step times land in results/dry_runs_<device>_<date>.json.
+# 1. The cost of the standard models (benchmarks/step_costs.py): AnchorFormer and DeiT T/S at
+#    224² and 128 images per device, the Mask R-CNN detectors at 1333x800 and 2 per device, the
+#    FPN/UperNet segmenters at 512² and 2 per device, DeiT's teacher forward; STEPS timed optimizer
+#    steps each (default 20 after 5 warm-up) -> results/step_costs_<device>_<date>.json (step
+#    times, images/s, peak memory). On `cpu` the tiny form (shrunk models and inputs, 2 steps):
+#    the code path, not a cost. The README's GPU-hours table comes from the newest
+#    step_costs_cuda_*.json: `python benchmarks/cost_table.py --write` after a cuda run.
+# 2. One dry run of each full recipe (`--set dry_run=true`: a few optimizer steps and a tiny evaluation
+#    through every code path of the recipe; README, "Running the full profile") on DEVICE, on the mini
+#    sets, each within a time cap; the step times land in results/dry_runs_<device>_<date>.json.
 #
 #   benchmarks/dry_runs.sh [cuda|cpu] [seconds per run, default 300]
+#   ONLY=costs benchmarks/dry_runs.sh cpu     # part 1 alone; RESULTS=DIR writes there instead
 #
 # Classification distils from a stand-in teacher written here (a randomly initialised
 # regnety_160, DeiT's teacher architecture, at the mini set's 10 classes): the same code path as
@@ -16,8 +24,18 @@ PY=${PYTHON:-python}
 export HF_HUB_OFFLINE=1
 WORK=$(mktemp -d -t dry_runs_XXXX)
 trap 'rm -rf "$WORK"' EXIT
-mkdir -p benchmarks/results
-OUT="benchmarks/results/dry_runs_${DEVICE}_$(date +%Y%m%d).json"
+RESULTS=${RESULTS:-benchmarks/results}
+mkdir -p "$RESULTS"
+OUT="$RESULTS/dry_runs_${DEVICE}_$(date +%Y%m%d).json"
+
+COSTS="$RESULTS/step_costs_${DEVICE}_$(date +%Y%m%d).json"
+if [ "$DEVICE" = cuda ]; then
+  $PY benchmarks/step_costs.py --device cuda --steps "${STEPS:-20}" --warmup 5 --out "$COSTS"
+else
+  $PY benchmarks/step_costs.py --device "$DEVICE" --tiny --steps 2 --warmup 1 --out "$COSTS"
+fi
+echo "wrote $COSTS"
+[ "${ONLY:-}" = costs ] && exit 0
 
 $PY -m anchorformer.cli data make-mini --out "$WORK/mini" >/dev/null
 $PY - "$WORK/teacher.safetensors" <<'PY'

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from .ade20k import IGNORE_INDEX, NUM_CLASSES, ADE20KSegmentation
 from .coco import CocoDetection, build_coco_transforms, detection_collate
-from .files import BadFileError, MissingFileError
+from .files import BadFileError, MissingFileError, SampleError
 from .imagenet import build_imagenet_dataset, build_imagenet_sampler, build_imagenet_transform, build_mixup
 from .synthetic import make_mini_datasets
 from .verify import VerificationError, verify_dataset
@@ -25,6 +25,7 @@ __all__ = [
     "BadFileError",
     "CocoDetection",
     "MissingFileError",
+    "SampleError",
     "VerificationError",
     "build_coco_transforms",
     "build_imagenet_dataset",

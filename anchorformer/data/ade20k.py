@@ -220,7 +220,7 @@ class ADE20KSegmentation(BadFilePolicy, Dataset):
         label = reduce_zero_label(raw, self.samples[index][1])
         if not self.train:
             return self._to_tensor(image), label
-        return self._augment(image, label)
+        return self._transform(self.samples[index][0], self._augment, image, label)
 
     def _to_tensor(self, image: Image.Image) -> torch.Tensor:
         x = pil_to_tensor(image).float().div_(255.0)

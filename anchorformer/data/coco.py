@@ -163,6 +163,9 @@ class CocoDetection(BadFilePolicy, Dataset):
         """The annotations of ``image_id`` that the targets use (degenerate boxes dropped)."""
         return [a for a in self.coco.imgToAnns[image_id] if a["id"] not in self._degenerate]
 
+    def sample_path(self, index: int) -> str:
+        return str(self.image_path(self.ids[index]))
+
     def image_path(self, image_id: int) -> Path:
         return self.img_dir / self.coco.imgs[image_id]["file_name"]
 
@@ -196,7 +199,7 @@ class CocoDetection(BadFilePolicy, Dataset):
             "orig_size": torch.tensor([h, w], dtype=torch.int64),
         }
         if self.transforms is not None:
-            image, target = self.transforms(image, target)
+            image, target = self._transform(path, self.transforms, image, target)
         return image, target
 
 

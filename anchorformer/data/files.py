@@ -10,19 +10,26 @@ naming the file, never a bare traceback from inside PIL. Datasets take ``on_bad`
   :meth:`BadFilePolicy.record_bad_files_in` names a file to which every process appends what it
   skips, which :func:`read_bad_file_log` reads back).
 
-A :class:`BadFileError` raised in a DataLoader worker is rebuilt in the main process from the
+Any other exception raised while a dataset loads or transforms a sample (a bug, an augmentation
+that fails on some draw) is re-raised as a :class:`SampleError` naming the sample's file and the
+transform step that raised; it is never skipped, whatever ``on_bad`` says, and the command line
+turns it into one line and exit status 2 like a bad file.
+
+A :class:`BadFileError` (or :class:`SampleError`) raised in a DataLoader worker is rebuilt in the main process from the
 worker's message alone (the DataLoader calls ``type(e)(message)``), so it reaches the caller as
 the same error naming the same file, whatever the number of workers.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import re
+import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -35,6 +42,7 @@ __all__ = [
     "BadFileError",
     "BadFilePolicy",
     "MissingFileError",
+    "SampleError",
     "check_on_bad",
     "load_label_map",
     "load_rgb",
@@ -88,7 +96,7 @@ ROOT/                           (the ADEChallengeData2016 folder)
 
 
 # the last line of a traceback formatted by a DataLoader worker: "pkg.BadFileError: PATH: REASON"
-_WORKER_LINE = re.compile(r"^(?:[\w.]+\.)?(?:BadFileError|MissingFileError): (.*)$", re.MULTILINE)
+_WORKER_LINE = re.compile(r"^(?:[\w.]+\.)?(?:BadFileError|MissingFileError|SampleError): (.*)$", re.MULTILINE)
 
 
 def _split_message(text: str) -> tuple[str, str]:
@@ -129,6 +137,55 @@ class MissingFileError(BadFileError, FileNotFoundError):
             super().__init__(path)
         else:
             super().__init__(path, f"{what} does not exist")
+
+
+class SampleError(BadFileError):
+    """Loading or transforming a sample raised an unexpected exception; ``path`` is the sample's
+    file and ``reason`` says which step raised what. Never skipped: the run ends."""
+
+
+def _describe(obj: Any) -> str:
+    if inspect.isfunction(obj) or inspect.isbuiltin(obj):
+        return obj.__qualname__
+    func = getattr(obj, "__func__", None)
+    if func is not None and hasattr(obj, "__self__"):  # a bound method
+        return f"{type(obj.__self__).__name__}.{func.__name__}"
+    text = repr(obj)
+    return text if "\n" not in text and len(text) <= 100 else type(obj).__name__
+
+
+def _failing_step(transform: Any, tb: Any) -> str:
+    """The step of ``transform`` (a Compose's element, or the transform itself) in whose code the
+    traceback ``tb`` passed, and the callable objects below it, e.g.
+    ``RandAugment > AugmentOp(name=PosterizeIncreasing, p=0.5, m=9, mstd=0.5)``."""
+    steps = list(getattr(transform, "transforms", None) or [transform])
+    owners = [getattr(s, "__self__", s) for s in steps]
+    chain: list[Any] = []
+    seen: list[Any] = []
+    for frame, _ in traceback.walk_tb(tb):
+        if not chain:
+            function = next((s for s in steps if getattr(s, "__code__", None) is frame.f_code), None)
+            if function is not None:
+                chain.append(function)
+                continue
+        obj = frame.f_locals.get("self")
+        if obj is None or any(obj is o for o in seen):
+            continue
+        if not chain:
+            for step, owner in zip(steps, owners, strict=True):
+                if obj is owner:
+                    chain.append(step)
+                    seen.append(obj)
+                    break
+        elif callable(obj) and not isinstance(obj, type):
+            chain.append(obj)
+            seen.append(obj)
+    return " > ".join(_describe(o) for o in chain) if chain else _describe(transform)
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
 
 
 def missing_path_error(path: str | Path, what: str, layout: str) -> FileNotFoundError:
@@ -264,16 +321,41 @@ class BadFilePolicy:
         if self.bad_file_log is not None:
             _append_record(self.bad_file_log, path, reason)
 
+    def sample_path(self, index: int) -> str:
+        """The file of sample ``index`` (named by a :class:`SampleError`); subclasses override."""
+        samples = getattr(self, "samples", None)
+        if samples is not None:
+            item = samples[index]
+            return str(item[0] if isinstance(item, (tuple, list)) else item)
+        return str(getattr(self, "root", type(self).__name__))
+
+    def _transform(self, path: str | Path, transform: Callable[..., T], *args: Any) -> T:
+        """``transform(*args)``; any exception but a BadFileError (or MemoryError) becomes a
+        :class:`SampleError` naming ``path`` and the step of ``transform`` that raised."""
+        try:
+            return transform(*args)
+        except (BadFileError, MemoryError):
+            raise
+        except Exception as e:
+            step = _failing_step(transform, e.__traceback__)
+            raise SampleError(path, f"transform {step} raised {_one_line(e)}") from e
+
     def _fetch(self, index: int, fn: Callable[[int], T]) -> T:
         n = len(self)  # type: ignore[arg-type]
         for attempt in range(n):
             i = (index + attempt) % n
             try:
                 return fn(i)
+            except SampleError:
+                raise
             except BadFileError as e:
                 if self.on_bad == "fail":
                     raise
                 self._skip(e.path, e.reason)
+            except MemoryError:
+                raise
+            except Exception as e:
+                raise SampleError(self.sample_path(i), f"loading the sample raised {_one_line(e)}") from e
         where = getattr(self, "root", type(self).__name__)
         raise BadFileError(where, f"no sample could be read: all {n} are bad, e.g. {self.bad_files[:3]}")
 

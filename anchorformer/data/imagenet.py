@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image, ImageOps
 from timm.data import Mixup, create_transform
+from timm.data.auto_augment import RandAugment
 from timm.data.distributed_sampler import RepeatAugSampler
 from torch.utils.data import DistributedSampler, RandomSampler, Sampler, SequentialSampler
 from torchvision.datasets import ImageFolder
@@ -37,6 +39,7 @@ __all__ = [
     "build_imagenet_transform",
     "build_mixup",
     "find_imagenet_classes",
+    "posterize_to_black",
 ]
 
 IMAGENET_SPLITS = ("train", "val")
@@ -51,6 +54,36 @@ DEIT_TRAIN_AUG: dict[str, Any] = {
     "re_count": 1,
 }
 DEIT_EVAL_CROP_PCT = 0.875
+
+
+def posterize_to_black(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
+    """RandAugment's posterize, defined for every bit count the recipe can draw.
+
+    ``rand-m9-mstd0.5-inc1`` draws ``PosterizeIncreasing`` with ``4 - int(0.4 m)`` bits, and a
+    magnitude of 10 (m 9 + 0.5 std, clipped) gives 0 bits, which Pillow >= 13 refuses
+    (``ValueError: bits must be between or equal to 1 and 8``). Older Pillow masked every channel
+    value with ``~(2**8 - 1)``: the image quantised to black. This keeps that.
+
+    Args:
+        img: a PIL image (any mode with 8-bit bands).
+        bits_to_keep: most significant bits kept per channel; >= 8 returns ``img``; <= 0 black.
+    """
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return img.point([0] * 256 * len(img.getbands()))
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _posterize_ops_defined_at_zero_bits(transform: Any) -> Any:
+    """Point the posterize ops of every RandAugment in ``transform`` (a Compose, or one
+    RandAugment) at :func:`posterize_to_black`; timm's module stays as it is."""
+    for t in [transform, *getattr(transform, "transforms", ())]:
+        if isinstance(t, RandAugment):
+            for op in t.ops:
+                if op.name.startswith("Posterize"):
+                    op.aug_fn = posterize_to_black
+    return transform
 
 
 def _class_folders(folder: Path) -> list[str]:
@@ -121,7 +154,7 @@ class ImageNetFolder(BadFilePolicy, ImageFolder):
         path, target = self.samples[index]
         img = load_rgb(path)
         if self.transform is not None:
-            img = self.transform(img)
+            img = self._transform(path, self.transform, img)
         if self.target_transform is not None:
             target = self.target_transform(target)
         return img, target
@@ -160,13 +193,14 @@ def build_imagenet_transform(is_training: bool, img_size: int, **timm_aug_kwargs
             ``auto_augment=None``, ``scale=(0.35, 1.0)``, ``crop_pct=1.0``).
 
     Returns:
-        A callable mapping a PIL image to a normalised FloatTensor (3, img_size, img_size).
+        A callable mapping a PIL image to a normalised FloatTensor (3, img_size, img_size). Its
+        RandAugment posterizes to black at 0 bits (:func:`posterize_to_black`) instead of raising.
     """
     kwargs: dict[str, Any] = (
         dict(DEIT_TRAIN_AUG) if is_training else {"interpolation": "bicubic", "crop_pct": DEIT_EVAL_CROP_PCT}
     )
     kwargs.update(timm_aug_kwargs)
-    return create_transform(img_size, is_training=is_training, **kwargs)
+    return _posterize_ops_defined_at_zero_bits(create_transform(img_size, is_training=is_training, **kwargs))
 
 
 def build_mixup(

@@ -7,7 +7,10 @@ switches here:
   cached, pushable, and the data of every later stage in the mini profile; same seed, same bytes);
 - ``mini``: the three mini sets are verified against their ``mini.json``;
 - ``full``: the real datasets at the given roots are verified against the released counts
-  (a root left empty is skipped, and its manifest says so).
+  (a root left empty is skipped, and its manifest says so). A root that is a generated mini set
+  (it holds ``mini.json``; the parameters' defaults) is refused with one line saying which
+  parameter to set, unless the run is dry (``dry_run``: the full recipes on the mini sets), when
+  it is verified as the mini set it is.
 
 Each verified set gets ``out_dir/manifest_<dataset>.json`` (counts and a hash of its file list).
 """
@@ -18,7 +21,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .synthetic import make_mini_datasets
+from .synthetic import make_mini_datasets, read_mini_manifest
 from .verify import DATASETS, verify_dataset, write_manifest
 
 __all__ = ["PROFILES", "manifest_path", "run_data_stage", "stage_roots"]
@@ -59,6 +62,20 @@ def stage_roots(
     return {name: Path(root) if _is_set(root) else None for name, root in given.items()}
 
 
+def _expected_counts(profile: str, name: str, root: Path, dry_run: bool) -> str:
+    """ "full" or "mini": what ``root`` is verified against (see the module docstring)."""
+    if profile == "mini" or not root.is_dir() or read_mini_manifest(root) is None:
+        return profile
+    if dry_run:
+        log.info("data stage (full, dry run): %s root %s is a mini set, verified as one", name, root)
+        return "mini"
+    raise ValueError(
+        f"profile full: data.{name}_root={root} is a generated mini set (it holds {root / 'mini.json'}); "
+        f'set data.{name}_root in params.yaml to the real dataset\'s root (README, "Switch with the roots set"), '
+        "or run the full recipes dry on the mini sets with dry_run=true"
+    )
+
+
 def run_data_stage(
     profile: str,
     *,
@@ -72,6 +89,7 @@ def run_data_stage(
     decode: bool = True,
     workers: int | None = None,
     make_mini: bool = True,
+    dry_run: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Run the data stage.
 
@@ -85,12 +103,14 @@ def run_data_stage(
         on_bad, decode, workers: as in :func:`anchorformer.data.verify.verify_dataset`.
         make_mini: generate the mini sets (False: use those already in ``mini_dir``; the full
             profile then does not touch them).
+        dry_run: the pipeline's ``dry_run``: the full profile may then read the mini sets.
 
     Returns:
         ``{dataset: manifest}``.
 
     Raises:
-        ValueError: an unknown profile; :class:`~anchorformer.data.verify.VerificationError`.
+        ValueError: an unknown profile; the full profile, not dry, given a mini set's root;
+            :class:`~anchorformer.data.verify.VerificationError`.
         FileNotFoundError: a missing folder or file of a dataset's layout.
     """
     if profile not in PROFILES:
@@ -102,15 +122,15 @@ def run_data_stage(
     if make_mini:
         make_mini_datasets(mini_dir, seed=seed)
     roots = stage_roots(profile, mini_dir, imagenet_root=imagenet_root, coco_root=coco_root, ade20k_root=ade20k_root)
-    expect = profile
     manifests: dict[str, dict[str, Any]] = {}
     pending: dict[str, dict[str, Any]] = {}
     for name in DATASETS:
         root = roots[name]
         if root is None:
             log.warning("data stage (%s): no %s root given, skipped", profile, name)
-            pending[name] = {"dataset": name, "expect": expect, "skipped": "no root given"}
+            pending[name] = {"dataset": name, "expect": profile, "skipped": "no root given"}
             continue
+        expect = _expected_counts(profile, name, root, dry_run)
         pending[name] = verify_dataset(name, root, expect=expect, on_bad=on_bad, decode=decode, workers=workers)
     # only once every dataset passed
     for name, manifest in pending.items():

@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["cli_arguments", "launch", "launch_if_several", "torchrun_command"]
+__all__ = ["cli_arguments", "launch", "launch_if_several", "resolve_nproc", "torchrun_command"]
 
 _logger = logging.getLogger(__name__)
 
@@ -86,23 +86,60 @@ def launch(
     return json.loads((out / "metrics.json").read_text(encoding="utf-8"))
 
 
+def _visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def resolve_nproc(nproc: int | str, device: str | None = None) -> int:
+    """The number of processes of a run: ``"auto"`` is every visible GPU, or 1 on a CPU (or when
+    the recipe's ``device`` is ``"cpu"``); a number is taken as it is, with a warning when it is
+    fewer than the visible GPUs of a recipe that runs on them.
+
+    Raises:
+        ValueError: neither ``"auto"`` nor a positive integer.
+    """
+    gpus = 0 if device == "cpu" else _visible_gpus()
+    if str(nproc).strip().lower() == "auto":
+        return max(1, gpus)
+    try:
+        n = int(nproc)
+    except (TypeError, ValueError):
+        n = 0
+    if n < 1 or str(n) != str(nproc).strip():
+        raise ValueError(f"nproc must be 'auto' or a positive integer, got {nproc!r}")
+    if n < gpus:
+        _logger.warning(
+            "running on %d process(es) while %d GPUs are visible: set nproc to auto (params.yaml) to use them all",
+            n,
+            gpus,
+        )
+    return n
+
+
 def launch_if_several(
     task: str,
     data: str | os.PathLike,
     out_dir: str | os.PathLike,
     *,
-    nproc_per_node: int,
+    nproc_per_node: int | str,
     nnodes: int,
     torchrun_args: Sequence[str] = (),
+    device: str | None = None,
     **flags: Any,
 ) -> dict[str, Any] | None:
     """A task function's torchrun dispatch: with more than one process asked for, and this process
     not already one of them (``WORLD_SIZE`` unset), run ``anchorformer train TASK`` with ``flags``
     under torchrun and return its metrics; otherwise ``None`` (train here).
 
+    ``nproc_per_node`` may be ``"auto"`` (:func:`resolve_nproc`, with the recipe's ``device``).
     ``if_different="refuse"`` is the command's default and is not passed on.
     """
-    if int(nproc_per_node) * int(nnodes) <= 1 or "WORLD_SIZE" in os.environ:
+    if "WORLD_SIZE" in os.environ:
+        return None
+    nproc_per_node = resolve_nproc(nproc_per_node, device)
+    if nproc_per_node * int(nnodes) <= 1:
         return None
     if flags.get("if_different") == "refuse":
         flags["if_different"] = None

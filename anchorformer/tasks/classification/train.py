@@ -554,7 +554,7 @@ def train(
     resume: str = "auto",
     overwrite: bool = False,
     if_different: str = "refuse",
-    nproc_per_node: int = 1,
+    nproc_per_node: int | str = 1,
     nnodes: int = 1,
     torchrun_args: Sequence[str] = (),
     source: str = "argument",
@@ -591,6 +591,7 @@ def train(
     classes = _check_data_root(data)
     launched = launch_if_several(
         TASK, data, out_dir, nproc_per_node=nproc_per_node, nnodes=nnodes, torchrun_args=torchrun_args,
+            device=recipe.device,
         model=model, profile=profile, overrides=list(overrides), epochs=epochs, resume=resume, overwrite=overwrite,
         if_different=if_different,
     )  # fmt: skip

@@ -374,7 +374,7 @@ def train(
     evaluate: bool | None = None,
     save_predictions: bool = True,
     max_eval_images: int | None = None,
-    nproc_per_node: int = 1,
+    nproc_per_node: int | str = 1,
     nnodes: int = 1,
     torchrun_args: Sequence[str] = (),
     source: str = "argument",
@@ -436,6 +436,7 @@ def train(
     try:
         launched = launch_if_several(
             TASK, data, out_dir, nproc_per_node=nproc_per_node, nnodes=nnodes, torchrun_args=torchrun_args,
+            device=recipe.device,
             model=model, profile=profile, epochs=epochs, iters=iters, head=head,
             overrides=[*overrides, *(["eval_at_end=true"] if evaluate else [])], resume=resume, overwrite=overwrite,
             if_different=if_different, no_eval=evaluate is False, no_predictions=not save_predictions,
