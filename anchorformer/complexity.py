@@ -36,20 +36,30 @@ __all__ = [
 SIZES = ("tiny", "small", "base")
 
 
-def model_complexity(name: str, img_size: int = 224, **kwargs: Any) -> dict[str, Any]:
+def model_complexity(name: str, img_size: int = 224, *, fused: bool = False, **kwargs: Any) -> dict[str, Any]:
     """Params and GMACs of a registered model at ``img_size``, built on the meta device (fast).
 
+    Args:
+        fused: count the exact inference form (``model.fuse_for_inference()``; AnchorFormer only);
+            ``params`` then counts the folded weights.
+
     Returns:
-        ``{"model", "img_size", "params", "params_m", "macs", "gmacs", **kwargs}``.
+        ``{"model", "img_size", "params", "params_m", "macs", "gmacs", **kwargs}``, with
+        ``"fused": True`` when fused.
     """
     with torch.device("meta"):
         model = create_model(name, img_size=img_size, **kwargs)
+        if fused:
+            if not hasattr(model, "fuse_for_inference"):
+                raise ValueError(f"model_complexity: {name} has no anchor attention to fuse")
+            model.fuse_for_inference()
     macs = count_macs(model, img_size)
-    params = count_params(model)
+    params = count_params(model) + sum(b.numel() for b in model.buffers()) * fused  # folded weights are buffers
     return {
         "model": name,
         "img_size": img_size,
         **kwargs,
+        **({"fused": True} if fused else {}),
         "params": params,
         "params_m": round(params / 1e6, 3),
         "macs": macs,

@@ -20,6 +20,7 @@ from .checkpoint import (
     save_safetensors,
 )
 from .factory import backbone_kwargs, create_model
+from .fused import FusedAnchorAttention
 
 __all__ = [
     "ANCHOR_MODES",
@@ -30,6 +31,7 @@ __all__ = [
     "AnchorFormer",
     "AnchorFormerDistilled",
     "CheckpointMismatchError",
+    "FusedAnchorAttention",
     "LoadReport",
     "backbone_kwargs",
     "checkpoint_filter_fn",

@@ -343,6 +343,26 @@ class _AnchorMixin:
             if isinstance(m, AnchorAttention):
                 m.attn_impl = impl
 
+    def fuse_for_inference(self) -> nn.Module:
+        """Fold the projections of every anchor-attention layer into its anchors, for inference only.
+
+        In place; returns the model, in eval mode. The outputs equal the unfused model's up to
+        rounding (:mod:`anchorformer.models.fused` gives the maths and the MACs saved); training
+        mode is refused afterwards. Pooled anchors do not fold (``ValueError``).
+        """
+        from .fused import fuse_for_inference
+
+        return fuse_for_inference(self)  # type: ignore[arg-type]
+
+    def train(self, mode: bool = True) -> nn.Module:
+        """timm's ``train``, refused once :meth:`fuse_for_inference` has folded the layers."""
+        if mode and getattr(self, "_fused_for_inference", False):
+            raise RuntimeError(
+                f"{type(self).__name__} was fused for inference (fuse_for_inference()): it cannot train; "
+                "train the unfused model and fuse a copy"
+            )
+        return super().train(mode)  # type: ignore[misc]
+
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         """Position embeddings, tokens, anchors and temperatures are not decayed."""
