@@ -28,6 +28,7 @@ from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 
 from ..ops.anchor_attention import IMPLS, anchor_attention
+from .fused import FusedAnchorAttention
 
 __all__ = [
     "ANCHOR_INITS",
@@ -37,6 +38,7 @@ __all__ = [
     "check_num_anchors",
     "checkpoint_filter_fn",
     "detect_layout",
+    "fuse_for_inference",
     "AnchorAttention",
     "AnchorBlock",
     "AnchorFormer",
@@ -298,6 +300,35 @@ class AnchorBlock(nn.Module):
         return x
 
 
+def fuse_for_inference(model: nn.Module) -> nn.Module:
+    """Replace every :class:`AnchorAttention` of ``model`` by its :class:`FusedAnchorAttention`, in place.
+
+    The model is put in eval mode; every fused layer refuses training mode afterwards. A model
+    with pooled anchors is refused (``ValueError``) before anything changes. Calling it again is a
+    no-op.
+
+    Returns:
+        ``model``.
+    """
+    targets: list[tuple[nn.Module, str, AnchorAttention]] = [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if isinstance(child, AnchorAttention)
+    ]
+    for _, _, attn in targets:
+        if attn.anchors is None:
+            raise ValueError(
+                f"fuse_for_inference: anchor_mode={attn.anchor_mode!r} computes its anchors from each image's qk; "
+                "only learned anchors fold into the projections"
+            )
+    model.eval()
+    for parent, name, attn in targets:
+        setattr(parent, name, FusedAnchorAttention(attn))
+    model._fused_for_inference = True  # the model's own train() refuses from now on (where it checks)
+    return model
+
+
 ANCHOR_KWARGS = (  # the keyword arguments of the anchor attention (routed into every block)
     "num_anchors",
     "normalize",
@@ -350,8 +381,6 @@ class _AnchorMixin:
         rounding (:mod:`anchorformer.models.fused` gives the maths and the MACs saved); training
         mode is refused afterwards. Pooled anchors do not fold (``ValueError``).
         """
-        from .fused import fuse_for_inference
-
         return fuse_for_inference(self)  # type: ignore[arg-type]
 
     def train(self, mode: bool = True) -> nn.Module:

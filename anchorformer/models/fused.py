@@ -25,7 +25,7 @@ H M C / (2 (C + M - H M)) tokens for the value path (T: 66, S: 150, B: 316); ViT
 tokens) counts 3% more MACs fused.
 
 Pooled anchors (the "fixed anchors" ablation) are computed from each image's ``qk``: they do not
-fold into weights, and :func:`fuse_anchor_attention` refuses them. A fused layer is for
+fold into weights, and :class:`FusedAnchorAttention` refuses them. A fused layer is for
 inference only: it holds no parameters, and switching it to training mode raises.
 
 Letters used in shapes: B batch, N tokens, C channels, H heads, D = C / H head dim, M anchors.
@@ -36,23 +36,23 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.fx
 import torch.nn as nn
 
 from ..ops.anchor_attention.reference import accumulation_dtype, inverse_degree
-from .anchorformer import AnchorAttention, _is_set
 
-__all__ = ["FusedAnchorAttention", "fuse_anchor_attention", "fuse_for_inference", "is_fused"]
+__all__ = ["FusedAnchorAttention", "fuse_anchor_attention", "is_fused"]
 
 
 class FusedAnchorAttention(nn.Module):
-    """:class:`AnchorAttention` with its projections folded into the anchors (eval only).
+    """An :class:`~anchorformer.models.AnchorAttention` ``attn`` with its projections folded into the anchors (eval only).
 
     Buffers (the model's dtype and device; folded in float64 from the layer's weights):
     ``logit_weight`` (H*M, C), ``logit_bias`` (H*M,) or None, ``value_out`` (H, C, C),
     ``anchor_bias`` (H, C) or None, ``proj_bias`` (C,) or None.
     """
 
-    def __init__(self, attn: AnchorAttention) -> None:
+    def __init__(self, attn: nn.Module) -> None:
         super().__init__()
         if attn.anchors is None:
             raise ValueError(
@@ -101,7 +101,7 @@ class FusedAnchorAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         """Args: x (B, N, C). Returns (B, N, C) in the dtype of the last product (x's, or autocast's)."""
-        if _is_set(attn_mask) or _is_set(is_causal):
+        if _is_set(attn_mask) or _is_set(is_causal):  # as AnchorAttention: FX proxies stand for any value
             raise ValueError("FusedAnchorAttention does not support attn_mask or is_causal")
         B, N, C = x.shape
         H, M = self.num_heads, self.num_anchors
@@ -129,38 +129,13 @@ class FusedAnchorAttention(nn.Module):
         return f"heads={self.num_heads}, anchors={self.num_anchors}, normalize={self.normalize}, fused=True"
 
 
-def fuse_anchor_attention(attn: AnchorAttention) -> FusedAnchorAttention:
+def _is_set(arg: Any) -> bool:
+    return not isinstance(arg, torch.fx.Proxy) and arg is not None and arg is not False
+
+
+def fuse_anchor_attention(attn: nn.Module) -> FusedAnchorAttention:
     """The folded, eval-only equivalent of ``attn`` (see the module docstring)."""
     return FusedAnchorAttention(attn)
-
-
-def fuse_for_inference(model: nn.Module) -> nn.Module:
-    """Replace every :class:`AnchorAttention` of ``model`` by its :class:`FusedAnchorAttention`, in place.
-
-    The model is put in eval mode; every fused layer refuses training mode afterwards. A model
-    with pooled anchors is refused (``ValueError``) before anything changes. Calling it again is a
-    no-op.
-
-    Returns:
-        ``model``.
-    """
-    targets: list[tuple[nn.Module, str, AnchorAttention]] = [
-        (parent, name, child)
-        for parent in model.modules()
-        for name, child in parent.named_children()
-        if isinstance(child, AnchorAttention)
-    ]
-    for _, _, attn in targets:
-        if attn.anchors is None:
-            raise ValueError(
-                f"fuse_for_inference: anchor_mode={attn.anchor_mode!r} computes its anchors from each image's qk; "
-                "only learned anchors fold into the projections"
-            )
-    model.eval()
-    for parent, name, attn in targets:
-        setattr(parent, name, FusedAnchorAttention(attn))
-    model._fused_for_inference = True  # the model's own train() refuses from now on (where it checks)
-    return model
 
 
 def is_fused(model: Any) -> bool:
