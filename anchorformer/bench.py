@@ -1482,7 +1482,9 @@ def bench_config(profile: str, overrides: Sequence[str] | str | None = None) -> 
         raise ValueError(f"bench config: model_processes items must be in {MODEL_PROCESSES}; got {bad}")
     cfg["model_families"] = check_families(cfg["model_families"], "bench config")
     if not isinstance(cfg["model_exec"], list) or not cfg["model_exec"] or set(cfg["model_exec"]) - set(EXEC_MODES):
-        raise ValueError(f"bench config: model_exec must be a non-empty list of {EXEC_MODES}; got {cfg['model_exec']!r}")
+        raise ValueError(
+            f"bench config: model_exec must be a non-empty list of {EXEC_MODES}; got {cfg['model_exec']!r}"
+        )
     for key in ("model_batch", "model_train_batch"):
         b = cfg[key]
         ok = (key == "model_train_batch" and b is None) or (isinstance(b, int) and not isinstance(b, bool) and b >= 1)
