@@ -1189,6 +1189,26 @@ def summarize_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 1.2,
                 higher_is_better=False,  # allocator statistics, not timed: the timings' flags do not apply
             )
+        # whole models, both compiled (timm's benchmark: bf16 autocast, batch 256 / 32 / 16)
+        for img, mode, threshold in (
+            (224, "infer", 1.05),
+            (224, "train", 1.10),
+            (1024, "infer", 2.7),
+            (1024, "train", 3.0),
+        ):
+            d, a = (
+                _find(models, family=f, size="T", img_size=img, mode=mode, exec="compiled")
+                for f in ("DeiT", "AnchorFormer")
+            )
+            add(
+                f"AnchorFormer-T {mode} speed-up over DeiT-T, {img}², both compiled (GPU)",
+                d["median_ms"] / a["median_ms"] if d and a else None,
+                threshold,
+                note=f"batch {a['batch']}, GPU busy {_fmt(d.get('gpu_busy'), '.2f')} / {_fmt(a.get('gpu_busy'), '.2f')}"
+                if d and a
+                else "",
+                sources=[d, a],
+            )
     else:
         processes = [p for p in MODEL_PROCESSES if any(r.get("process", "shared") == p for r in models)]
         for process in processes:
@@ -1230,6 +1250,55 @@ def summarize_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                         note=note,
                         sources=[d, a],
                     )
+    return out
+
+
+def fused_comparison(models: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """AnchorFormer and its exact inference form side by side, each against DeiT of the same size.
+
+    For every (process, exec mode, size, side) where DeiT, AnchorFormer and AnchorFormer fused
+    were timed in inference: each one's speed-up over DeiT (on one CPU thread from the CPU-time
+    medians, else from the wall-clock medians), its MAC ratio (DeiT's GMACs over its own), the
+    speed-up over the MAC ratio, and the fused form's speed-up over the unfused one. ``reliable``
+    is False when any of the three figures is flagged.
+    """
+    out = []
+    ok = [r for r in models if r.get("status") == "ok" and r.get("mode") == "infer"]
+    keys = sorted(
+        {(r.get("process", "shared"), r.get("exec", "eager"), r["size"], r["img_size"]) for r in ok},
+        key=lambda k: (MODEL_PROCESSES.index(k[0]) if k[0] in MODEL_PROCESSES else 9, k[1], "TSB".index(k[2]), k[3]),
+    )
+    for process, ex, size, img in keys:
+        here = [r for r in ok if (r.get("process", "shared"), r.get("exec", "eager")) == (process, ex)]
+        d, a, f = (
+            _find(here, family=fam, size=size, img_size=img) for fam in ("DeiT", "AnchorFormer", "AnchorFormer fused")
+        )
+        if not (d and a and f):
+            continue
+        key = (
+            "cpu_median_ms" if all(r.get("threads") == 1 and r.get("cpu_median_ms") for r in (d, a, f)) else "median_ms"
+        )
+        row: dict[str, Any] = {
+            "process": process,
+            "exec": ex,
+            "size": size,
+            "img_size": img,
+            "batch": a.get("batch"),
+            "time": key,
+        }
+        for name, r in (("unfused", a), ("fused", f)):
+            speedup = d[key] / r[key]
+            macs = d["gmacs"] / r["gmacs"] if d.get("gmacs") and r.get("gmacs") else None
+            row.update(
+                {
+                    f"{name}_speedup": round(speedup, 3),
+                    f"{name}_mac_ratio": None if macs is None else round(macs, 3),
+                    f"{name}_over_macs": None if macs is None else round(speedup / macs, 3),
+                }
+            )
+        row["fused_over_unfused"] = round(a[key] / f[key], 3)
+        row["reliable"] = not any(r.get("reliable") is False for r in (d, a, f))
+        out.append(row)
     return out
 
 
@@ -1335,8 +1404,11 @@ def bench_markdown(results: dict[str, Any], name: str | None = None) -> str:
         lines += [
             "## Whole models: DeiT vs AnchorFormer (distilled variants)",
             "",
-            f"M = {cfg.get('model_anchors')}; inference and a training step (AdamW); median of up to "
-            f"{cfg.get('repeats')} timed calls, the two families in alternation.",
+            f"M = {cfg.get('model_anchors')}; inference and a training step (AdamW); median of the timed calls "
+            f"(CPU: up to {cfg.get('repeats')}, `torch.utils.benchmark`; GPU: at least {cfg.get('repeats')}, "
+            "`triton.testing.do_bench`, `do_bench_cudagraph` for `cudagraphs`), the families in alternation. "
+            "`AnchorFormer fused`: `model.fuse_for_inference()`, the exact inference form. GPU busy: the fraction "
+            f"of the figure's time the GPU ran kernels (below {HOST_BOUND:g}: host-bound).",
             "",
         ]
         shown = [
@@ -1348,6 +1420,8 @@ def bench_markdown(results: dict[str, Any], name: str | None = None) -> str:
                 "cpu_ms": _fmt(r.get("cpu_median_ms"), ".1f"),
                 "spread_shown": _fmt(r.get("spread"), ".0%"),
                 "ips": _shown(r.get("images_per_s"), ".2f", r),
+                "exec_mode": r.get("exec", "eager"),
+                "busy": _fmt(r.get("gpu_busy"), ".2f") + (" host-bound" if r.get("host_bound") else ""),
                 "flags": _flags(r),
             }
             for r in models
@@ -1355,10 +1429,47 @@ def bench_markdown(results: dict[str, Any], name: str | None = None) -> str:
         lines.append(
             markdown_table(
                 shown,
-                ["label", "image", "batch", "mode", "process", "ms", "cpu_ms", "spread_shown", "ips", "flags"],
-                ["model", "image", "batch", "mode", "process", "ms (median)", "CPU ms", "spread", "images/s", "status"],
+                ["label", "image", "batch", "mode", "exec_mode", "process", "ms", "cpu_ms", "spread_shown", "ips"]
+                + ["busy", "flags"],
+                ["model", "image", "batch", "mode", "exec", "process", "ms (median)", "CPU ms", "spread", "images/s"]
+                + ["GPU busy", "status"],
             )
         )
+        fused = results.get("fused") or []
+        if fused:
+            lines += [
+                "",
+                "### The exact inference form: fused and unfused against DeiT",
+                "",
+                "Inference; speed-up over DeiT of the same size (one CPU thread: from the CPU-time medians), the MAC "
+                "ratio (DeiT's GMACs over the model's, every matmul counted), and their quotient (on a CPU the MAC "
+                "ratio bounds the speed-up); the last column is the fused form's speed-up over the unfused model.",
+                "",
+                markdown_table(
+                    [
+                        {
+                            **r,
+                            "image": f"{r['img_size']}²",
+                            **{
+                                k: _fmt(r[k], ".2f") + (f" {UNRELIABLE}" if not r["reliable"] else "")
+                                for k in ("unfused_speedup", "fused_speedup", "fused_over_unfused")
+                            },
+                        }
+                        for r in fused
+                    ],
+                    ["size", "image", "batch", "exec", "process", "unfused_speedup", "unfused_mac_ratio"]
+                    + [
+                        "unfused_over_macs",
+                        "fused_speedup",
+                        "fused_mac_ratio",
+                        "fused_over_macs",
+                        "fused_over_unfused",
+                    ],
+                    ["size", "image", "batch", "exec", "process", "unfused ×", "unfused MAC ratio", "unfused / MACs"]
+                    + ["fused ×", "fused MAC ratio", "fused / MACs", "fused / unfused"],
+                    digits=3,
+                ),
+            ]
         if name:
             lines += [f"![Whole models: throughput against resolution]({name}_models.png)", ""]
     targets = results.get("targets", [])
@@ -1612,6 +1723,7 @@ def _run(
         save_figure(plot_models(results["models"]), out / f"{name}_models")
     assess_reliability(results, cfg["reliability"])
     results["targets"] = summarize_targets(results)
+    results["fused"] = fused_comparison(results["models"])
     # Flat numbers: each target's measured value by a short key.
     results["summary"] = {_slug(t["target"]): t["measured"] for t in results["targets"]}
     results["complete"] = True
