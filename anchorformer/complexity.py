@@ -82,7 +82,9 @@ def complexity_tables(
     Returns:
         ``{"models": rows, "resolution": rows}``; each row a dict with ``family`` ("AnchorFormer"
         or "DeiT"), ``size``, ``num_anchors`` (None for DeiT), ``img_size``, ``params``,
-        ``params_m``, ``macs``, ``gmacs``; resolution rows also carry ``ratio`` (DeiT / AnchorFormer).
+        ``params_m``, ``macs``, ``gmacs``; resolution rows also carry ``ratio`` (DeiT / AnchorFormer),
+        ``anchorformer_fused_gmacs`` and ``fused_ratio`` (the exact inference form,
+        ``model.fuse_for_inference()``: the projections folded into the anchors).
     """
     for s in sizes:
         if s not in SIZES:
@@ -100,6 +102,9 @@ def complexity_tables(
         for img in resolutions:
             deit = model_complexity(f"deit_{s}_patch16_224", img_size=img)
             anchor = model_complexity(f"anchorformer_{s}_patch16_224", img_size=img, num_anchors=default_anchors)
+            fused = model_complexity(
+                f"anchorformer_{s}_patch16_224", img_size=img, num_anchors=default_anchors, fused=True
+            )
             resolution.append(
                 {
                     "size": LETTER[s],
@@ -109,6 +114,8 @@ def complexity_tables(
                     "deit_gmacs": deit["gmacs"],
                     "anchorformer_gmacs": anchor["gmacs"],
                     "ratio": round(deit["macs"] / anchor["macs"], 3),
+                    "anchorformer_fused_gmacs": fused["gmacs"],
+                    "fused_ratio": round(deit["macs"] / fused["macs"], 3),
                 }
             )
     return {"models": models, "resolution": resolution}
@@ -127,13 +134,14 @@ def tables_markdown(tables: dict[str, list[dict[str, Any]]]) -> str:
         )
     lines += [
         "",
-        "| size | image | tokens | M | DeiT GMACs | AnchorFormer GMACs | DeiT / AnchorFormer |",
-        "|---|---|---|---|---|---|---|",
+        "| size | image | tokens | M | DeiT GMACs | AnchorFormer GMACs | DeiT / AnchorFormer | fused GMACs | DeiT / fused |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in tables["resolution"]:
         lines.append(
             f"| {r['size']} | {r['img_size']}² | {r['tokens']} | {r['num_anchors']} | {r['deit_gmacs']:.3f} "
-            f"| {r['anchorformer_gmacs']:.3f} | {r['ratio']:.2f}× |"
+            f"| {r['anchorformer_gmacs']:.3f} | {r['ratio']:.2f}× | {r['anchorformer_fused_gmacs']:.3f} "
+            f"| {r['fused_ratio']:.2f}× |"
         )
     return "\n".join(lines) + "\n"
 
