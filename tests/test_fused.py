@@ -209,3 +209,27 @@ def test_export_fused_full_model_at_384(tmp_path):
     fused = copy.deepcopy(model).fuse_for_inference()
     path = export_model(fused, tmp_path / "model.onnx", "onnx")
     assert check_onnx(path, model, torch.randn(1, 3, 384, 384)) < 1e-4
+
+
+def test_complexity_table_and_report_row_count_the_fused_form(tmp_path):
+    """E4: `anchorformer complexity` counts the fused form beside the unfused one; the report shows it."""
+    from anchorformer.complexity import complexity_tables, tables_markdown
+    from anchorformer.report import _complexity_section, _Doc
+
+    tables = complexity_tables(["tiny"], [30], [224], [224, 1024])
+    by = {r["img_size"]: r for r in tables["resolution"]}
+    for img in (224, 1024):
+        assert by[img]["anchorformer_fused_gmacs"] == round(fused_vit_macs(img, 192, 3, 12, 1, 30) / 1e9, 4)
+        assert by[img]["fused_ratio"] > by[img]["ratio"]
+    assert "| DeiT / fused |" in tables_markdown(tables)
+    doc = _Doc(tmp_path, tmp_path / "report.md")
+    _complexity_section(doc, tables)
+    text = "".join(doc.parts)
+    ratio = by[1024]["deit_gmacs"] / by[1024]["anchorformer_fused_gmacs"]
+    assert (
+        "AnchorFormer fused GMACs" in text and f"| {by[1024]['anchorformer_fused_gmacs']:.3f} | {ratio:.2f}× |" in text
+    )
+    old = {"models": [], "resolution": [{k: v for k, v in r.items() if "fused" not in k} for r in tables["resolution"]]}
+    doc = _Doc(tmp_path, tmp_path / "report.md")
+    _complexity_section(doc, old)  # a complexity.json from before the fused counts: no empty columns
+    assert "fused" not in "".join(doc.parts)
