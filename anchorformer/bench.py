@@ -1527,20 +1527,27 @@ def plot_operator(rows: list[dict[str, Any]]) -> Any:
 
 
 def plot_models(rows: list[dict[str, Any]]) -> Any:
-    """Images/s against image side, DeiT (dashed) vs AnchorFormer (solid), per size and mode."""
+    """Images/s against image side, DeiT (dashed) vs AnchorFormer (solid) and its fused form (dotted),
+    per size and mode: the eager rows of the first model process measured."""
     from .viz import plt
 
+    process = next((r.get("process", "fresh") for r in rows), "fresh")
     modes = [m for m in ("infer", "train") if any(r["mode"] == m for r in rows)]
     fig, axes = plt.subplots(1, max(1, len(modes)), figsize=(5.5 * max(1, len(modes)), 4), squeeze=False)
     sizes = sorted({r["size"] for r in rows}, key="TSB".index)
     for j, mode in enumerate(modes):
         ax = axes[0, j]
         for i, size in enumerate(sizes):
-            for family, style in (("DeiT", "s--"), ("AnchorFormer", "o-")):
+            for family, style in (("DeiT", "s--"), ("AnchorFormer", "o-"), ("AnchorFormer fused", "^:")):
                 pts = sorted(
                     (r["img_size"], r["images_per_s"])
                     for r in rows
-                    if r["mode"] == mode and r["size"] == size and r["family"] == family and r.get("status") == "ok"
+                    if r["mode"] == mode
+                    and r["size"] == size
+                    and r["family"] == family
+                    and r.get("status") == "ok"
+                    and r.get("exec", "eager") == "eager"
+                    and r.get("process", "fresh") == process
                 )
                 if pts:
                     ax.plot(*zip(*pts), style, color=f"C{i}", label=f"{family}-{size}")
