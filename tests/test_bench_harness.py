@@ -140,3 +140,19 @@ def test_presets_select_families_modes_and_batches():
         bench.bench_config("mini", ["model_families=[Swin]"])
     with pytest.raises(ValueError, match="model_exec must be"):
         bench.bench_config("mini", ["model_exec=[fast]"])
+
+
+@pytest.mark.slow
+def test_compiled_exec_mode_runs_through_the_harness_on_the_cpu():
+    """The GPU's compiled modes on the CPU: torch.compile of DeiT and the fused form, timed by the scripted clock."""
+    clock = ScriptedGpuClock(step_ms=[2.0, 1.0], kernel_ms=[1.9, 0.5])
+    rows = bench.model_benchmark(
+        ["tiny"], [32], [], batch=2, families=["DeiT", "AnchorFormer fused"], exec_modes=["compiled"], anchors=4,
+        dtype=torch.float32, device=torch.device("cpu"), warmup=1, repeats=4, budget_s=0.0, process="shared",
+        timer=clock,
+    )  # fmt: skip
+    assert [(r["family"], r["exec"], r["status"]) for r in rows] == [
+        ("DeiT", "compiled", "ok"),
+        ("AnchorFormer fused", "compiled", "ok"),
+    ]
+    assert rows[1]["host_bound"] and not rows[0]["host_bound"]
