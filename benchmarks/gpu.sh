@@ -98,7 +98,7 @@ echo "gpu.sh: device $device, results in $out/$name.*, budget ${BUDGET_S} s, cac
 #    caching allocator (the history effect of the CPU bench is glibc's), and one process saves
 #    CUDA starts and autotunings.
 bounded "$BENCH_S" "$PY" -m anchorformer.cli bench --profile full --device cuda --out-dir "$out" --name "$name" \
-  --set "model_processes=[shared]" "model_sizes=$MODEL_SIZES" "model_exec=[eager]" "$@" 2>&1 \
+  --set "model_processes=[shared]" --set "model_sizes=$MODEL_SIZES" --set "model_exec=[eager]" "$@" 2>&1 \
   | tee "$out/${name}_bench.log"
 bench_rc=${PIPESTATUS[0]}
 
@@ -113,8 +113,8 @@ tests_rc=${PIPESTATUS[0]}
 compile_rc=0
 if [ "${SKIP_COMPILE:-0}" != "1" ]; then
   bounded "$COMPILE_S" "$PY" -m anchorformer.cli bench --profile full --device cuda --out-dir "$out" \
-    --name "${name}_compiled" --only models --set "model_processes=[shared]" "model_sizes=$MODEL_SIZES" \
-    "model_exec=[compiled,cudagraphs]" "$@" > "$out/${name}_compiled.log" 2>&1
+    --name "${name}_compiled" --only models --set "model_processes=[shared]" --set "model_sizes=$MODEL_SIZES" \
+    --set "model_exec=[compiled,cudagraphs]" "$@" > "$out/${name}_compiled.log" 2>&1
   compile_rc=$?
   [ "$compile_rc" -eq 124 ] && echo "gpu.sh: compiled models: out of time (kept what finished)" && compile_rc=0
 fi

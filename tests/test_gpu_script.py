@@ -65,6 +65,14 @@ def test_default_budget_is_eight_minutes_and_compiling_comes_after_the_kernel_te
     assert "-m gpu and not slow" in tests
     assert "--only models" in compiled and "model_exec=[compiled,cudagraphs]" in compiled
     assert sum(caps[1:4]) <= 480 - 5, caps
+    from anchorformer.bench import bench_config
+    from anchorformer.cli import build_parser
+
+    for line in (bench, compiled):  # the commands as the CLI parses them, and their presets as they load
+        args = build_parser().parse_args(line.split("anchorformer.cli ")[1].split())
+        cfg = bench_config(args.profile, args.set)
+        assert cfg["model_sizes"] == ["tiny"] and cfg["model_processes"] == ["shared"] and args.device == "cuda"
+    assert bench_config("full", args.set)["model_exec"] == ["compiled", "cudagraphs"] and args.only == "models"
 
 
 @pytest.mark.slow
