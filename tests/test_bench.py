@@ -191,8 +191,8 @@ def test_reliability_flags_inconsistent_figures_and_the_targets_from_them():
 
     # the page marks them: no plain number for a flagged figure, no yes/no for its target
     md = bench.bench_markdown({**results, "config": {"reliability": THRESHOLDS}, "targets": list(targets.values())})
-    assert "| DeiT-T | 224² | 1 | infer | fresh | 1364.0 ⚠ |" in md
-    assert "| AnchorFormer-T | 224² | 1 | infer | fresh | 30.0 | 30.0 | 2% | — | ok |" in md
+    assert "| DeiT-T | 224² | 1 | infer | eager | fresh | 1364.0 ⚠ |" in md
+    assert "| AnchorFormer-T | 224² | 1 | infer | eager | fresh | 30.0 | 30.0 | 2% | — | — | ok |" in md
     assert "⚠ unreliable: inference slower than a training step" in md
     assert "| reference | fwd | 1024 | 2.000 ⚠ |" in md
     row = next(
