@@ -178,10 +178,113 @@ def timing_stats(ms: Sequence[float]) -> dict[str, Any]:
     }
 
 
+class CpuTimer:
+    """The CPU clock of the benchmarks: ``torch.utils.benchmark.Timer`` (at torch's current thread
+    count; its ``timeit`` clock without its per-measurement warm-up calls), one call per
+    measurement, with the process's CPU time of the same call beside it."""
+
+    kind = "cpu"
+
+    def warmup(self, fn: Callable[[], Any], calls: int) -> None:
+        for _ in range(calls):
+            fn()
+
+    def calls_per_round(self, repeats: int) -> int:
+        return 1  # one call of each function per round: the finest alternation
+
+    def time(self, fn: Callable[[], Any], calls: int) -> tuple[list[float], list[float]]:
+        """Wall-clock ms of each of ``calls`` calls, and the process's CPU ms of each."""
+        from torch.utils.benchmark import Timer
+
+        timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+        wall, cpu = [], []
+        for _ in range(calls):
+            c = time.process_time()
+            # Timer.timeit(1) would first make two untimed calls of its own, tripling the cost of a
+            # model step: the harness warms up once, so each call is timed by the Timer's clock alone.
+            wall.append(timer._timeit(1) * 1e3)
+            cpu.append((time.process_time() - c) * 1e3)
+        return wall, cpu
+
+    def kernel_ms(self, fn: Callable[[], Any], calls: int) -> float | None:
+        return None  # no device to be idle: every figure is host time
+
+
+class CudaTimer:
+    """The GPU clock: ``triton.testing.do_bench`` (CUDA events around each call, L2 flushed in
+    between, warm-up), or ``do_bench_cudagraph`` (``cuda_graph``: the calls captured into one CUDA
+    graph and replayed, each value the mean call of a replay); the device's busy time from the
+    profiler's kernel records."""
+
+    kind = "cuda"
+    ROUNDS = 4  # alternations of the compared functions; each gets repeats / ROUNDS calls per round
+
+    def __init__(self, device: torch.device, cuda_graph: bool = False) -> None:
+        self.device, self.cuda_graph = device, cuda_graph
+        self._estimate_ms: dict[int, float] = {}
+
+    def warmup(self, fn: Callable[[], Any], calls: int) -> None:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize(self.device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        self._estimate_ms[id(fn)] = max(start.elapsed_time(end), 1e-3)
+
+    def calls_per_round(self, repeats: int) -> int:
+        return max(1, -(-repeats // self.ROUNDS))
+
+    def time(self, fn: Callable[[], Any], calls: int) -> tuple[list[float], None]:
+        from triton.testing import do_bench, do_bench_cudagraph
+
+        rep = calls * self._estimate_ms.get(id(fn), 1.0)  # do_bench times about rep / (its estimate) calls
+        if self.cuda_graph:
+            return list(do_bench_cudagraph(fn, rep=rep, return_mode="all")), None
+        return list(do_bench(fn, warmup=0, rep=rep, return_mode="all")), None
+
+    def kernel_ms(self, fn: Callable[[], Any], calls: int) -> float | None:
+        """Device-busy ms per call: the union of the kernels' (and copies') intervals over ``calls`` calls."""
+        from torch.autograd import DeviceType
+        from torch.profiler import ProfilerActivity, profile
+
+        torch.cuda.synchronize(self.device)
+        with _quiet_kineto(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                fn()
+            torch.cuda.synchronize(self.device)
+        spans = [(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA]
+        return union_length(spans) / 1e3 / calls if spans else None
+
+
+def union_length(spans: Sequence[tuple[float, float]]) -> float:
+    """Total length covered by the intervals ``spans`` (overlaps counted once)."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(spans):
+        if b <= end:
+            continue
+        total += b - max(a, end)
+        end = b
+    return total
+
+
+def default_timer(device: torch.device, cuda_graph: bool = False) -> CpuTimer | CudaTimer:
+    """:class:`CudaTimer` for CUDA devices, :class:`CpuTimer` otherwise."""
+    return CudaTimer(device, cuda_graph) if device.type == "cuda" else CpuTimer()
+
+
 def measure_times(
-    fns: dict[str, Callable[[], Any]], device: torch.device, *, warmup: int, repeats: int, budget_s: float
+    fns: dict[str, Callable[[], Any]],
+    device: torch.device,
+    *,
+    warmup: int,
+    repeats: int,
+    budget_s: float,
+    timer: Any = None,
 ) -> dict[str, dict[str, Any]]:
-    """Wall time in ms of each of ``fns`` (CUDA events on a GPU), interleaved, with its spread.
+    """Time in ms of each of ``fns``, alternated, with its spread (``timer``: :func:`default_timer`).
 
     Each function gets :func:`timing_stats` of its timed calls (median, min, max, quartiles,
     relative spread, ``n_timed``) and ``warmup_s``. On the CPU also the process's CPU time of
@@ -189,37 +292,33 @@ def measure_times(
     thread the CPU time equals the wall time of a quiet machine and does not count the time the
     process waits while others' jobs run on its core.
 
-    ``warmup`` untimed calls of each, then rounds of one timed call of each, at most ``repeats``
-    rounds, stopping early once the timed calls have taken ``budget_s`` seconds per function (at
-    least one round). Interleaving lets compared functions share the same machine conditions.
+    ``warmup`` untimed calls of each, then rounds in which each function is timed in turn. CPU:
+    one call each per round, at most ``repeats`` rounds, stopping early once the timed calls have
+    taken ``budget_s`` seconds per function (at least one round). GPU: ``repeats / 4`` calls each
+    per round (``do_bench``), until each has ``repeats`` timed calls. Alternating lets compared
+    functions share the same machine conditions.
     """
+    timer = timer if timer is not None else default_timer(device)
     first_s = {}
     for name, fn in fns.items():
         t0 = time.perf_counter()
-        for _ in range(max(1, warmup)):
-            fn()
+        timer.warmup(fn, max(1, warmup))
         _sync(device)
         first_s[name] = time.perf_counter() - t0
+    per_round = timer.calls_per_round(repeats)
+    max_rounds = max(1, repeats) if per_round == 1 else 2 * -(-repeats // per_round)
     times: dict[str, list[float]] = {name: [] for name in fns}
     cpu_times: dict[str, list[float]] = {name: [] for name in fns}
     spent = 0.0
-    for _ in range(max(1, repeats)):
+    for _ in range(max_rounds):
         for name, fn in fns.items():
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                ms = start.elapsed_time(end)
-            else:
-                t, c = time.perf_counter(), time.process_time()
-                fn()
-                ms = (time.perf_counter() - t) * 1e3
-                cpu_times[name].append((time.process_time() - c) * 1e3)
-            times[name].append(ms)
-            spent += ms / 1e3
-        if spent >= budget_s * len(fns):
+            ms, cpu = timer.time(fn, per_round)
+            times[name] += ms
+            cpu_times[name] += cpu or []
+            spent += sum(ms) / 1e3
+        if per_round == 1 and spent >= budget_s * len(fns):
+            break
+        if per_round > 1 and min(len(t) for t in times.values()) >= repeats:
             break
     out = {}
     for name, ts in times.items():
@@ -231,10 +330,10 @@ def measure_times(
 
 
 def measure_time(
-    fn: Callable[[], Any], device: torch.device, *, warmup: int, repeats: int, budget_s: float
+    fn: Callable[[], Any], device: torch.device, *, warmup: int, repeats: int, budget_s: float, timer: Any = None
 ) -> dict[str, Any]:
     """:func:`measure_times` of one function."""
-    return measure_times({"fn": fn}, device, warmup=warmup, repeats=repeats, budget_s=budget_s)["fn"]
+    return measure_times({"fn": fn}, device, warmup=warmup, repeats=repeats, budget_s=budget_s, timer=timer)["fn"]
 
 
 def measure_peak_bytes(fn: Callable[[], Any], device: torch.device) -> int | None:
@@ -499,13 +598,58 @@ def _measure_op(op, impl, mode, qk, v, u, dout, device, want, elem, *, warmup, r
 # ---------------------------------------------------------------------------------------------
 
 
-def _batch_for(batch: int, img: int) -> int:
-    """``batch`` images at 224² and below, scaled by (224 / img)² above (about as many tokens per step), >= 1."""
+# The model families the whole-model benchmark can time, by the name a preset selects them with
+# (`model_families`): the timm model name for a size word, whether it takes `num_anchors`, whether it
+# runs in the exact inference form (`fuse_for_inference()`; inference only), and its modes.
+MODEL_FAMILIES: dict[str, dict[str, Any]] = {
+    "DeiT": {"model": "deit_{}_distilled_patch16_224", "anchors": False, "fused": False, "modes": ("infer", "train")},
+    "AnchorFormer": {
+        "model": "anchorformer_{}_distilled_patch16_224",
+        "anchors": True,
+        "fused": False,
+        "modes": ("infer", "train"),
+    },
+    "AnchorFormer fused": {
+        "model": "anchorformer_{}_distilled_patch16_224",
+        "anchors": True,
+        "fused": True,
+        "modes": ("infer",),
+    },
+}
+DEFAULT_FAMILIES = {"DeiT": None, "AnchorFormer": None}  # family: sizes (None: every size measured)
+
+
+def check_families(families: Any, where: str = "bench") -> dict[str, list[str] | None]:
+    """``families`` as ``{family: sizes or None}``; a list of names means every size. Unknown names: ValueError."""
+    if isinstance(families, (list, tuple)):
+        families = {f: None for f in families}
+    if not isinstance(families, dict) or not families:
+        raise ValueError(f"{where}: model_families must be a mapping family: sizes (or null); got {families!r}")
+    for family, sizes in families.items():
+        if family not in MODEL_FAMILIES:
+            raise ValueError(f"{where}: unknown model family {family!r}; expected one of {sorted(MODEL_FAMILIES)}")
+        if sizes is not None and not (isinstance(sizes, list) and set(sizes) <= set(MODEL_SIZES)):
+            raise ValueError(f"{where}: model_families.{family} must be null or a list of {MODEL_SIZES}; got {sizes!r}")
+    return {f: None if sizes is None else list(sizes) for f, sizes in families.items()}
+
+
+def _batch_for(batch: int | dict[Any, int], img: int) -> int:
+    """Images per step at side ``img``: ``batch[img]`` when ``batch`` maps sides to batches, else
+    ``batch`` images at 224² and below, scaled by (224 / img)² above (about as many tokens per step), >= 1."""
+    if isinstance(batch, dict):
+        found = batch.get(img, batch.get(str(img)))
+        if found is None:
+            raise ValueError(f"bench: no batch for side {img} in {batch}")
+        return int(found)
     return max(1, round(batch * min(1.0, (224 / img) ** 2)))
 
 
 MODEL_PROCESSES = ("fresh", "shared")
 MALLOC_MODES = ("default", "tuned")
+# How a model runs: eager; torch.compile (default mode); compiled and replayed as CUDA graphs (GPU:
+# do_bench_cudagraph captures the compiled calls into one graph).
+EXEC_MODES = ("eager", "compiled", "cudagraphs")
+HOST_BOUND = 0.9  # a GPU figure whose device was busy for less than this fraction of its time is host-bound
 
 
 def model_benchmark(
@@ -513,10 +657,13 @@ def model_benchmark(
     img_sizes: Sequence[int],
     train_img_sizes: Sequence[int],
     *,
-    batch: int,
+    batch: int | dict[Any, int],
     anchors: int,
     dtype: torch.dtype,
     device: torch.device,
+    train_batch: int | dict[Any, int] | None = None,
+    families: dict[str, list[str] | None] | Sequence[str] | None = None,
+    exec_modes: Sequence[str] = ("eager",),
     warmup: int = 1,
     repeats: int = 5,
     budget_s: float = 3.0,
@@ -524,16 +671,24 @@ def model_benchmark(
     threads: int | None = None,
     malloc: str = "default",
     skip: Sequence[str] = (),
+    timer: Any = None,
     on_progress: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Images/s of DeiT and AnchorFormer (distilled, ``attn_impl="auto"``) at each size and side.
+    """Images/s of each model family (:data:`MODEL_FAMILIES`) at each size and side, alternated.
 
     Inference runs under ``torch.inference_mode``; a training step is forward, cross-entropy on
     both heads, backward and an AdamW step. On CUDA with a 16-bit ``dtype`` both run under
-    autocast to it. Within one (size, side) configuration the two families are timed in
-    alternation.
+    autocast to it. Within one (size, side, mode, exec mode) configuration the families are timed
+    in alternation (:func:`measure_times`): on the CPU with ``torch.utils.benchmark``, on a GPU with
+    ``triton.testing.do_bench`` (``do_bench_cudagraph`` for ``cudagraphs``), where each figure also
+    gets the fraction of its time the GPU was busy (``gpu_busy``; below :data:`HOST_BOUND`:
+    ``host_bound``).
 
     Args:
+        batch: images per inference step: a number at 224² (scaled down by the tokens above), or
+            ``{side: batch}``; ``train_batch`` the same for training steps (None: ``batch``).
+        families: ``{family: sizes or None}`` or family names (default: DeiT and AnchorFormer).
+        exec_modes: any of :data:`EXEC_MODES` (``compiled`` and ``cudagraphs``: ``torch.compile``).
         process: ``"fresh"``: each (size, side) configuration in a new Python process, so that
             no earlier configuration has shaped the allocator's state (on the CPU, glibc's
             mmap and trim thresholds move with the sizes freed before); ``"shared"``: all of them
@@ -543,12 +698,15 @@ def model_benchmark(
             (:func:`anchorformer.ops.cpu.tune_glibc_malloc`; in a shared process it stays set);
             ``"default"``: glibc's dynamic thresholds.
         skip: ``"size@side"`` configurations left out (e.g. ``"small@1024"``).
+        timer: the clock (:func:`default_timer` of the device when None; tests pass their own; a
+            shared process only).
 
     Returns:
-        One row per (size, side, mode, family): ``family``, ``size`` (T/S/B), ``img_size``,
-        ``tokens``, ``batch``, ``mode`` (``infer``/``train``), ``process``, ``threads``, ``malloc``,
-        ``gmacs`` (per image, every matmul counted), ``median_ms``, ``min_ms``, ``images_per_s``,
-        ``peak_bytes`` (CUDA).
+        One row per (size, side, mode, exec mode, family): ``family``, ``fused``, ``size`` (T/S/B),
+        ``img_size``, ``tokens``, ``batch``, ``mode`` (``infer``/``train``), ``exec``, ``process``,
+        ``threads``, ``malloc``, ``gmacs`` (per image, every matmul counted, the fused form for a
+        fused family), ``median_ms``, ``min_ms``, ``images_per_s``, ``gpu_busy`` and
+        ``host_bound`` (GPU), ``peak_bytes`` (CUDA, eager).
     """
     for s in sizes:
         if s not in MODEL_SIZES:
@@ -557,16 +715,26 @@ def model_benchmark(
         raise ValueError(f"bench: model process must be one of {MODEL_PROCESSES}; got {process!r}")
     if malloc not in MALLOC_MODES:
         raise ValueError(f"bench: malloc must be one of {MALLOC_MODES}; got {malloc!r}")
+    bad = [m for m in exec_modes if m not in EXEC_MODES]
+    if bad or not exec_modes:
+        raise ValueError(f"bench: exec modes must be a non-empty list of {EXEC_MODES}; got {list(exec_modes)}")
+    if timer is not None and process == "fresh":
+        raise ValueError("bench: a custom timer runs in this process only (process='shared')")
+    fams = check_families(DEFAULT_FAMILIES if families is None else families)
     rows: list[dict[str, Any]] = []
     for size in sizes:
+        here = [f for f, only in fams.items() if only is None or size in only]
         for img in sorted(set(img_sizes) | set(train_img_sizes)):
-            if f"{size}@{img}" in skip:
+            if f"{size}@{img}" in skip or not here:
                 continue
             job = {
                 "size": size,
                 "img": img,
                 "modes": [m for m, sides in (("infer", img_sizes), ("train", train_img_sizes)) if img in sides],
-                "batch": batch,
+                "families": here,
+                "exec_modes": list(exec_modes),
+                "batch": _batch_for(batch, img),
+                "train_batch": _batch_for(batch if train_batch is None else train_batch, img),
                 "anchors": anchors,
                 "dtype": str(dtype).removeprefix("torch."),
                 "device": str(device),
@@ -576,16 +744,18 @@ def model_benchmark(
                 "threads": threads,
                 "malloc": malloc,
             }
-            new = _models_in_fresh_process(job) if process == "fresh" else _models_at(**job)
+            new = _models_in_fresh_process(job) if process == "fresh" else _models_at(**job, timer=timer)
             for row in new:
                 row["process"] = process
-                row["gmacs"] = _gmacs(row["model"], img, anchors if row["family"] == "AnchorFormer" else None)
+                spec = MODEL_FAMILIES[row["family"]]
+                row["gmacs"] = _gmacs(row["model"], img, anchors if spec["anchors"] else None, spec["fused"])
                 log.info(
-                    "model %s-%s %d² %s (%s process): %s",
+                    "model %s-%s %d² %s %s (%s process): %s",
                     row["family"],
                     row["size"],
                     img,
                     row["mode"],
+                    row.get("exec", "eager"),
                     process,
                     f"{row['median_ms']:.1f} ms" if row["status"] == "ok" else row["status"],
                 )
@@ -596,12 +766,12 @@ def model_benchmark(
 
 
 @functools.lru_cache(maxsize=64)
-def _gmacs(model: str, img: int, anchors: int | None) -> float:
+def _gmacs(model: str, img: int, anchors: int | None, fused: bool = False) -> float:
     """GMACs of one image through ``model`` at ``img``², counted on the meta device."""
     from .complexity import model_complexity
 
     kw = {} if anchors is None else {"num_anchors": anchors}
-    return model_complexity(model, img, **kw)["gmacs"]
+    return model_complexity(model, img, fused=fused, **kw)["gmacs"]
 
 
 def _models_in_fresh_process(job: dict[str, Any]) -> list[dict[str, Any]]:
@@ -623,22 +793,31 @@ def _models_in_fresh_process(job: dict[str, Any]) -> list[dict[str, Any]]:
     return [
         {
             "family": family,
+            "fused": MODEL_FAMILIES[family]["fused"],
             "size": LETTER[job["size"]],
-            "model": name.format(job["size"]),
+            "model": MODEL_FAMILIES[family]["model"].format(job["size"]),
             "img_size": job["img"],
             "tokens": (job["img"] // 16) ** 2 + 2,
             "mode": mode,
+            "exec": ex,
             "status": f"error: process exited {proc.returncode}: {err}",
         }
         for mode in job["modes"]
-        for family, name, _ in _FAMILIES
+        for ex in job["exec_modes"]
+        for family in job["families"]
+        if mode in MODEL_FAMILIES[family]["modes"]
     ]
 
 
-_FAMILIES = (
-    ("DeiT", "deit_{}_distilled_patch16_224", False),
-    ("AnchorFormer", "anchorformer_{}_distilled_patch16_224", True),
-)
+def _build_family(family: str, size: str, img: int, anchors: int, dev: torch.device) -> torch.nn.Module:
+    """One model of ``family`` at ``size`` and ``img``², seeded, on ``dev`` (fused: in eval mode, folded)."""
+    from .models import create_model
+
+    spec = MODEL_FAMILIES[family]
+    torch.manual_seed(0)
+    kw = {"num_anchors": anchors} if spec["anchors"] else {}
+    model = create_model(spec["model"].format(size), img_size=img, num_classes=1000, **kw).to(dev)
+    return model.fuse_for_inference() if spec["fused"] else model
 
 
 def _models_at(
@@ -655,58 +834,58 @@ def _models_at(
     budget_s: float,
     threads: int | None,
     malloc: str = "default",
+    families: Sequence[str] = tuple(DEFAULT_FAMILIES),
+    exec_modes: Sequence[str] = ("eager",),
+    train_batch: int | None = None,
+    timer: Any = None,
 ) -> list[dict[str, Any]]:
     """The rows of one (size, side) configuration, measured in this process."""
-    from .models import create_model
     from .ops.cpu import tune_glibc_malloc
 
     dev = torch.device(device)
     tuned = malloc == "tuned" and dev.type == "cpu" and tune_glibc_malloc()
     torch_dtype = DTYPES[dtype]
     autocast_on = dev.type == "cuda" and torch_dtype != torch.float32
-    autocast = torch.autocast("cuda", dtype=torch_dtype) if autocast_on else contextlib.nullcontext()
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(int(threads))
     try:
-        n_batch = _batch_for(batch, img)
-        models = {}
-        for family, name, anchored in _FAMILIES:
-            torch.manual_seed(0)
-            kw = {"num_anchors": anchors} if anchored else {}
-            models[family] = create_model(name.format(size), img_size=img, num_classes=1000, **kw).to(dev)
-        x = torch.randn(n_batch, 3, img, img, device=dev)
-        y = torch.randint(0, 1000, (n_batch,), device=dev)
+        models = {family: _build_family(family, size, img, anchors, dev) for family in families}
         rows: list[dict[str, Any]] = []
         for mode in modes:
-            steps = {family: _model_step(model, mode, x, y, autocast) for family, model in models.items()}
-            try:  # both families timed in alternation, under the same machine conditions
-                timings = measure_times(steps, dev, warmup=warmup, repeats=repeats, budget_s=budget_s)
-                status = "ok"
-            except torch.OutOfMemoryError:
-                timings, status = {}, "error: out of memory"
-                torch.cuda.empty_cache()
-            for family, name, _ in _FAMILIES:
-                row: dict[str, Any] = {
-                    "family": family,
-                    "size": LETTER[size],
-                    "model": name.format(size),
-                    "img_size": img,
-                    "tokens": (img // 16) ** 2 + 2,
-                    "batch": n_batch,
-                    "mode": mode,
-                    "dtype": dtype if autocast_on else "float32",
-                    "threads": torch.get_num_threads() if dev.type == "cpu" else None,
-                    "malloc": "tuned" if tuned else "default",
-                    "status": status,
-                    **timings.get(family, {}),
-                }
-                if status == "ok":
-                    row["images_per_s"] = round(n_batch / (row["median_ms"] / 1e3), 3)
-                    if dev.type == "cuda":
-                        row["peak_bytes"] = measure_peak_bytes(steps[family], dev)
-                rows.append(row)
-        del models, x, y
+            n_batch = batch if mode == "infer" else (train_batch or batch)
+            x = torch.randn(n_batch, 3, img, img, device=dev)
+            y = torch.randint(0, 1000, (n_batch,), device=dev)
+            here = [f for f in families if mode in MODEL_FAMILIES[f]["modes"]]
+            for ex in exec_modes:
+                rows += _time_families(
+                    {f: models[f] for f in here},
+                    mode,
+                    ex,
+                    x,
+                    y,
+                    dev,
+                    autocast_on=autocast_on,
+                    dtype=torch_dtype,
+                    warmup=warmup,
+                    repeats=repeats,
+                    budget_s=budget_s,
+                    timer=timer,
+                    common={
+                        "size": LETTER[size],
+                        "img_size": img,
+                        "tokens": (img // 16) ** 2 + 2,
+                        "batch": n_batch,
+                        "mode": mode,
+                        "exec": ex,
+                        "dtype": dtype if autocast_on else "float32",
+                        "threads": torch.get_num_threads() if dev.type == "cpu" else None,
+                        "malloc": "tuned" if tuned else "default",
+                    },
+                    names={f: MODEL_FAMILIES[f]["model"].format(size) for f in here},
+                )
+            del x, y
+        del models
         if dev.type == "cuda":
             torch.cuda.empty_cache()
         return rows
@@ -714,25 +893,101 @@ def _models_at(
         torch.set_num_threads(before)
 
 
+def _time_families(
+    models: dict[str, torch.nn.Module],
+    mode: str,
+    ex: str,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    dev: torch.device,
+    *,
+    autocast_on: bool,
+    dtype: torch.dtype,
+    warmup: int,
+    repeats: int,
+    budget_s: float,
+    timer: Any,
+    common: dict[str, Any],
+    names: dict[str, str],
+) -> list[dict[str, Any]]:
+    """The families' steps of one (mode, exec mode), timed in alternation: one row per family."""
+    status = "ok"
+    timings: dict[str, dict[str, Any]] = {}
+    steps: dict[str, Callable[[], Any]] = {}
+    try:
+        steps = {
+            family: _model_step(model, mode, x, y, autocast_on, dtype, compiled=ex != "eager")
+            for family, model in models.items()
+        }
+        clock = timer if timer is not None else default_timer(dev, cuda_graph=ex == "cudagraphs")
+        timings = measure_times(steps, dev, warmup=warmup, repeats=repeats, budget_s=budget_s, timer=clock)
+        for family, step in steps.items():
+            kernel = clock.kernel_ms(step, 3)
+            if kernel is not None:
+                busy = kernel / timings[family]["median_ms"]
+                timings[family].update(gpu_busy=round(busy, 4), host_bound=bool(busy < HOST_BOUND))
+    except torch.OutOfMemoryError:
+        timings, status = {}, "error: out of memory"
+        torch.cuda.empty_cache()
+    except Exception as e:  # record and go on: one failing mode (a compile error, a capture) keeps the rest
+        if dev.type == "cpu" and ex == "eager" and timer is None:
+            raise
+        log.exception("model %s %s failed", mode, ex)
+        timings, status = {}, f"error: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+    rows = []
+    for family in models:
+        row: dict[str, Any] = {
+            "family": family,
+            "fused": MODEL_FAMILIES[family]["fused"],
+            "model": names[family],
+            **common,
+            "status": status,
+            **timings.get(family, {}),
+        }
+        if status == "ok":
+            row["images_per_s"] = round(common["batch"] / (row["median_ms"] / 1e3), 3)
+            if dev.type == "cuda" and common["exec"] == "eager":
+                row["peak_bytes"] = measure_peak_bytes(steps[family], dev)
+        rows.append(row)
+    return rows
+
+
 def _model_step(
-    model: torch.nn.Module, mode: str, x: torch.Tensor, y: torch.Tensor, autocast: Any
+    model: torch.nn.Module,
+    mode: str,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    autocast_on: bool = False,
+    dtype: torch.dtype = torch.bfloat16,
+    *,
+    compiled: bool = False,
 ) -> Callable[[], Any]:
-    """One inference call, or one training step (forward, cross-entropy on every head, backward, AdamW)."""
+    """One inference call, or one training step (forward, cross-entropy on every head, backward, AdamW).
+
+    ``autocast_on``: under CUDA autocast to ``dtype``. ``compiled``: the model through
+    ``torch.compile`` (the optimizer step stays eager; ``capturable`` AdamW on CUDA, so that
+    ``do_bench_cudagraph`` can capture a whole step).
+    """
+    net = torch.compile(model) if compiled else model
+
+    def autocast() -> Any:
+        return torch.autocast("cuda", dtype=dtype) if autocast_on else contextlib.nullcontext()
+
     if mode == "infer":
+        model.eval()
 
         def infer():
-            model.eval()
-            with torch.inference_mode(), autocast:
-                return model(x)
+            with torch.inference_mode(), autocast():
+                return net(x)
 
         return infer
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, capturable=x.device.type == "cuda")
 
     def train():
-        model.train()
         opt.zero_grad(set_to_none=True)
-        with autocast:
-            out = model(x)
+        with autocast():
+            out = net(x)
             outs = out if isinstance(out, (tuple, list)) else (out,)
             loss = sum(F.cross_entropy(o.float(), y) for o in outs) / len(outs)
         loss.backward()
@@ -934,6 +1189,26 @@ def summarize_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 1.2,
                 higher_is_better=False,  # allocator statistics, not timed: the timings' flags do not apply
             )
+        # whole models, both compiled (timm's benchmark: bf16 autocast, batch 256 / 32 / 16)
+        for img, mode, threshold in (
+            (224, "infer", 1.05),
+            (224, "train", 1.10),
+            (1024, "infer", 2.7),
+            (1024, "train", 3.0),
+        ):
+            d, a = (
+                _find(models, family=f, size="T", img_size=img, mode=mode, exec="compiled")
+                for f in ("DeiT", "AnchorFormer")
+            )
+            add(
+                f"AnchorFormer-T {mode} speed-up over DeiT-T, {img}², both compiled (GPU)",
+                d["median_ms"] / a["median_ms"] if d and a else None,
+                threshold,
+                note=f"batch {a['batch']}, GPU busy {_fmt(d.get('gpu_busy'), '.2f')} / {_fmt(a.get('gpu_busy'), '.2f')}"
+                if d and a
+                else "",
+                sources=[d, a],
+            )
     else:
         processes = [p for p in MODEL_PROCESSES if any(r.get("process", "shared") == p for r in models)]
         for process in processes:
@@ -975,6 +1250,55 @@ def summarize_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                         note=note,
                         sources=[d, a],
                     )
+    return out
+
+
+def fused_comparison(models: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """AnchorFormer and its exact inference form side by side, each against DeiT of the same size.
+
+    For every (process, exec mode, size, side) where DeiT, AnchorFormer and AnchorFormer fused
+    were timed in inference: each one's speed-up over DeiT (on one CPU thread from the CPU-time
+    medians, else from the wall-clock medians), its MAC ratio (DeiT's GMACs over its own), the
+    speed-up over the MAC ratio, and the fused form's speed-up over the unfused one. ``reliable``
+    is False when any of the three figures is flagged.
+    """
+    out = []
+    ok = [r for r in models if r.get("status") == "ok" and r.get("mode") == "infer"]
+    keys = sorted(
+        {(r.get("process", "shared"), r.get("exec", "eager"), r["size"], r["img_size"]) for r in ok},
+        key=lambda k: (MODEL_PROCESSES.index(k[0]) if k[0] in MODEL_PROCESSES else 9, k[1], "TSB".index(k[2]), k[3]),
+    )
+    for process, ex, size, img in keys:
+        here = [r for r in ok if (r.get("process", "shared"), r.get("exec", "eager")) == (process, ex)]
+        d, a, f = (
+            _find(here, family=fam, size=size, img_size=img) for fam in ("DeiT", "AnchorFormer", "AnchorFormer fused")
+        )
+        if not (d and a and f):
+            continue
+        key = (
+            "cpu_median_ms" if all(r.get("threads") == 1 and r.get("cpu_median_ms") for r in (d, a, f)) else "median_ms"
+        )
+        row: dict[str, Any] = {
+            "process": process,
+            "exec": ex,
+            "size": size,
+            "img_size": img,
+            "batch": a.get("batch"),
+            "time": key,
+        }
+        for name, r in (("unfused", a), ("fused", f)):
+            speedup = d[key] / r[key]
+            macs = d["gmacs"] / r["gmacs"] if d.get("gmacs") and r.get("gmacs") else None
+            row.update(
+                {
+                    f"{name}_speedup": round(speedup, 3),
+                    f"{name}_mac_ratio": None if macs is None else round(macs, 3),
+                    f"{name}_over_macs": None if macs is None else round(speedup / macs, 3),
+                }
+            )
+        row["fused_over_unfused"] = round(a[key] / f[key], 3)
+        row["reliable"] = not any(r.get("reliable") is False for r in (d, a, f))
+        out.append(row)
     return out
 
 
@@ -1080,8 +1404,11 @@ def bench_markdown(results: dict[str, Any], name: str | None = None) -> str:
         lines += [
             "## Whole models: DeiT vs AnchorFormer (distilled variants)",
             "",
-            f"M = {cfg.get('model_anchors')}; inference and a training step (AdamW); median of up to "
-            f"{cfg.get('repeats')} timed calls, the two families in alternation.",
+            f"M = {cfg.get('model_anchors')}; inference and a training step (AdamW); median of the timed calls "
+            f"(CPU: up to {cfg.get('repeats')}, `torch.utils.benchmark`; GPU: at least {cfg.get('repeats')}, "
+            "`triton.testing.do_bench`, `do_bench_cudagraph` for `cudagraphs`), the families in alternation. "
+            "`AnchorFormer fused`: `model.fuse_for_inference()`, the exact inference form. GPU busy: the fraction "
+            f"of the figure's time the GPU ran kernels (below {HOST_BOUND:g}: host-bound).",
             "",
         ]
         shown = [
@@ -1093,6 +1420,8 @@ def bench_markdown(results: dict[str, Any], name: str | None = None) -> str:
                 "cpu_ms": _fmt(r.get("cpu_median_ms"), ".1f"),
                 "spread_shown": _fmt(r.get("spread"), ".0%"),
                 "ips": _shown(r.get("images_per_s"), ".2f", r),
+                "exec_mode": r.get("exec", "eager"),
+                "busy": _fmt(r.get("gpu_busy"), ".2f") + (" host-bound" if r.get("host_bound") else ""),
                 "flags": _flags(r),
             }
             for r in models
@@ -1100,10 +1429,47 @@ def bench_markdown(results: dict[str, Any], name: str | None = None) -> str:
         lines.append(
             markdown_table(
                 shown,
-                ["label", "image", "batch", "mode", "process", "ms", "cpu_ms", "spread_shown", "ips", "flags"],
-                ["model", "image", "batch", "mode", "process", "ms (median)", "CPU ms", "spread", "images/s", "status"],
+                ["label", "image", "batch", "mode", "exec_mode", "process", "ms", "cpu_ms", "spread_shown", "ips"]
+                + ["busy", "flags"],
+                ["model", "image", "batch", "mode", "exec", "process", "ms (median)", "CPU ms", "spread", "images/s"]
+                + ["GPU busy", "status"],
             )
         )
+        fused = results.get("fused") or []
+        if fused:
+            lines += [
+                "",
+                "### The exact inference form: fused and unfused against DeiT",
+                "",
+                "Inference; speed-up over DeiT of the same size (one CPU thread: from the CPU-time medians), the MAC "
+                "ratio (DeiT's GMACs over the model's, every matmul counted), and their quotient (on a CPU the MAC "
+                "ratio bounds the speed-up); the last column is the fused form's speed-up over the unfused model.",
+                "",
+                markdown_table(
+                    [
+                        {
+                            **r,
+                            "image": f"{r['img_size']}²",
+                            **{
+                                k: _fmt(r[k], ".2f") + (f" {UNRELIABLE}" if not r["reliable"] else "")
+                                for k in ("unfused_speedup", "fused_speedup", "fused_over_unfused")
+                            },
+                        }
+                        for r in fused
+                    ],
+                    ["size", "image", "batch", "exec", "process", "unfused_speedup", "unfused_mac_ratio"]
+                    + [
+                        "unfused_over_macs",
+                        "fused_speedup",
+                        "fused_mac_ratio",
+                        "fused_over_macs",
+                        "fused_over_unfused",
+                    ],
+                    ["size", "image", "batch", "exec", "process", "unfused ×", "unfused MAC ratio", "unfused / MACs"]
+                    + ["fused ×", "fused MAC ratio", "fused / MACs", "fused / unfused"],
+                    digits=3,
+                ),
+            ]
         if name:
             lines += [f"![Whole models: throughput against resolution]({name}_models.png)", ""]
     targets = results.get("targets", [])
@@ -1161,20 +1527,27 @@ def plot_operator(rows: list[dict[str, Any]]) -> Any:
 
 
 def plot_models(rows: list[dict[str, Any]]) -> Any:
-    """Images/s against image side, DeiT (dashed) vs AnchorFormer (solid), per size and mode."""
+    """Images/s against image side, DeiT (dashed) vs AnchorFormer (solid) and its fused form (dotted),
+    per size and mode: the eager rows of the first model process measured."""
     from .viz import plt
 
+    process = next((r.get("process", "fresh") for r in rows), "fresh")
     modes = [m for m in ("infer", "train") if any(r["mode"] == m for r in rows)]
     fig, axes = plt.subplots(1, max(1, len(modes)), figsize=(5.5 * max(1, len(modes)), 4), squeeze=False)
     sizes = sorted({r["size"] for r in rows}, key="TSB".index)
     for j, mode in enumerate(modes):
         ax = axes[0, j]
         for i, size in enumerate(sizes):
-            for family, style in (("DeiT", "s--"), ("AnchorFormer", "o-")):
+            for family, style in (("DeiT", "s--"), ("AnchorFormer", "o-"), ("AnchorFormer fused", "^:")):
                 pts = sorted(
                     (r["img_size"], r["images_per_s"])
                     for r in rows
-                    if r["mode"] == mode and r["size"] == size and r["family"] == family and r.get("status") == "ok"
+                    if r["mode"] == mode
+                    and r["size"] == size
+                    and r["family"] == family
+                    and r.get("status") == "ok"
+                    and r.get("exec", "eager") == "eager"
+                    and r.get("process", "fresh") == process
                 )
                 if pts:
                     ax.plot(*zip(*pts), style, color=f"C{i}", label=f"{family}-{size}")
@@ -1225,6 +1598,21 @@ def bench_config(profile: str, overrides: Sequence[str] | str | None = None) -> 
     bad = [p for p in cfg["model_processes"] if p not in MODEL_PROCESSES]
     if bad:
         raise ValueError(f"bench config: model_processes items must be in {MODEL_PROCESSES}; got {bad}")
+    cfg["model_families"] = check_families(cfg["model_families"], "bench config")
+    if not isinstance(cfg["model_exec"], list) or not cfg["model_exec"] or set(cfg["model_exec"]) - set(EXEC_MODES):
+        raise ValueError(
+            f"bench config: model_exec must be a non-empty list of {EXEC_MODES}; got {cfg['model_exec']!r}"
+        )
+    for key in ("model_batch", "model_train_batch"):
+        b = cfg[key]
+        ok = (key == "model_train_batch" and b is None) or (isinstance(b, int) and not isinstance(b, bool) and b >= 1)
+        if isinstance(b, dict):
+            ok = all(str(k).isdigit() and isinstance(v, int) and v >= 1 for k, v in b.items())
+            missing = [side for side in (*cfg["model_img_sizes"], *cfg["model_train_img_sizes"]) if side not in b]
+            if ok and missing:
+                raise ValueError(f"bench config: {key} gives no batch for the side(s) {missing}; got {b!r}")
+        if not ok:
+            raise ValueError(f"bench config: {key} must be an integer >= 1 or a mapping side: batch; got {b!r}")
     cfg["reliability"] = check_reliability(cfg.get("reliability"))
     return cfg
 
@@ -1322,6 +1710,9 @@ def _run(
                 cfg["model_img_sizes"],
                 cfg["model_train_img_sizes"],
                 batch=cfg["model_batch"],
+                train_batch=cfg["model_train_batch"],
+                families=cfg["model_families"],
+                exec_modes=cfg["model_exec"],
                 anchors=cfg["model_anchors"],
                 dtype=dtype,
                 device=dev,
@@ -1339,6 +1730,7 @@ def _run(
         save_figure(plot_models(results["models"]), out / f"{name}_models")
     assess_reliability(results, cfg["reliability"])
     results["targets"] = summarize_targets(results)
+    results["fused"] = fused_comparison(results["models"])
     # Flat numbers: each target's measured value by a short key.
     results["summary"] = {_slug(t["target"]): t["measured"] for t in results["targets"]}
     results["complete"] = True

@@ -36,20 +36,30 @@ __all__ = [
 SIZES = ("tiny", "small", "base")
 
 
-def model_complexity(name: str, img_size: int = 224, **kwargs: Any) -> dict[str, Any]:
+def model_complexity(name: str, img_size: int = 224, *, fused: bool = False, **kwargs: Any) -> dict[str, Any]:
     """Params and GMACs of a registered model at ``img_size``, built on the meta device (fast).
 
+    Args:
+        fused: count the exact inference form (``model.fuse_for_inference()``; AnchorFormer only);
+            ``params`` then counts the folded weights.
+
     Returns:
-        ``{"model", "img_size", "params", "params_m", "macs", "gmacs", **kwargs}``.
+        ``{"model", "img_size", "params", "params_m", "macs", "gmacs", **kwargs}``, with
+        ``"fused": True`` when fused.
     """
     with torch.device("meta"):
         model = create_model(name, img_size=img_size, **kwargs)
+        if fused:
+            if not hasattr(model, "fuse_for_inference"):
+                raise ValueError(f"model_complexity: {name} has no anchor attention to fuse")
+            model.fuse_for_inference()
     macs = count_macs(model, img_size)
-    params = count_params(model)
+    params = count_params(model) + sum(b.numel() for b in model.buffers()) * fused  # folded weights are buffers
     return {
         "model": name,
         "img_size": img_size,
         **kwargs,
+        **({"fused": True} if fused else {}),
         "params": params,
         "params_m": round(params / 1e6, 3),
         "macs": macs,
@@ -72,7 +82,9 @@ def complexity_tables(
     Returns:
         ``{"models": rows, "resolution": rows}``; each row a dict with ``family`` ("AnchorFormer"
         or "DeiT"), ``size``, ``num_anchors`` (None for DeiT), ``img_size``, ``params``,
-        ``params_m``, ``macs``, ``gmacs``; resolution rows also carry ``ratio`` (DeiT / AnchorFormer).
+        ``params_m``, ``macs``, ``gmacs``; resolution rows also carry ``ratio`` (DeiT / AnchorFormer),
+        ``anchorformer_fused_gmacs`` and ``fused_ratio`` (the exact inference form,
+        ``model.fuse_for_inference()``: the projections folded into the anchors).
     """
     for s in sizes:
         if s not in SIZES:
@@ -90,6 +102,9 @@ def complexity_tables(
         for img in resolutions:
             deit = model_complexity(f"deit_{s}_patch16_224", img_size=img)
             anchor = model_complexity(f"anchorformer_{s}_patch16_224", img_size=img, num_anchors=default_anchors)
+            fused = model_complexity(
+                f"anchorformer_{s}_patch16_224", img_size=img, num_anchors=default_anchors, fused=True
+            )
             resolution.append(
                 {
                     "size": LETTER[s],
@@ -99,6 +114,8 @@ def complexity_tables(
                     "deit_gmacs": deit["gmacs"],
                     "anchorformer_gmacs": anchor["gmacs"],
                     "ratio": round(deit["macs"] / anchor["macs"], 3),
+                    "anchorformer_fused_gmacs": fused["gmacs"],
+                    "fused_ratio": round(deit["macs"] / fused["macs"], 3),
                 }
             )
     return {"models": models, "resolution": resolution}
@@ -117,13 +134,14 @@ def tables_markdown(tables: dict[str, list[dict[str, Any]]]) -> str:
         )
     lines += [
         "",
-        "| size | image | tokens | M | DeiT GMACs | AnchorFormer GMACs | DeiT / AnchorFormer |",
-        "|---|---|---|---|---|---|---|",
+        "| size | image | tokens | M | DeiT GMACs | AnchorFormer GMACs | DeiT / AnchorFormer | fused GMACs | DeiT / fused |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in tables["resolution"]:
         lines.append(
             f"| {r['size']} | {r['img_size']}² | {r['tokens']} | {r['num_anchors']} | {r['deit_gmacs']:.3f} "
-            f"| {r['anchorformer_gmacs']:.3f} | {r['ratio']:.2f}× |"
+            f"| {r['anchorformer_gmacs']:.3f} | {r['ratio']:.2f}× | {r['anchorformer_fused_gmacs']:.3f} "
+            f"| {r['fused_ratio']:.2f}× |"
         )
     return "\n".join(lines) + "\n"
 

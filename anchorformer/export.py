@@ -8,7 +8,9 @@ heads), with a dynamic batch dimension, the input ``images`` (B, 3, N, N) and th
 from the reference path (plain matmuls, softmax and sums, in fp32); a ``pt2`` program keeps the
 model's ``attn_impl`` (``triton`` exports the fused kernels as the custom operators
 ``anchorformer::anchor_attention_fwd`` / ``_bwd``, which ``import anchorformer`` registers
-before ``torch.export.load``).
+before ``torch.export.load``). ``--fused`` exports the exact inference form
+(``model.fuse_for_inference()``: the projections folded into the anchors; plain matmuls, either
+format).
 
 Check an ONNX file against PyTorch with :func:`check_onnx` (onnxruntime, CPU).
 """
@@ -59,6 +61,7 @@ def build_model(
     checkpoint: str | Path | None = None,
     img_size: int | None = None,
     attn_impl: str = "reference",
+    fused: bool = False,
     **kwargs: Any,
 ) -> nn.Module:
     """The model to export, in eval mode.
@@ -72,11 +75,14 @@ def build_model(
         img_size: input side; position embeddings are resampled when it differs from the
             checkpoint's.
         attn_impl: ``reference`` or ``triton`` (AnchorFormer models only).
+        fused: fold the anchor attention's projections into the anchors
+            (``model.fuse_for_inference()``, AnchorFormer models only): the same outputs up to
+            rounding, fewer MACs.
         **kwargs: further model arguments (``num_classes``, ``num_anchors``, ...).
 
     Raises:
         FileNotFoundError: no such checkpoint.
-        ValueError: the checkpoint names another model.
+        ValueError: the checkpoint names another model, or ``fused`` for a model without anchor attention.
     """
     model_kwargs: dict[str, Any] = {}
     if checkpoint is not None:
@@ -94,6 +100,10 @@ def build_model(
     model = create_model(name, **model_kwargs)
     if checkpoint is not None:
         load_checkpoint(model, read_state_dict(checkpoint))
+    if fused:
+        if not hasattr(model, "fuse_for_inference"):
+            raise ValueError(f"--fused: {name} has no anchor attention to fuse (AnchorFormer models only)")
+        model.fuse_for_inference()
     return model.eval()
 
 
@@ -162,6 +172,7 @@ def _run(args: argparse.Namespace) -> int:
         checkpoint=args.checkpoint,
         img_size=args.img_size,
         attn_impl=args.attn_impl,
+        fused=args.fused,
         **({"num_classes": args.num_classes} if args.num_classes is not None else {}),
     )
     out = export_model(model, args.out, args.format, dynamic_batch=not args.static_batch)
@@ -190,6 +201,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--num-classes", type=int, help="classes (default: the model's or the checkpoint's)")
     p.add_argument(
         "--attn-impl", choices=("reference", "triton"), default="reference", help="pt2 only; ONNX uses the reference"
+    )
+    p.add_argument(
+        "--fused",
+        action="store_true",
+        help="export the exact inference form: projections folded into the anchors (model.fuse_for_inference())",
     )
     p.add_argument("--static-batch", action="store_true", help="fix the batch size (2) instead of a dynamic one")
     p.add_argument(

@@ -1,23 +1,28 @@
 #!/usr/bin/env bash
 # The GPU checks of AnchorFormer's fused anchor-attention kernels on one H100/H200, from the
-# repository's prebuilt virtual environment, within BUDGET_S seconds (default 600) as a whole:
-# every part, CUDA start, Triton compilation and autotuning and inductor compilation included,
-# runs under a timeout cut to the time left before one deadline, and a part that would get
-# under 10 s is skipped (said in the log). Parts, in order:
+# repository's prebuilt virtual environment, within BUDGET_S seconds (default 480: 8 minutes) as a
+# whole: every part, CUDA start, Triton compilation and autotuning and inductor compilation
+# included, runs under a timeout cut to the time left before one deadline, and a part that would
+# get under 10 s is skipped (said in the log). Parts, in order:
 #
-#   1. the benchmarks of the `full` preset (anchorformer/configs/bench.yaml: the operator at
-#      B=8, H=6, D=64, M=30 in bf16 for N = 196 ... 65536 against the eager and compiled
-#      reference and flash attention; DeiT vs AnchorFormer T/S at 224/512/1024, inference and
-#      training), written to benchmarks/results/<device>_<UTC date>.json with .md and figures;
-#      at most BENCH_S (default 300) s; an interrupted run keeps what it finished ("complete": false);
-#   2. the kernel tests on CUDA, at most TESTS_S (default 150) s: `-m "gpu and not slow"`, fixed
+#   1. the operator table and the fair whole-model benchmark of the `full` preset, eager
+#      (anchorformer/configs/bench.yaml: the operator at B=8, H=6, D=64, M=30 in bf16 for
+#      N = 196 ... 65536 against the eager and compiled reference and flash attention; DeiT vs
+#      AnchorFormer and its fused inference form at T (MODEL_SIZES) on 224² batch 256 and 1024²
+#      batch 32 / 16, bf16 autocast, >= 20 steps by do_bench, the GPU-busy fraction beside each),
+#      written to benchmarks/results/<device>_<UTC date>.json with .md and figures; at most
+#      BENCH_S (default 200) s; an interrupted run keeps what it finished ("complete": false);
+#   2. the kernel tests on CUDA, at most TESTS_S (default 120) s: `-m "gpu and not slow"`, fixed
 #      launch configurations; the fp32 and D = 128 variants (the long compilations) are `slow`
 #      and left out; JUnit report and log next to the JSON;
-#   3. one short training and evaluation of each task (cls, det, seg) on CUDA with bf16 autocast
+#   3. the same models compiled (torch.compile) and compiled + CUDA graphs (do_bench_cudagraph),
+#      only in the time that is left (at most COMPILE_S, default 150, s): <device>_<date>_compiled.*;
+#   4. one short training and evaluation of each task (cls, det, seg) on CUDA with bf16 autocast
 #      and the fused kernel, on mini sets made here (at most TASK_S, default 90, s each), in
 #      the time that is left (SKIP_TASKS=1 leaves them out);
-#   4. one dry run of each full recipe on CUDA (benchmarks/dry_runs.sh; at most DRY_S, default
+#   5. one dry run of each full recipe on CUDA (benchmarks/dry_runs.sh; at most DRY_S, default
 #      240, s; SKIP_DRY_RUNS=1 leaves them out).
+# With the default budget parts 4 and 5 get no time: BUDGET_S=900 runs them too.
 #
 # Triton's and inductor's caches persist across runs (CACHE_DIR, default ~/.cache/anchorformer),
 # so a second run compiles nothing. DRY_RUN=1 prints each part and its time cap instead of
@@ -27,9 +32,11 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-.venv/bin/python}
-BUDGET_S=${BUDGET_S:-600}
-BENCH_S=${BENCH_S:-300}
-TESTS_S=${TESTS_S:-150}
+BUDGET_S=${BUDGET_S:-480}
+BENCH_S=${BENCH_S:-200}
+TESTS_S=${TESTS_S:-120}
+COMPILE_S=${COMPILE_S:-150}
+MODEL_SIZES=${MODEL_SIZES:-[tiny]}
 TASK_S=${TASK_S:-90}
 KILL_S=10       # after a part's timeout (SIGINT), SIGKILL this much later: counted inside its cap
 RESERVE_S=5     # kept for the summary
@@ -87,11 +94,12 @@ echo "gpu.sh: device $device, results in $out/$name.*, budget ${BUDGET_S} s, cac
 [ "$DRY_RUN" = "1" ] || timeout 20 nvidia-smi --query-gpu=name,memory.total,clocks.max.memory,driver_version \
   --format=csv > "$out/${name}_nvidia-smi.csv" 2>/dev/null || true
 
-# 1. Benchmarks. The models in one process: on the GPU their memory comes from PyTorch's caching
-#    allocator (the history effect of the CPU bench is glibc's), and one process saves six CUDA
-#    starts and autotunings.
+# 1. Benchmarks, eager. The models in one process: on the GPU their memory comes from PyTorch's
+#    caching allocator (the history effect of the CPU bench is glibc's), and one process saves
+#    CUDA starts and autotunings.
 bounded "$BENCH_S" "$PY" -m anchorformer.cli bench --profile full --device cuda --out-dir "$out" --name "$name" \
-  --set "model_processes=[shared]" "$@" 2>&1 | tee "$out/${name}_bench.log"
+  --set "model_processes=[shared]" --set "model_sizes=$MODEL_SIZES" --set "model_exec=[eager]" "$@" 2>&1 \
+  | tee "$out/${name}_bench.log"
 bench_rc=${PIPESTATUS[0]}
 
 # 2. Kernel tests on CUDA.
@@ -100,10 +108,25 @@ ANCHORFORMER_TRITON_AUTOTUNE=0 bounded "$TESTS_S" "$PY" -m pytest tests/test_tri
   | tee "$out/${name}_tests.log" | tail -n 25
 tests_rc=${PIPESTATUS[0]}
 
-# 3. The GPU path of each task: one short training and evaluation of cls, det and seg on CUDA,
+# 3. The models compiled, and compiled + CUDA graphs, in the time that is left (compiling each
+#    model, mode and side takes tens of seconds; an interrupted run keeps what it finished).
+compile_rc=0
+if [ "${SKIP_COMPILE:-0}" != "1" ]; then
+  bounded "$COMPILE_S" "$PY" -m anchorformer.cli bench --profile full --device cuda --out-dir "$out" \
+    --name "${name}_compiled" --only models --set "model_processes=[shared]" --set "model_sizes=$MODEL_SIZES" \
+    --set "model_exec=[compiled,cudagraphs]" "$@" > "$out/${name}_compiled.log" 2>&1
+  compile_rc=$?
+  [ "$compile_rc" -eq 124 ] && echo "gpu.sh: compiled models: out of time (kept what finished)" && compile_rc=0
+fi
+
+# 4. The GPU path of each task: one short training and evaluation of cls, det and seg on CUDA,
 #    bf16 autocast, the fused kernel (ANCHORFORMER_ATTN_IMPL=triton), on the mini sets made here.
 #    Metrics land in $out/${name}_{cls,det,seg}/metrics.json.
 tasks_rc=0
+if [ -z "${SKIP_TASKS:-}" ] && [ $((deadline - SECONDS)) -lt $((3 * TASK_S + 60)) ]; then
+  echo "gpu.sh: $((deadline - SECONDS)) s left: the tasks are left out (a larger BUDGET_S runs them)"
+  SKIP_TASKS=1
+fi
 if [ "${SKIP_TASKS:-0}" != "1" ]; then
   work=$(mktemp -d)
   bounded 60 "$PY" -m anchorformer.cli data make-mini --out "$work/data" > "$out/${name}_tasks.log" 2>&1 || tasks_rc=1
@@ -133,13 +156,17 @@ if [ "${SKIP_TASKS:-0}" != "1" ]; then
   rm -rf "$work"
 fi
 
-# 4. One dry run of each full recipe on CUDA (`--set dry_run=true`: every code path of the full
+# 5. One dry run of each full recipe on CUDA (`--set dry_run=true`: every code path of the full
 #    recipes, a few steps each), in the time that is left: step times in results/dry_runs_cuda_<date>.json.
 dry_rc=0
+if [ -z "${SKIP_DRY_RUNS:-}" ] && [ $((deadline - SECONDS)) -lt 60 ]; then
+  echo "gpu.sh: $((deadline - SECONDS)) s left: the dry runs are left out (a larger BUDGET_S runs them)"
+  SKIP_DRY_RUNS=1
+fi
 if [ "${SKIP_DRY_RUNS:-0}" != "1" ]; then
   bounded "${DRY_S:-240}" env PYTHON="$PY" bash benchmarks/dry_runs.sh cuda 90 > "$out/${name}_dry_runs.log" 2>&1 || dry_rc=$?
 fi
 
-echo "gpu.sh: benchmarks exit $bench_rc, kernel tests exit $tests_rc, tasks exit $tasks_rc, dry runs exit $dry_rc," \
-  "$((SECONDS - start)) s of ${BUDGET_S} s"
-[ "$bench_rc" -eq 0 ] && [ "$tests_rc" -eq 0 ] && [ "$tasks_rc" -eq 0 ] && [ "$dry_rc" -eq 0 ]
+echo "gpu.sh: benchmarks exit $bench_rc, kernel tests exit $tests_rc, compiled models exit $compile_rc," \
+  "tasks exit $tasks_rc, dry runs exit $dry_rc, $((SECONDS - start)) s of ${BUDGET_S} s"
+[ "$bench_rc" -eq 0 ] && [ "$tests_rc" -eq 0 ] && [ "$compile_rc" -eq 0 ] && [ "$tasks_rc" -eq 0 ] && [ "$dry_rc" -eq 0 ]

@@ -191,8 +191,8 @@ def test_reliability_flags_inconsistent_figures_and_the_targets_from_them():
 
     # the page marks them: no plain number for a flagged figure, no yes/no for its target
     md = bench.bench_markdown({**results, "config": {"reliability": THRESHOLDS}, "targets": list(targets.values())})
-    assert "| DeiT-T | 224² | 1 | infer | fresh | 1364.0 ⚠ |" in md
-    assert "| AnchorFormer-T | 224² | 1 | infer | fresh | 30.0 | 30.0 | 2% | — | ok |" in md
+    assert "| DeiT-T | 224² | 1 | infer | eager | fresh | 1364.0 ⚠ |" in md
+    assert "| AnchorFormer-T | 224² | 1 | infer | eager | fresh | 30.0 | 30.0 | 2% | — | — | ok |" in md
     assert "⚠ unreliable: inference slower than a training step" in md
     assert "| reference | fwd | 1024 | 2.000 ⚠ |" in md
     row = next(
@@ -410,8 +410,11 @@ def test_notebook_runs_with_its_smoke_defaults(tmp_path):
     data = json.loads((out_dir / "bench.json").read_text())
     assert data["complete"] and data["operator"]
     fams = {(r["family"], r["mode"]): r for r in data["models"]}
-    assert set(fams) == {(f, m) for f in ("DeiT", "AnchorFormer") for m in ("infer", "train")}
+    want = {(f, m) for f in ("DeiT", "AnchorFormer") for m in ("infer", "train")} | {("AnchorFormer fused", "infer")}
+    assert set(fams) == want  # the preset's families; the fused inference form does not train
     assert all(r["status"] == "ok" and r["images_per_s"] > 0 for r in data["models"])
+    fused = [(r["process"], r["size"], r["img_size"]) for r in data["fused"]]  # fused beside unfused, per process
+    assert fused == [("fresh", "T", 64), ("shared", "T", 64)]
     assert [t["target"] for t in data["targets"]][0].startswith("AnchorFormer-T inference speed-up")
     assert set(data["summary"]) == {bench._slug(t["target"]) for t in data["targets"]}
     for stem in ("bench_operator", "bench_models"):

@@ -48,6 +48,33 @@ def test_dry_run_lists_every_part_under_its_cap(tmp_path):
     assert not any(p.name.startswith("dry_run") for p in (ROOT / "benchmarks" / "results").iterdir())
 
 
+def test_default_budget_is_eight_minutes_and_compiling_comes_after_the_kernel_tests(tmp_path):
+    """The operator table and the eager models, the kernel tests and then the compiled models, in
+    that order: their caps fit the default 480 s (the tasks and dry runs get only what is left)."""
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\nexit 0\n")
+    fake.chmod(0o755)
+    env = {"PYTHON": str(fake), "DRY_RUN": "1", "OUT_DIR": str(tmp_path / "out")}
+    proc = _run({**env, "SKIP_TASKS": "", "SKIP_DRY_RUNS": ""})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "budget 480 s" in proc.stdout
+    parts = [line for line in proc.stdout.splitlines() if "would run" in line]
+    caps = [int(line.split("at most ")[1].split(" s)")[0]) for line in parts]
+    bench, tests, compiled = parts[1], parts[2], parts[3]  # parts[0]: the import check
+    assert "bench --profile full" in bench and "model_exec=[eager]" in bench and "--only" not in bench
+    assert "-m gpu and not slow" in tests
+    assert "--only models" in compiled and "model_exec=[compiled,cudagraphs]" in compiled
+    assert sum(caps[1:4]) <= 480 - 5, caps
+    from anchorformer.bench import bench_config
+    from anchorformer.cli import build_parser
+
+    for line in (bench, compiled):  # the commands as the CLI parses them, and their presets as they load
+        args = build_parser().parse_args(line.split("anchorformer.cli ")[1].split())
+        cfg = bench_config(args.profile, args.set)
+        assert cfg["model_sizes"] == ["tiny"] and cfg["model_processes"] == ["shared"] and args.device == "cuda"
+    assert bench_config("full", args.set)["model_exec"] == ["compiled", "cudagraphs"] and args.only == "models"
+
+
 @pytest.mark.slow
 def test_the_whole_script_keeps_its_budget(tmp_path):
     """Every part hangs (a Python that sleeps): the script still ends within BUDGET_S."""

@@ -20,6 +20,7 @@ from .checkpoint import (
     save_safetensors,
 )
 from .factory import backbone_kwargs, create_model
+from .fused import FusedAnchorAttention
 from .peers import PEER_FAMILIES, PEER_MODEL_NAMES, is_peer, peer_family
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "AnchorFormer",
     "AnchorFormerDistilled",
     "CheckpointMismatchError",
+    "FusedAnchorAttention",
     "LoadReport",
     "backbone_kwargs",
     "checkpoint_filter_fn",

@@ -28,6 +28,7 @@ from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 
 from ..ops.anchor_attention import IMPLS, anchor_attention
+from .fused import FusedAnchorAttention
 
 __all__ = [
     "ANCHOR_INITS",
@@ -37,6 +38,7 @@ __all__ = [
     "check_num_anchors",
     "checkpoint_filter_fn",
     "detect_layout",
+    "fuse_for_inference",
     "AnchorAttention",
     "AnchorBlock",
     "AnchorFormer",
@@ -298,6 +300,35 @@ class AnchorBlock(nn.Module):
         return x
 
 
+def fuse_for_inference(model: nn.Module) -> nn.Module:
+    """Replace every :class:`AnchorAttention` of ``model`` by its :class:`FusedAnchorAttention`, in place.
+
+    The model is put in eval mode; every fused layer refuses training mode afterwards. A model
+    with pooled anchors is refused (``ValueError``) before anything changes. Calling it again is a
+    no-op.
+
+    Returns:
+        ``model``.
+    """
+    targets: list[tuple[nn.Module, str, AnchorAttention]] = [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if isinstance(child, AnchorAttention)
+    ]
+    for _, _, attn in targets:
+        if attn.anchors is None:
+            raise ValueError(
+                f"fuse_for_inference: anchor_mode={attn.anchor_mode!r} computes its anchors from each image's qk; "
+                "only learned anchors fold into the projections"
+            )
+    model.eval()
+    for parent, name, attn in targets:
+        setattr(parent, name, FusedAnchorAttention(attn))
+    model._fused_for_inference = True  # the model's own train() refuses from now on (where it checks)
+    return model
+
+
 ANCHOR_KWARGS = (  # the keyword arguments of the anchor attention (routed into every block)
     "num_anchors",
     "normalize",
@@ -342,6 +373,24 @@ class _AnchorMixin:
         for m in self.modules():  # type: ignore[attr-defined]
             if isinstance(m, AnchorAttention):
                 m.attn_impl = impl
+
+    def fuse_for_inference(self) -> nn.Module:
+        """Fold the projections of every anchor-attention layer into its anchors, for inference only.
+
+        In place; returns the model, in eval mode. The outputs equal the unfused model's up to
+        rounding (:mod:`anchorformer.models.fused` gives the maths and the MACs saved); training
+        mode is refused afterwards. Pooled anchors do not fold (``ValueError``).
+        """
+        return fuse_for_inference(self)  # type: ignore[arg-type]
+
+    def train(self, mode: bool = True) -> nn.Module:
+        """timm's ``train``, refused once :meth:`fuse_for_inference` has folded the layers."""
+        if mode and getattr(self, "_fused_for_inference", False):
+            raise RuntimeError(
+                f"{type(self).__name__} was fused for inference (fuse_for_inference()): it cannot train; "
+                "train the unfused model and fuse a copy"
+            )
+        return super().train(mode)  # type: ignore[misc]
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
