@@ -478,3 +478,23 @@ def test_cli_onnx_export_of_a_run_checkpoint(name, tmp_path):
     assert main(argv) == 0 and out.is_file()
     for batch in (1, 3):  # exported with batch 2: the batch is dynamic
         assert check_onnx(out, model, torch.randn(batch, 3, 64, 64)) < 1e-4
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_trains_through_the_classification_engine(name, tmp_path):
+    """Two epochs of each peer (1 block, 16² images, M = 4 summary tokens) through ``train``, as
+    the E10 stage runs them: the loss falls, metrics count the peer's GMACs, the run reloads."""
+    import json
+
+    from cls_helpers import TINY as TINY_RECIPE
+    from cls_helpers import make_tiny_imagefolder
+
+    from anchorformer.tasks.classification.train import train
+
+    root = make_tiny_imagefolder(tmp_path / "imagenet")
+    metrics = train(root, tmp_path / "run", name, profile="mini", overrides=TINY_RECIPE, epochs=2)
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert len(history) == 2 and history[-1]["train_loss"] < history[0]["train_loss"]
+    assert metrics["gmacs"] > 0 and metrics["params"] > 0
+    model, _ = model_from_checkpoint(tmp_path / "run" / "model.pth")
+    assert model(torch.randn(1, 3, 16, 16)).shape == (1, 3)
