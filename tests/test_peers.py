@@ -460,14 +460,41 @@ def test_trains_one_step_finite_under_bf16_autocast(name):
     assert torch.isfinite(loss) and all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", TINY)
-def test_onnx_export_matches_pytorch(name, tmp_path):
+def test_cli_onnx_export_of_a_run_checkpoint(name, tmp_path):
+    """``anchorformer export`` on a run's checkpoint (mini shape, one block): onnxruntime gives
+    PyTorch's logits, with a dynamic batch."""
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    from anchorformer.export import check_onnx, export_model
+    from anchorformer.cli import main
+    from anchorformer.export import check_onnx
 
-    model = anchorformer.create_model(name, **{**MINI, "depth": 1}).eval()
-    out = export_model(model, tmp_path / "m.onnx")
+    kwargs = {**MINI, "depth": 1}
+    model = anchorformer.create_model(name, **kwargs).eval()
+    torch.save({"model": model.state_dict(), "model_name": name, "model_kwargs": kwargs}, tmp_path / "model.pth")
+    out = tmp_path / "model.onnx"
+    argv = ["export", "--model", name, "--checkpoint", str(tmp_path / "model.pth"), "--format", "onnx",
+            "--img-size", "64", "--out", str(out), "--check", "1e-4"]  # fmt: skip
+    assert main(argv) == 0 and out.is_file()
     for batch in (1, 3):  # exported with batch 2: the batch is dynamic
         assert check_onnx(out, model, torch.randn(batch, 3, 64, 64)) < 1e-4
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_trains_through_the_classification_engine(name, tmp_path):
+    """Two epochs of each peer (1 block, 16² images, M = 4 summary tokens) through ``train``, as
+    the E10 stage runs them: the loss falls, metrics count the peer's GMACs, the run reloads."""
+    import json
+
+    from cls_helpers import TINY as TINY_RECIPE
+    from cls_helpers import make_tiny_imagefolder
+
+    from anchorformer.tasks.classification.train import train
+
+    root = make_tiny_imagefolder(tmp_path / "imagenet")
+    metrics = train(root, tmp_path / "run", name, profile="mini", overrides=TINY_RECIPE, epochs=2)
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert len(history) == 2 and history[-1]["train_loss"] < history[0]["train_loss"]
+    assert metrics["gmacs"] > 0 and metrics["params"] > 0
+    model, _ = model_from_checkpoint(tmp_path / "run" / "model.pth")
+    assert model(torch.randn(1, 3, 16, 16)).shape == (1, 3)
