@@ -615,6 +615,11 @@ MODEL_FAMILIES: dict[str, dict[str, Any]] = {
         "fused": True,
         "modes": ("infer",),
     },
+    # E10's peers (models/peers.py), at their published summary-token counts: inference only
+    "Agent": {"model": "agent_deit_{}_patch16_224", "anchors": False, "fused": False, "modes": ("infer",)},
+    "Nystrom": {"model": "nystrom_deit_{}_patch16_224", "anchors": False, "fused": False, "modes": ("infer",)},
+    "FLatten": {"model": "flatten_deit_{}_patch16_224", "anchors": False, "fused": False, "modes": ("infer",)},
+    "ISAB": {"model": "isab_deit_{}_patch16_224", "anchors": False, "fused": False, "modes": ("infer",)},
 }
 DEFAULT_FAMILIES = {"DeiT": None, "AnchorFormer": None}  # family: sizes (None: every size measured)
 
