@@ -13,22 +13,32 @@ released on the way out, so ``--resume auto`` continues from that checkpoint, on
 Under ``torchrun`` a signal may reach some ranks and not others, and each rank's clock differs:
 :meth:`Preemption.poll` all-reduces (max) the local decision every step, so every rank stops or
 checkpoints after the same optimizer step; the wall time is rank 0's alone.
+
+A checkpoint inside an epoch stores the optimizer steps done in it; the resumed run skips the
+samples of those steps with :class:`ResumableSampler` (the same order, without loading them) and
+restores the random generators saved after the last step. With ``num_workers=0`` the resumed run
+is then the same, bit for bit, as one never stopped; with data-loader workers, the augmentations
+drawn inside the workers for the rest of that epoch differ (each worker's generator is seeded
+at the start of the pass), the order of the samples and everything else do not.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from types import FrameType
 from typing import Any
 
 import torch
+from torch.utils.data import Sampler
 
 from .distributed import all_reduce_max, barrier
 
-__all__ = ["REQUEUE_EXIT", "SIGNAL_EXIT", "Preempted", "Preemption"]
+__all__ = ["REQUEUE_EXIT", "SIGNAL_EXIT", "Preempted", "Preemption", "ResumableSampler"]
 
 _logger = logging.getLogger(__name__)
 
@@ -124,3 +134,20 @@ class Preemption:
         )
         barrier()  # every rank leaves once rank 0's checkpoint is written
         raise Preempted(_EXITS[self.stop_code])
+
+
+class ResumableSampler(Sampler[int]):
+    """A sampler whose next pass skips its first :attr:`skip` indices (the part of an epoch a
+    resumed run has already trained on); later passes are whole. Drawing the order is left to the
+    wrapped sampler, so the skipped pass consumes its generator exactly as a whole pass would."""
+
+    def __init__(self, sampler: Sampler[int] | Any):
+        self.sampler = sampler
+        self.skip = 0
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[int]:
+        skip, self.skip = self.skip, 0
+        return itertools.islice(iter(self.sampler), skip, None)
