@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -285,3 +286,80 @@ def test_chaos_sigterm_kill_sigusr1_and_a_code_edit_end_with_the_same_bytes(task
     for rel in ("history.json", "dvclive/metrics.json", "detections.json", "per_class.json"):
         if (ref / rel).exists():
             assert (ref / rel).read_bytes() == (out / rel).read_bytes(), rel
+
+
+def _worker_of_rank(parent: int, rank: int) -> int | None:
+    """The PID of the torchrun worker of ``rank`` under the launcher ``parent`` (Linux /proc)."""
+    for child in Path("/proc").iterdir():
+        if not child.name.isdigit():
+            continue
+        try:
+            ppid = int((child / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            env = (child / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent and f"RANK={rank}".encode() in env:
+            return int(child.name)
+    return None
+
+
+@pytest.mark.slow
+def test_under_torchrun_a_signal_to_one_rank_stops_every_rank_at_the_same_step(mini_data, tmp_path) -> None:
+    """SIGTERM reaches rank 1 only: both ranks stop after the same step, rank 0's checkpoint is
+    that step's, the lock is released; the run then resumes to its end."""
+    out, log = tmp_path / "run", tmp_path / "run.log"
+    folder, sets, total = TASKS["seg"]
+    args = ["train", "seg", "--data", str(mini_data / folder), "--out", str(out), "--profile", "full"]
+    for s in [*sets, *_EVERY_STEP, "threads=1"]:
+        args += ["--set", s]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    with log.open("w") as f:
+        proc = subprocess.Popen([*torchrun, "anchorformer.cli", *args], env=env, stdout=f, stderr=subprocess.STDOUT)
+        try:
+            while _written(out) < 1 and proc.poll() is None:
+                time.sleep(0.02)
+            worker = _worker_of_rank(proc.pid, 1)
+            assert worker is not None and proc.poll() is None, log.read_text()[-3000:]
+            os.kill(worker, signal.SIGTERM)
+            proc.wait(timeout=600)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    text = log.read_text()
+    stops = sorted(set(int(m) for m in re.findall(r"SIGTERM: stopped after optimizer step (\d+)", text)))
+    assert len(stops) == 1 and text.count("SIGTERM: stopped after optimizer step") == 2, text[-3000:]
+    (step,) = stops
+    assert step < total and checkpoint_candidates(out)[-1][0] == step
+    assert not (out / LOCK_NAME).exists() and not (out / "metrics.json").exists()
+    # the launcher of a notebook (train(..., nproc_per_node=2)) passes SIGTERM on to torchrun and
+    # exits 143 once the workers have checkpointed
+    launcher = (
+        "import sys; from anchorformer.tasks.segmentation.train import train; "
+        f"train({str(mini_data / folder)!r}, {str(out)!r}, profile='full', nproc_per_node=2, "
+        f"overrides={[*sets, *_EVERY_STEP, 'threads=1']!r})"
+    )
+    before = _written(out)
+    with log.open("a") as f:
+        proc = subprocess.Popen([sys.executable, "-c", launcher], env=env, stdout=f, stderr=subprocess.STDOUT)
+        try:
+            while _written(out) < before + 1 and proc.poll() is None:
+                time.sleep(0.02)
+            assert proc.poll() is None, log.read_text()[-3000:]
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=600) == SIGNAL_EXIT, log.read_text()[-3000:]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert log.read_text().count("SIGTERM: stopped after optimizer step") == 4  # both ranks, twice
+    assert not (out / LOCK_NAME).exists() and not (out / "metrics.json").exists()
+    with log.open("a") as f:
+        assert (
+            subprocess.run(
+                [*torchrun, "anchorformer.cli", *args], env=env, stdout=f, stderr=subprocess.STDOUT
+            ).returncode
+            == 0
+        )
+    assert json.loads((out / "metrics.json").read_text())["iters"] == total

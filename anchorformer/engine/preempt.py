@@ -130,7 +130,7 @@ class Preemption:
             "%s: stopped after optimizer step %d; checkpoint %s; rerun the same command (--resume auto) to go on",
             name,
             step,
-            checkpoint,
+            checkpoint if checkpoint is not None else "(rank 0's)",
         )
         barrier()  # every rank leaves once rank 0's checkpoint is written
         raise Preempted(_EXITS[self.stop_code])
