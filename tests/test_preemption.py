@@ -306,7 +306,8 @@ def _worker_of_rank(parent: int, rank: int) -> int | None:
 @pytest.mark.slow
 def test_under_torchrun_a_signal_to_one_rank_stops_every_rank_at_the_same_step(mini_data, tmp_path) -> None:
     """SIGTERM reaches rank 1 only: both ranks stop after the same step, rank 0's checkpoint is
-    that step's, the lock is released; the run then resumes to its end."""
+    that step's, the lock is released; SIGTERM to the launcher stops it again; the run then
+    resumes to its end, with the weights of the run never stopped."""
     out, log = tmp_path / "run", tmp_path / "run.log"
     folder, sets, total = TASKS["seg"]
     args = ["train", "seg", "--data", str(mini_data / folder), "--out", str(out), "--profile", "full"]
@@ -363,3 +364,8 @@ def test_under_torchrun_a_signal_to_one_rank_stops_every_rank_at_the_same_step(m
             == 0
         )
     assert json.loads((out / "metrics.json").read_text())["iters"] == total
+    # the same weights as two processes never stopped: each rank resumed its own generators
+    straight = [a.replace(str(out), str(tmp_path / "straight")) for a in args]
+    assert subprocess.run([*torchrun, "anchorformer.cli", *straight], env=env, capture_output=True).returncode == 0
+    a, b = _weights(tmp_path / "straight" / "model.pth"), _weights(out / "model.pth")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

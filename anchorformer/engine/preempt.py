@@ -16,7 +16,8 @@ checkpoints after the same optimizer step; the wall time is rank 0's alone.
 
 A checkpoint inside an epoch stores the optimizer steps done in it; the resumed run skips the
 samples of those steps with :class:`ResumableSampler` (the same order, without loading them) and
-restores the random generators saved after the last step. With ``num_workers=0`` the resumed run
+restores the random generators saved after the last step (every rank's own, gathered into the
+checkpoint: :meth:`anchorformer.engine.trainer.TrainingRun.rng_state`). With ``num_workers=0`` the resumed run
 is then the same, bit for bit, as one never stopped; with data-loader workers, the augmentations
 drawn inside the workers for the rest of that epoch differ (each worker's generator is seeded
 at the start of the pass), the order of the samples and everything else do not.

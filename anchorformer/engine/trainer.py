@@ -36,7 +36,7 @@ import torch.distributed as dist
 from ..data.files import read_bad_file_log
 from ..io import write_json_atomic
 from ..models.checkpoint import safetensors_beside
-from .checkpoint import code_version, load_training_checkpoint, save_checkpoint
+from .checkpoint import capture_rng_state, code_version, load_training_checkpoint, save_checkpoint
 from .distributed import DistInfo, barrier, cleanup_distributed, init_distributed
 from .preempt import Preemption
 from .recipe import Recipe
@@ -62,6 +62,23 @@ class TrainingRun:
     def preemption(self) -> Preemption:
         """The signal flag and wall-time clock for the task's loop (use it as a context manager)."""
         return Preemption(self.recipe.get("checkpoint_minutes"), self.dist.device, self.dist.is_main)
+
+    def rng_state(self) -> dict[str, Any]:
+        """The generators' states for a checkpoint: this process's, and under torchrun every
+        rank's (``ranks``), so that each rank resumes its own. Call it on every rank."""
+        mine = capture_rng_state()
+        if not self.dist.is_distributed:
+            return mine
+        states: list[Any] = [None] * self.dist.world_size
+        dist.all_gather_object(states, mine)
+        return {**mine, "ranks": states}
+
+    def own_rng(self, rng: dict[str, Any]) -> dict[str, Any]:
+        """This rank's part of :meth:`rng_state` (rank 0's when the world size changed)."""
+        ranks = rng.get("ranks")
+        if ranks and len(ranks) == self.dist.world_size:
+            return ranks[self.dist.rank]
+        return rng
 
     def resumed_at(self, step: int) -> None:
         """The task resumed at optimizer step ``step``: log the code versions of the run so far."""

@@ -47,7 +47,7 @@ from timm.utils import ModelEmaV3, accuracy
 from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler, Subset
 
 from ...engine.batching import plan_batch
-from ...engine.checkpoint import capture_rng_state, load_training_checkpoint, restore_rng_state, save_training_state
+from ...engine.checkpoint import load_training_checkpoint, restore_rng_state, save_training_state
 from ...engine.distributed import DistInfo, all_reduce_mean, all_reduce_sum, barrier, unwrap_model
 from ...engine.launch import launch_if_several
 from ...engine.logging import MetricLogger, progress
@@ -716,7 +716,7 @@ def _train(run: TrainingRun, data: Path, classes: list[str], model_kwargs: dict[
             scaler.load_state_dict(resume_state["scaler"])
         if ema is not None:
             ema.module.load_state_dict(resume_state["model_ema"])
-        restore_rng_state(resume_state["rng"])
+        restore_rng_state(run.own_rng(resume_state["rng"]))
         start_epoch, num_updates = int(resume_state["epoch"]), int(resume_state["num_updates"])
         run.resumed_at(num_updates)
         history = list(resume_state["history"])
@@ -752,7 +752,7 @@ def _train(run: TrainingRun, data: Path, classes: list[str], model_kwargs: dict[
         dist_info.world_size,
     )
 
-    def training_state(epochs_done: int, updates: int) -> dict[str, Any]:
+    def training_state(epochs_done: int, updates: int, rng: dict[str, Any]) -> dict[str, Any]:
         state = {
             "epoch": epochs_done,
             "num_updates": updates,
@@ -760,7 +760,7 @@ def _train(run: TrainingRun, data: Path, classes: list[str], model_kwargs: dict[
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
-            "rng": capture_rng_state(),
+            "rng": rng,
             "history": history,
             "logged": logger.rows,  # the curves, rewritten from here on resume
             "config": cfg.to_dict(),
@@ -777,15 +777,18 @@ def _train(run: TrainingRun, data: Path, classes: list[str], model_kwargs: dict[
 
     def save_within(epoch: int) -> Callable[[int, int, torch.Tensor, int], Path | None]:
         def save(updates: int, epoch_step: int, loss_sum: torch.Tensor, steps: int) -> Path | None:
+            rng = run.rng_state()  # every rank's
             if not dist_info.is_main:
                 return None
-            state = training_state(epoch, updates)
+            state = training_state(epoch, updates, rng)
             state.update(epoch_step=epoch_step, epoch_loss_sum=loss_sum.detach().cpu().clone(), epoch_steps=steps)
             return save_training_state(out_dir, epoch, state, int(cfg["keep_checkpoints"]), within=epoch_step)
 
         return save
 
-    within = resume_state if resume_state is not None and resume_state.get("epoch_step") else None
+    within = None
+    if resume_state is not None and resume_state.get("epoch_step"):  # stopped inside an epoch
+        within = {**resume_state, "rng": run.own_rng(resume_state["rng"])}
     clock = RunClock(cfg["epochs"], start_epoch)
     val: dict[str, float] = {}
     preemption = run.preemption()
@@ -831,10 +834,10 @@ def _train(run: TrainingRun, data: Path, classes: list[str], model_kwargs: dict[
                 {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()},
                 clock.progress(),
             )
-            path = None
+            path, rng = None, run.rng_state()
             if dist_info.is_main:
                 path = save_training_state(
-                    out_dir, epoch + 1, training_state(epoch + 1, num_updates), int(cfg["keep_checkpoints"])
+                    out_dir, epoch + 1, training_state(epoch + 1, num_updates, rng), int(cfg["keep_checkpoints"])
                 )
             preemption.saved()
             barrier()

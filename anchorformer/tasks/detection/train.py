@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 
 from ...data.coco import CocoDetection, Compose, LargeScaleJitter, RandomHorizontalFlip, detection_collate
 from ...engine.batching import plan_batch
-from ...engine.checkpoint import capture_rng_state, load_training_checkpoint, restore_rng_state, save_training_state
+from ...engine.checkpoint import load_training_checkpoint, restore_rng_state, save_training_state
 from ...engine.distributed import DistInfo, barrier, cleanup_distributed, init_distributed, unwrap_model
 from ...engine.launch import launch_if_several
 from ...engine.logging import MetricLogger, progress
@@ -605,7 +605,7 @@ def _train(run: TrainingRun, data_root: Path, backbone_ckpt: Any) -> dict[str, A
         for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
             group["lr"] = base_lr * lr_at(it)  # this run's schedule (it may have more epochs)
         epoch_step = int(state.get("epoch_step", 0))  # optimizer steps done inside the next epoch
-        restore_rng_state(state["rng"])
+        restore_rng_state(run.own_rng(state["rng"]))
         _logger.info("resumed from %s (epoch %d, iteration %d)", run.start.checkpoint, start_epoch, it)
         run.resumed_at(it)
     train_model: nn.Module = model
@@ -628,7 +628,8 @@ def _train(run: TrainingRun, data_root: Path, backbone_ckpt: Any) -> dict[str, A
 
     def save(epochs_done: int, steps_in: int, sums: Mapping[str, float], count: int) -> Path | None:
         """The training state after iteration ``it`` (``steps_in`` optimizer steps into the epoch
-        after ``epochs_done``), written by rank 0."""
+        after ``epochs_done``), written by rank 0 (called on every rank)."""
+        rng = run.rng_state()
         if not info.is_main:
             return None
         return save_training_state(
@@ -643,7 +644,7 @@ def _train(run: TrainingRun, data_root: Path, backbone_ckpt: Any) -> dict[str, A
                 "epoch_step": steps_in,
                 "epoch_sums": dict(sums),  # the running means of the epoch's log lines
                 "epoch_count": count,
-                "rng": capture_rng_state(),
+                "rng": rng,
                 "logged": logger.rows,  # the curves, rewritten from here on resume
                 "detector_config": det_cfg.to_dict(),
                 "cat_ids": list(base.cat_ids),

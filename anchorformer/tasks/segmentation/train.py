@@ -44,7 +44,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from ...engine.batching import plan_batch
 from ...engine.checkpoint import (
-    capture_rng_state,
     load_training_checkpoint,
     restore_rng_state,
     save_checkpoint,
@@ -558,7 +557,7 @@ def _train(
         model.load_state_dict(resume_state["model"])
         optimizer.load_state_dict(resume_state["optimizer"])
         start = int(resume_state["iteration"])
-        restore_rng_state(resume_state["rng"])
+        restore_rng_state(run.own_rng(resume_state["rng"]))
         _logger.info("resumed from %s at iteration %d of %d", run.start.checkpoint, start, total)
         run.resumed_at(start)
 
@@ -596,14 +595,15 @@ def _train(
             )
             done = it + 1
             why = preemption.poll()
-            path = None
-            if info.is_main and (done % every == 0 or done == total or why):
+            path, due = None, done % every == 0 or done == total or why
+            rng = run.rng_state() if due else None  # every rank's
+            if info.is_main and due:
                 state = {
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "iteration": done,
                     "total_iters": total,
-                    "rng": capture_rng_state(),
+                    "rng": rng,
                     "logged": logger.rows,  # the curves, rewritten from here on resume
                     "config": cfg.to_dict(),
                     "model_config": model.config,
@@ -611,7 +611,7 @@ def _train(
                     "code_versions": run.code_versions(done),
                 }
                 path = save_training_state(out, done, state, int(cfg.keep_checkpoints))
-            if done % every == 0 or done == total or why:
+            if due:
                 preemption.saved()
             if preemption.stopping:
                 preemption.stop(done, path)
