@@ -20,7 +20,9 @@ through ``add_train_arguments(parser)`` / ``add_eval_arguments(parser)`` and run
 
 Errors a user can act on (a bad recipe value, a missing or unreadable file, a folder in use, a
 bad data file met in training, a full disk) print one line and exit with status 2; ``--debug``
-(or ``ANCHORFORMER_DEBUG=1``) shows the traceback.
+(or ``ANCHORFORMER_DEBUG=1``) shows the traceback. A training run stopped by SIGTERM or SIGUSR1
+checkpoints after its current step and exits with status 143 or 75 (requeue); see
+:mod:`anchorformer.engine.preempt`.
 """
 
 from __future__ import annotations
@@ -83,8 +85,9 @@ def _add_task_parsers(train: Any, evaluate: Any) -> None:
         p.add_argument("--overwrite", action="store_true",
                        help="with --resume never: move an earlier run's files to --out/previous-<timestamp>/")  # fmt: skip
         p.add_argument("--if-different", choices=("refuse", "restart"), default="refuse",
-                       help="--resume auto with a checkpoint of another recipe or code: refuse (default), or "
-                       "restart (move it to previous-<timestamp>/ and start afresh; what the pipeline uses)")  # fmt: skip
+                       help="--resume auto with a checkpoint of another recipe (or code, with --set "
+                       "restart_on_code_change=true): refuse (default), or restart (move it to "
+                       "previous-<timestamp>/ and start afresh; what the pipeline uses)")  # fmt: skip
         p.add_argument("--epochs", type=_number, default=None, help="training epochs (default: the profile's)")
         if hasattr(module, "add_train_arguments"):
             module.add_train_arguments(p)

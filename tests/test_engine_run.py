@@ -95,7 +95,10 @@ def test_restart_mode_moves_a_changed_run_aside(tmp_path):
     out = tmp_path / "run"
     _ckpt(out, 1)
     save_checkpoint(checkpoint_path(out, 2), {"step": 2, "code_version": "other"})
-    start = open_run(out, if_different="restart")  # the newest was written by other code
+    start = open_run(out, if_different="restart")  # the newest was written by other code: resumed
+    assert start.resumed and start.state["step"] == 2
+    release_run(start)
+    start = open_run(out, if_different="restart", restart_on_code_change=True)  # the strict behaviour
     assert not start.resumed and any(p.name.startswith("previous-") for p in out.iterdir())
     release_run(start)
 

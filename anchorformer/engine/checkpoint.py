@@ -15,7 +15,10 @@ A write that fails for want of room or rights (disk full, quota, read-only folde
 checkpoint left intact, whatever torch's serializer made of the failed ``write()``.
 
 Naming: :func:`checkpoint_path` gives ``OUT/checkpoints/checkpoint-{step:06d}.pth`` where the step
-is the number of completed epochs (classification) or iterations (detection, segmentation).
+is the number of completed epochs (classification) or iterations (detection, segmentation). A
+classification checkpoint written inside an epoch (a signal, ``checkpoint_minutes``) is
+``checkpoint-{epochs:06d}-{updates:06d}.pth``: the completed epochs, then the optimizer steps done
+in the next one; it sorts after the epoch's own checkpoint and before the next epoch's.
 """
 
 from __future__ import annotations
@@ -53,14 +56,16 @@ __all__ = [
 _logger = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
-_NAME_RE = re.compile(r"^checkpoint-(\d+)\.pth$")
+_NAME_RE = re.compile(r"^checkpoint-(\d+)(?:-(\d+))?\.pth$")
 
 
-def checkpoint_path(out_dir: str | os.PathLike, step: int) -> Path:
-    """The canonical path of the checkpoint after ``step`` epochs or iterations."""
-    if step < 0:
-        raise ValueError(f"checkpoint step must be >= 0; got {step}")
-    return Path(out_dir) / CHECKPOINT_DIR / f"checkpoint-{step:06d}.pth"
+def checkpoint_path(out_dir: str | os.PathLike, step: int, within: int = 0) -> Path:
+    """The canonical path of the checkpoint after ``step`` epochs or iterations (and ``within``
+    optimizer steps into the next epoch: a mid-epoch classification checkpoint)."""
+    if step < 0 or within < 0:
+        raise ValueError(f"checkpoint step must be >= 0; got {step}, {within}")
+    suffix = f"-{within:06d}" if within else ""
+    return Path(out_dir) / CHECKPOINT_DIR / f"checkpoint-{step:06d}{suffix}.pth"
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -190,8 +195,8 @@ def checkpoint_candidates(out_dir: str | os.PathLike) -> list[tuple[int, Path]]:
         for p in folder.iterdir():
             m = _NAME_RE.match(p.name)
             if m and p.is_file():
-                found.append((int(m.group(1)), p))
-    return sorted(found)
+                found.append((int(m.group(1)), int(m.group(2) or 0), p))
+    return [(n, p) for n, _, p in sorted(found)]
 
 
 _PACKAGE = Path(__file__).resolve().parents[1]
@@ -210,10 +215,13 @@ def code_version() -> str:
     return _CODE_VERSION
 
 
-def save_training_state(out_dir: str | os.PathLike, step: int, state: dict[str, Any], keep: int) -> Path:
-    """Write the training state after ``step`` epochs/iterations atomically (with the code version), then
-    keep the newest ``keep`` checkpoints. Returns the checkpoint's path."""
-    path = checkpoint_path(out_dir, step)
+def save_training_state(
+    out_dir: str | os.PathLike, step: int, state: dict[str, Any], keep: int, within: int = 0
+) -> Path:
+    """Write the training state after ``step`` epochs/iterations (``within``: and optimizer steps
+    into the next epoch) atomically, with the code version, then keep the newest ``keep``
+    checkpoints. Returns the checkpoint's path."""
+    path = checkpoint_path(out_dir, step, within)
     save_checkpoint(path, {**state, "code_version": code_version()})
     prune_checkpoints(out_dir, keep)
     return path

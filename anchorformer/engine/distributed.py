@@ -17,6 +17,7 @@ import torch.nn as nn
 
 __all__ = [
     "DistInfo",
+    "all_reduce_max",
     "all_reduce_mean",
     "all_reduce_sum",
     "barrier",
@@ -106,6 +107,15 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
         return tensor
     out = tensor.detach().clone()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """The elementwise maximum of ``tensor`` over processes (a new tensor; ``tensor`` itself without a group)."""
+    if not _active():
+        return tensor
+    out = tensor.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.MAX)
     return out
 
 

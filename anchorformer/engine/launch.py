@@ -6,6 +6,11 @@ and returns ``OUT/metrics.json``. Several nodes: pass ``nnodes`` and the rendezv
 (``--rdzv-backend=c10d --rdzv-endpoint=HOST:PORT --rdzv-id=JOB``) in ``torchrun_args``.
 :func:`cli_arguments` turns a task function's keyword arguments into the same command line, so a
 notebook calls one function (:func:`anchorformer.tasks.run_training`) whatever the process count.
+
+SIGTERM and SIGUSR1 sent to the launching process are passed on to torchrun, which hands them
+to its workers (``--signals-to-handle`` includes SIGUSR1): they checkpoint after their current
+step and stop (:mod:`.preempt`), and the launcher exits with the same status as one process
+would (143, or 75 for SIGUSR1).
 """
 
 from __future__ import annotations
@@ -13,8 +18,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -56,6 +63,8 @@ def torchrun_command(
         raise ValueError(f"nproc_per_node and nnodes must be >= 1; got {nproc_per_node}, {nnodes}")
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={int(nproc_per_node)}"]
     cmd.append(f"--nnodes={int(nnodes)}")
+    if not any(a.startswith("--signals") for a in torchrun_args):  # SIGUSR1 to the workers, not the end of torchrun
+        cmd.append("--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
     if int(nnodes) == 1 and not any(a.startswith(("--rdzv", "--master")) for a in torchrun_args):
         cmd.append("--standalone")
     return [*cmd, *torchrun_args, "-m", "anchorformer.cli", command, task, *argv]
@@ -79,9 +88,26 @@ def launch(
         "train", task, argv, nproc_per_node=nproc_per_node, nnodes=nnodes, torchrun_args=torchrun_args
     )
     _logger.info("launching %s", " ".join(cmd))
-    done = subprocess.run(cmd, env={**os.environ, **(env or {})}, check=False)
-    if done.returncode:
-        raise RuntimeError(f"torchrun job `anchorformer train {task}` failed with exit status {done.returncode}")
+    from .preempt import REQUEUE_EXIT, SIGNAL_EXIT, Preempted
+
+    received: list[int] = []
+    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})})
+
+    def forward(signum: int, frame: Any) -> None:
+        received.append(signum)
+        proc.send_signal(signum)
+
+    main_thread = threading.current_thread() is threading.main_thread()  # handlers live there only
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1)} if main_thread else {}
+    try:
+        returncode = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if received:  # the workers checkpointed and stopped
+        raise Preempted(SIGNAL_EXIT if signal.SIGTERM in received else REQUEUE_EXIT)
+    if returncode:
+        raise RuntimeError(f"torchrun job `anchorformer train {task}` failed with exit status {returncode}")
     out = Path(argv[list(argv).index("--out") + 1])
     return json.loads((out / "metrics.json").read_text(encoding="utf-8"))
 

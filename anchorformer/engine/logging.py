@@ -173,6 +173,8 @@ class MetricLogger:
         )
         for step, values in replay or []:
             self._record(values, step)
+            if not isinstance(self._live, _PlainLive):  # the key order of logging them one by one
+                self._live.summary["step"] = self._live.step
         if replay:
             self._live.make_summary()
 

@@ -422,6 +422,11 @@ class TaskRecipe(Recipe):
     on_bad: str = setting(choices=_ON_BAD, resumable=True)
     keep_checkpoints: int = setting(ge=1, resumable=True)  # per-epoch/iteration checkpoints kept
     log_every: int = setting(ge=1, resumable=True)  # steps between log lines
+    # wall time between checkpoints inside an epoch (cls, det) or between checkpoint_every (seg);
+    # null: off. A run also checkpoints on SIGTERM/SIGUSR1 (anchorformer.engine.preempt).
+    checkpoint_minutes: float | None = setting(gt=0, resumable=True)
+    lock_stale_minutes: float = setting(gt=0, resumable=True)  # a lock with an older heartbeat is taken over
+    restart_on_code_change: bool = setting(resumable=True)  # pipeline (if_different=restart): restart on a code change
 
     def check(self) -> list[str]:
         problems = super().check()

@@ -2,9 +2,12 @@
 
 Every task (``train cls|det|seg``) starts through :func:`open_run`, which
 
-1. takes a lock in ``OUT`` (``OUT/.run.lock``: host, PID, command, start time). A second run on
-   the same folder is refused with that information; a lock left by a dead process on this
-   host is taken over with a warning. The lock is released when the run ends, however it ends.
+1. takes a lock in ``OUT`` (``OUT/.run.lock``: host, PID, command, start time and a heartbeat,
+   rewritten every minute by a thread of the run). A second run on the same folder is refused
+   with that information; a lock left by a dead process on this host, or one whose heartbeat is
+   older than ``lock_stale_minutes`` (default 10; a job killed on another host, then requeued),
+   is taken over with a warning. The lock is released when the run ends, however it ends (a
+   ``kill -9`` leaves it behind: its heartbeat stops).
 2. removes orphan temporary files of interrupted atomic writes (``.NAME.tmp-*``), with a log line.
 3. decides where the run starts (the resume protocol, the same for every task):
 
@@ -33,6 +36,8 @@ import os
 import shutil
 import socket
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,13 +45,22 @@ from typing import Any
 
 from .checkpoint import CHECKPOINT_DIR, checkpoint_candidates, code_version, load_training_checkpoint
 
-__all__ = ["LOCK_NAME", "RESUME_CHOICES", "RunFolderError", "RunStart", "open_run", "release_run"]
+__all__ = [
+    "HEARTBEAT_SECONDS",
+    "LOCK_NAME",
+    "RESUME_CHOICES",
+    "RunFolderError",
+    "RunStart",
+    "open_run",
+    "release_run",
+]
 
 _logger = logging.getLogger(__name__)
 
 LOCK_NAME = ".run.lock"
 RESUME_CHOICES = ("auto", "never")
 _TMP_MARK = ".tmp-"
+HEARTBEAT_SECONDS = 60.0  # how often a run rewrites its lock's heartbeat
 
 
 class RunFolderError(ValueError):
@@ -62,6 +76,7 @@ class RunStart:
     state: dict[str, Any] | None = None
     skipped: list[str] = field(default_factory=list)
     lock: Path | None = None
+    heartbeat: _Heartbeat | None = None
 
     @property
     def resumed(self) -> bool:
@@ -84,36 +99,65 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _lock_info() -> dict[str, Any]:
+    now = time.time()
     return {
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "command": " ".join(sys.argv),
         "started": _dt.datetime.now().isoformat(timespec="seconds"),
+        "heartbeat": now,
     }
 
 
-def _take_lock(out: Path) -> Path:
+def _read_lock(path: Path) -> dict[str, Any]:
+    try:
+        held = json.loads(path.read_text(encoding="utf-8") or "{}")
+    except (OSError, ValueError):
+        return {}
+    return held if isinstance(held, dict) else {}
+
+
+def _heartbeat_age(path: Path, held: Mapping[str, Any]) -> float:
+    """Seconds since the lock's last heartbeat (its file's modification time for a lock without one)."""
+    beat = held.get("heartbeat")
+    if not isinstance(beat, (int, float)):
+        try:
+            beat = path.stat().st_mtime
+        except OSError:
+            return 0.0
+    return max(0.0, time.time() - float(beat))
+
+
+def _take_lock(out: Path, stale_minutes: float = 10.0) -> Path:
     path = out / LOCK_NAME
     info = _lock_info()
     for _ in range(3):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            try:
-                held = json.loads(path.read_text(encoding="utf-8") or "{}")
-            except (OSError, ValueError):
-                held = {}
+            held = _read_lock(path)
             pid = held.get("pid")
-            if held.get("host") == info["host"] and isinstance(pid, int) and pid != info["pid"] and not _pid_alive(pid):
+            same_host = held.get("host") == info["host"]
+            if same_host and isinstance(pid, int) and pid != info["pid"] and not _pid_alive(pid):
                 _logger.warning("%s: taking over the lock of process %d, which is no longer running", path, pid)
                 path.unlink(missing_ok=True)
                 continue
-            if held.get("host") == info["host"] and pid == info["pid"]:
+            if same_host and pid == info["pid"]:
                 return path  # this process holds it already (e.g. train then evaluate)
+            age = _heartbeat_age(path, held)
+            if age > stale_minutes * 60.0:
+                _logger.warning(
+                    "%s: taking over the lock of host %s, PID %s, whose heartbeat stopped %.1f minutes ago "
+                    "(lock_stale_minutes=%g)",
+                    path, held.get("host", "?"), pid, age / 60.0, stale_minutes,
+                )  # fmt: skip
+                path.unlink(missing_ok=True)
+                continue
             raise RunFolderError(
                 f"{out} is in use by another run (host {held.get('host', '?')}, PID {pid}, started "
-                f"{held.get('started', '?')}: {held.get('command', '?')}); wait for it to end, or use another --out "
-                f"(if that process is gone on another host, remove {path})"
+                f"{held.get('started', '?')}, heartbeat {age / 60.0:.1f} min ago: {held.get('command', '?')}); "
+                f"wait for it to end, or use another --out (a lock whose heartbeat is older than "
+                f"lock_stale_minutes={stale_minutes:g} is taken over)"
             ) from None
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(info, f)
@@ -121,15 +165,48 @@ def _take_lock(out: Path) -> Path:
     raise RunFolderError(f"{path}: could not take the lock")
 
 
+class _Heartbeat:
+    """A daemon thread rewriting the lock's ``heartbeat`` every :data:`HEARTBEAT_SECONDS` while
+    this process holds it (atomically: a temporary file renamed over it)."""
+
+    def __init__(self, path: Path, interval: float):
+        self.path, self.interval = path, interval
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="run-lock-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._done.wait(self.interval):
+            held = _read_lock(self.path)
+            if held.get("pid") != os.getpid() or held.get("host") != socket.gethostname():
+                _logger.warning("%s is no longer this run's lock (taken over?); heartbeat stopped", self.path)
+                return
+            held["heartbeat"] = time.time()
+            tmp = self.path.with_name(f"{self.path.name}{_TMP_MARK}{os.getpid()}")
+            try:
+                tmp.write_text(json.dumps(held), encoding="utf-8")
+                os.replace(tmp, self.path)
+            except OSError as e:  # a full disk must not end the run; the next beat tries again
+                _logger.warning("%s: cannot refresh the heartbeat: %s", self.path, e)
+                tmp.unlink(missing_ok=True)
+
+    def stop(self) -> None:
+        self._done.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=5.0)
+
+
 def release_run(start: RunStart | None) -> None:
     """Release the folder's lock (a no-op when this process holds none)."""
     if start is None or start.lock is None:
         return
-    try:
-        held = json.loads(start.lock.read_text(encoding="utf-8") or "{}")
-    except (OSError, ValueError):
+    if start.heartbeat is not None:
+        start.heartbeat.stop()
+        start.heartbeat = None
+    held = _read_lock(start.lock)
+    if not held:
         return
-    if held.get("pid") == os.getpid():
+    if held.get("pid") == os.getpid() and held.get("host") == socket.gethostname():
         start.lock.unlink(missing_ok=True)
     start.lock = None
 
@@ -215,6 +292,8 @@ def open_run(
     differences: Callable[[Mapping[str, Any]], list[str]] | None = None,
     if_different: str = "refuse",
     lock: bool = True,
+    lock_stale_minutes: float = 10.0,
+    restart_on_code_change: bool = False,
 ) -> RunStart:
     """Take ``out_dir`` for a run and decide where it starts (see the module docstring).
 
@@ -228,11 +307,14 @@ def open_run(
         differences: ``state -> [why it cannot be resumed]`` (empty: it can), checked on the
             checkpoint chosen.
         if_different: what ``resume="auto"`` does when the newest checkpoint cannot be resumed
-            (another recipe, or written by another version of the package's code): ``"refuse"``
-            (the command line's behaviour; a code change alone is only a warning) or
-            ``"restart"`` (the pipeline's: a stage reruns because its code or parameters changed,
-            so the earlier run's files are moved to ``previous-<timestamp>/`` and it starts afresh).
-        lock: take the folder's lock (main process only).
+            (another recipe): ``"refuse"`` (the command line's behaviour) or ``"restart"`` (the
+            pipeline's: a stage reruns because its parameters changed, so the earlier run's files
+            are moved to ``previous-<timestamp>/`` and it starts afresh).
+        lock: take the folder's lock (main process only) and keep its heartbeat.
+        lock_stale_minutes: a lock whose heartbeat is older than this is taken over (any host).
+        restart_on_code_change: with ``if_different="restart"``, a checkpoint written by another
+            version of the code counts as another recipe (the run starts afresh); otherwise it is
+            resumed with a warning.
 
     Returns:
         A :class:`RunStart`; release it with :func:`release_run` when the run ends.
@@ -249,7 +331,8 @@ def open_run(
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         if lock:
-            start.lock = _take_lock(out)
+            start.lock = _take_lock(out, lock_stale_minutes)
+            start.heartbeat = _Heartbeat(start.lock, HEARTBEAT_SECONDS)
     try:
         if is_main:
             _remove_orphans(out)
@@ -284,17 +367,23 @@ def open_run(
             except ValueError as e:
                 raise RunFolderError(f"--resume {path}: {e}") from e
         why = differences(state) if differences is not None else []
-        same_code = state.get("code_version") in (None, code_version())
-        if resume == "auto" and if_different == "restart" and (why or not same_code):
-            reason = "; ".join(why) if why else "another version of the code"
+        stored = state.get("code_version")
+        same_code = stored in (None, code_version())
+        if not same_code and restart_on_code_change and resume == "auto" and if_different == "restart":
+            why = [*why, f"code version: checkpoint {stored} vs now {code_version()} (restart_on_code_change=true)"]
+        if resume == "auto" and if_different == "restart" and why:
             if is_main:
                 dest = _move_aside(out)
                 _logger.warning(
-                    "%s cannot be resumed (%s): starting afresh; its files are now in %s", path, reason, dest
+                    "%s cannot be resumed (%s): starting afresh; its files are now in %s", path, "; ".join(why), dest
                 )
             return start
-        if not same_code:
-            _logger.warning("%s was written by another version of the code; resuming all the same", path)
+        if not same_code and not why:
+            _logger.warning(
+                "%s was written by code version %s, this is %s: resuming all the same (the model and recipe "
+                "match; metrics.json lists each segment's code version)",
+                path, stored, code_version(),
+            )  # fmt: skip
         if why:
             raise RunFolderError(
                 f"cannot resume from {path}: it was written by another recipe ({'; '.join(why)}); "

@@ -13,6 +13,11 @@ Bad training files (the recipe's ``on_bad``): the task hands its training set to
 ranks included) appends what it skips to ``OUT/bad_files.jsonl``, and :meth:`TrainingRun.bad_files`
 reads the count back for ``metrics.json``. The log belongs to the run: kept when it is resumed,
 cleared when a run starts afresh.
+
+Preemption (:mod:`.preempt`): :meth:`TrainingRun.preemption` gives the task's loop the SIGTERM/
+SIGUSR1 flag and the ``checkpoint_minutes`` clock. Code versions: :meth:`TrainingRun.code_versions`
+is the list ``[{version, from_step, to_step}]`` of the code that trained each segment of the run
+(steps are optimizer steps), stored in every checkpoint and in ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -31,8 +36,9 @@ import torch.distributed as dist
 from ..data.files import read_bad_file_log
 from ..io import write_json_atomic
 from ..models.checkpoint import safetensors_beside
-from .checkpoint import load_training_checkpoint, save_checkpoint
+from .checkpoint import capture_rng_state, code_version, load_training_checkpoint, save_checkpoint
 from .distributed import DistInfo, barrier, cleanup_distributed, init_distributed
+from .preempt import Preemption
 from .recipe import Recipe
 from .run import RunStart, open_run, release_run
 
@@ -51,6 +57,57 @@ class TrainingRun:
     out: Path
     dist: DistInfo
     start: RunStart
+    start_step: int = 0  # the optimizer step this segment starts from (set by the task on resume)
+
+    def preemption(self) -> Preemption:
+        """The signal flag and wall-time clock for the task's loop (use it as a context manager)."""
+        return Preemption(self.recipe.get("checkpoint_minutes"), self.dist.device, self.dist.is_main)
+
+    def rng_state(self) -> dict[str, Any]:
+        """The generators' states for a checkpoint: this process's, and under torchrun every
+        rank's (``ranks``), so that each rank resumes its own. Call it on every rank."""
+        mine = capture_rng_state()
+        if not self.dist.is_distributed:
+            return mine
+        states: list[Any] = [None] * self.dist.world_size
+        dist.all_gather_object(states, mine)
+        return {**mine, "ranks": states}
+
+    def own_rng(self, rng: dict[str, Any]) -> dict[str, Any]:
+        """This rank's part of :meth:`rng_state` (rank 0's when the world size changed)."""
+        ranks = rng.get("ranks")
+        if ranks and len(ranks) == self.dist.world_size:
+            return ranks[self.dist.rank]
+        return rng
+
+    def resumed_at(self, step: int) -> None:
+        """The task resumed at optimizer step ``step``: log the code versions of the run so far."""
+        self.start_step = int(step)
+        earlier = self.code_versions(step)[:-1]
+        if any(seg["version"] != code_version() for seg in earlier):
+            _logger.warning(
+                "resuming at step %d with code version %s; earlier segments: %s",
+                step,
+                code_version(),
+                ", ".join(f"{seg['version']} (steps {seg['from_step']}-{seg['to_step']})" for seg in earlier),
+            )
+
+    def code_versions(self, step: int) -> list[dict[str, Any]]:
+        """``[{version, from_step, to_step}]``: the code version of each segment of the run up to
+        optimizer step ``step``, this process's code last (consecutive equal versions merged)."""
+        state = self.state or {}
+        earlier = [dict(seg) for seg in state.get("code_versions") or []]
+        if self.state is not None and not earlier:  # a checkpoint from before the list was kept
+            earlier = [{"version": state.get("code_version"), "from_step": 0, "to_step": self.start_step}]
+        segments = [seg for seg in earlier if seg["from_step"] < self.start_step]
+        if segments:
+            segments[-1]["to_step"] = min(segments[-1]["to_step"], self.start_step)
+        now = code_version()
+        if segments and segments[-1]["version"] == now:
+            segments[-1]["to_step"] = int(step)
+        else:
+            segments.append({"version": now, "from_step": self.start_step, "to_step": int(step)})
+        return segments
 
     @property
     def state(self) -> dict[str, Any] | None:
@@ -101,7 +158,15 @@ def training_run(
         torch.set_num_threads(int(recipe.get("threads")))
     start: RunStart | None = None
     try:
-        kwargs = dict(resume=resume, overwrite=overwrite, results=results, differences=diff, if_different=if_different)
+        kwargs = dict(
+            resume=resume,
+            overwrite=overwrite,
+            results=results,
+            differences=diff,
+            if_different=if_different,
+            lock_stale_minutes=float(recipe.get("lock_stale_minutes") or 10.0),
+            restart_on_code_change=bool(recipe.get("restart_on_code_change")),
+        )
         if info.is_main:
             start = open_run(out, is_main=True, **kwargs)
         if info.is_distributed:  # the main process decides; the others read the same checkpoint

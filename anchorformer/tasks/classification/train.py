@@ -31,7 +31,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -47,10 +47,11 @@ from timm.utils import ModelEmaV3, accuracy
 from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler, Subset
 
 from ...engine.batching import plan_batch
-from ...engine.checkpoint import capture_rng_state, load_training_checkpoint, restore_rng_state, save_training_state
+from ...engine.checkpoint import load_training_checkpoint, restore_rng_state, save_training_state
 from ...engine.distributed import DistInfo, all_reduce_mean, all_reduce_sum, barrier, unwrap_model
 from ...engine.launch import launch_if_several
 from ...engine.logging import MetricLogger, progress
+from ...engine.preempt import Preemption, ResumableSampler
 from ...engine.recipe import load_preset, load_recipe
 from ...engine.seeding import epoch_seed, seed_everything, seed_worker
 from ...engine.timings import TIMINGS, RunClock, format_seconds, write_timings
@@ -469,15 +470,35 @@ def _train_one_epoch(
     device: torch.device,
     epoch: int,
     num_updates: int,
+    preemption: Preemption | None = None,
+    save: Callable[[int, int, torch.Tensor, int], Path | None] | None = None,
+    resume: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, float], int]:
+    """One epoch of ``updates`` optimizer steps of ``accum`` micro-batches each.
+
+    After each step, ``preemption.poll()`` may ask for a checkpoint inside the epoch:
+    ``save(num_updates, steps done in the epoch, loss sum, micro-batches)`` writes it, and on a
+    signal the run stops there. ``resume`` (a mid-epoch checkpoint) continues such an epoch: the
+    samples of its ``epoch_step`` steps are skipped and the generators restored after the
+    loader's pass has drawn its seed, as the uninterrupted epoch had them.
+    """
     model.train()
     n_batches = updates * accum  # whole optimizer steps: a last incomplete accumulation is left out
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    steps = 0
+    first = int(resume["epoch_step"]) * accum if resume else 0
+    loss_sum = resume["epoch_loss_sum"].clone() if resume else torch.zeros((), dtype=torch.float64)
+    steps = int(resume["epoch_steps"]) if resume else 0
+    if isinstance(loader.sampler, ResumableSampler):
+        loader.sampler.skip = first * int(loader.batch_size or 1)
+    elif first:
+        raise ValueError("a mid-epoch resume needs the loader's sampler to be a ResumableSampler")
     optimizer.zero_grad(set_to_none=True)
-    batch = loader.batch_size or 1
-    bar = progress(loader, desc=f"epoch {epoch + 1}", total=n_batches, unit="img", unit_scale=batch)
-    for i, (images, target) in enumerate(bar):
+    batches = iter(loader)  # draws the pass's worker seed from the epoch's generators
+    if resume:
+        restore_rng_state(resume["rng"])
+    bar = progress(
+        batches, desc=f"epoch {epoch + 1}", total=n_batches - first, unit="img", unit_scale=loader.batch_size or 1
+    )
+    for i, (images, target) in enumerate(bar, start=first):
         if i >= n_batches:
             break
         images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
@@ -523,6 +544,12 @@ def _train_one_epoch(
                 loss_value,
                 optimizer.param_groups[0]["lr"],
             )
+        # the epoch's end writes its own checkpoint
+        if do_step and preemption is not None and preemption.poll() and i + 1 < n_batches:
+            path = save(num_updates, (i + 1) // accum, loss_sum, steps) if save is not None else None
+            preemption.saved()
+            if preemption.stopping:
+                preemption.stop(num_updates, path)
     mean = all_reduce_mean((loss_sum / max(steps, 1)).to(device)).item()
     return {"train_loss": mean, "lr": optimizer.param_groups[0]["lr"]}, num_updates
 
@@ -662,7 +689,7 @@ def _train(run: TrainingRun, data: Path, classes: list[str], model_kwargs: dict[
         rank=dist_info.rank,
         seed=seed,
     )
-    train_loader = _loader(train_ds, plan.per_device, sampler, cfg, drop_last=True)
+    train_loader = _loader(train_ds, plan.per_device, ResumableSampler(sampler), cfg, drop_last=True)
     val_loader = _eval_loader(val_ds, cfg, dist_info)
     mixup = build_mixup(
         num_classes,
@@ -726,8 +753,9 @@ def _train(run: TrainingRun, data: Path, classes: list[str], model_kwargs: dict[
             scaler.load_state_dict(resume_state["scaler"])
         if ema is not None:
             ema.module.load_state_dict(resume_state["model_ema"])
-        restore_rng_state(resume_state["rng"])
+        restore_rng_state(run.own_rng(resume_state["rng"]))
         start_epoch, num_updates = int(resume_state["epoch"]), int(resume_state["num_updates"])
+        run.resumed_at(num_updates)
         history = list(resume_state["history"])
         teacher_eval = resume_state.get("teacher_eval")
         entropy_init = resume_state.get("entropy_init")
@@ -760,68 +788,98 @@ def _train(run: TrainingRun, data: Path, classes: list[str], model_kwargs: dict[
         kind,
         dist_info.world_size,
     )
+
+    def training_state(epochs_done: int, updates: int, rng: dict[str, Any]) -> dict[str, Any]:
+        state = {
+            "epoch": epochs_done,
+            "num_updates": updates,
+            "model": net.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "rng": rng,
+            "history": history,
+            "logged": logger.rows,  # the curves, rewritten from here on resume
+            "config": cfg.to_dict(),
+            "model_name": cfg["model"],
+            "model_kwargs": model_kwargs,
+            "classes": classes,
+            "teacher_eval": teacher_eval,
+            "entropy_init": entropy_init,
+            "code_versions": run.code_versions(updates),
+        }
+        if ema is not None:
+            state["model_ema"] = ema.module.state_dict()
+        return state
+
+    def save_within(epoch: int) -> Callable[[int, int, torch.Tensor, int], Path | None]:
+        def save(updates: int, epoch_step: int, loss_sum: torch.Tensor, steps: int) -> Path | None:
+            rng = run.rng_state()  # every rank's
+            if not dist_info.is_main:
+                return None
+            state = training_state(epoch, updates, rng)
+            state.update(epoch_step=epoch_step, epoch_loss_sum=loss_sum.detach().cpu().clone(), epoch_steps=steps)
+            return save_training_state(out_dir, epoch, state, int(cfg["keep_checkpoints"]), within=epoch_step)
+
+        return save
+
+    within = None
+    if resume_state is not None and resume_state.get("epoch_step"):  # stopped inside an epoch
+        within = {**resume_state, "rng": run.own_rng(resume_state["rng"])}
     clock = RunClock(cfg["epochs"], start_epoch)
     val: dict[str, float] = {}
-    for epoch in range(start_epoch, cfg["epochs"]):
-        seed_everything(epoch_seed(seed, epoch, dist_info.rank))
-        _set_sampler_epoch(sampler, epoch, seed)
-        stats, num_updates = _train_one_epoch(
-            train_model,
-            train_loader,
-            plan.accum_steps,
-            updates_per_epoch,
-            criterion,
-            optimizer,
-            scheduler,
-            scaler,
-            ema,
-            mixup,
-            cfg,
-            device,
-            epoch,
-            num_updates,
-        )
-        row: dict[str, Any] = {"epoch": epoch + 1, **stats}
-        last = epoch + 1 == cfg["epochs"]
-        if last or (epoch + 1) % cfg["eval_every"] == 0:
-            val = evaluate(net, val_loader, device, cfg, per_image=last)
-            row.update(top1=val["top1"], top5=val["top5"], val_loss=val["loss"])
-            if ema is not None:
-                row["top1_ema"] = evaluate(ema.module, val_loader, device, cfg)["top1"]
-        if probe is not None:
-            row.update(probe.measure())
-        clock.lap(epoch + 1)
-        history.append(row)
-        logger.log({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
-        _logger.info(
-            "epoch %d/%d: %s (%s)",
-            epoch + 1,
-            cfg["epochs"],
-            {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()},
-            clock.progress(),
-        )
-        if dist_info.is_main:
-            state = {
-                "epoch": epoch + 1,
-                "num_updates": num_updates,
-                "model": net.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "rng": capture_rng_state(),
-                "history": history,
-                "logged": logger.rows,  # the curves, rewritten from here on resume
-                "config": cfg.to_dict(),
-                "model_name": cfg["model"],
-                "model_kwargs": model_kwargs,
-                "classes": classes,
-                "teacher_eval": teacher_eval,
-                "entropy_init": entropy_init,
-            }
-            if ema is not None:
-                state["model_ema"] = ema.module.state_dict()
-            save_training_state(out_dir, epoch + 1, state, int(cfg["keep_checkpoints"]))
-        barrier()
+    preemption = run.preemption()
+    with preemption:
+        for epoch in range(start_epoch, cfg["epochs"]):
+            seed_everything(epoch_seed(seed, epoch, dist_info.rank))
+            _set_sampler_epoch(sampler, epoch, seed)
+            stats, num_updates = _train_one_epoch(
+                train_model,
+                train_loader,
+                plan.accum_steps,
+                updates_per_epoch,
+                criterion,
+                optimizer,
+                scheduler,
+                scaler,
+                ema,
+                mixup,
+                cfg,
+                device,
+                epoch,
+                num_updates,
+                preemption,
+                save_within(epoch),
+                within if epoch == start_epoch else None,
+            )
+            row: dict[str, Any] = {"epoch": epoch + 1, **stats}
+            last = epoch + 1 == cfg["epochs"]
+            if last or (epoch + 1) % cfg["eval_every"] == 0:
+                val = evaluate(net, val_loader, device, cfg, per_image=last)
+                row.update(top1=val["top1"], top5=val["top5"], val_loss=val["loss"])
+                if ema is not None:
+                    row["top1_ema"] = evaluate(ema.module, val_loader, device, cfg)["top1"]
+            if probe is not None:
+                row.update(probe.measure())
+            clock.lap(epoch + 1)
+            history.append(row)
+            logger.log({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+            _logger.info(
+                "epoch %d/%d: %s (%s)",
+                epoch + 1,
+                cfg["epochs"],
+                {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()},
+                clock.progress(),
+            )
+            path, rng = None, run.rng_state()
+            if dist_info.is_main:
+                path = save_training_state(
+                    out_dir, epoch + 1, training_state(epoch + 1, num_updates, rng), int(cfg["keep_checkpoints"])
+                )
+            preemption.saved()
+            barrier()
+            if preemption.stopping:
+                preemption.stop(num_updates, path)
 
     if "correct" not in val:  # resumed a finished run: evaluate the final weights
         val = evaluate(net, val_loader, device, cfg, per_image=True)
@@ -860,6 +918,7 @@ def _train(run: TrainingRun, data: Path, classes: list[str], model_kwargs: dict[
             **plan.record(),
             "lr": lr,
             "bad_files": len(run.bad_files()),  # training files skipped (on_bad: skip)
+            "code_versions": run.code_versions(num_updates),  # each segment's code: {version, from_step, to_step}
             "config": cfg.to_dict(),
         }
         if teacher_eval is not None:

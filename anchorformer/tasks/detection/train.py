@@ -39,14 +39,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Subset
 
 from ...data.coco import CocoDetection, Compose, LargeScaleJitter, RandomHorizontalFlip, detection_collate
 from ...engine.batching import plan_batch
-from ...engine.checkpoint import capture_rng_state, load_training_checkpoint, restore_rng_state, save_training_state
+from ...engine.checkpoint import load_training_checkpoint, restore_rng_state, save_training_state
 from ...engine.distributed import DistInfo, barrier, cleanup_distributed, init_distributed, unwrap_model
 from ...engine.launch import launch_if_several
 from ...engine.logging import MetricLogger, progress
+from ...engine.preempt import ResumableSampler
 from ...engine.recipe import load_preset_with_entry, load_recipe
 from ...engine.seeding import seed_everything, seed_worker
 from ...engine.timings import TIMINGS, RunClock, format_seconds, write_timings
@@ -568,11 +569,12 @@ def _train(run: TrainingRun, data_root: Path, backbone_ckpt: Any) -> dict[str, A
         else None
     )
     gen = torch.Generator()
+    # the order of DataLoader(shuffle=True, generator=gen); a resumed epoch skips what it trained on
+    order = ResumableSampler(sampler if sampler is not None else RandomSampler(train_set, generator=gen))
     loader = DataLoader(
         train_set,
         batch_size=plan.per_device,
-        shuffle=sampler is None,
-        sampler=sampler,
+        sampler=order,
         num_workers=int(cfg.get("num_workers", 0)),
         collate_fn=_collate,
         drop_last=False,
@@ -594,7 +596,7 @@ def _train(run: TrainingRun, data_root: Path, backbone_ckpt: Any) -> dict[str, A
     milestones = [int(s) * iters_per_epoch for s in cfg["lr_steps"]]
     lr_at = _lr_lambda(int(cfg["warmup_iters"]), float(cfg["warmup_factor"]), milestones, float(cfg["lr_gamma"]))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
-    start_epoch, it = 0, 0
+    start_epoch, it, epoch_step = 0, 0, 0
     if latest is not None:
         state = latest
         model.load_state_dict(state["model"])
@@ -603,8 +605,10 @@ def _train(run: TrainingRun, data_root: Path, backbone_ckpt: Any) -> dict[str, A
         start_epoch, it = int(state["epoch"]), int(state["iteration"])
         for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
             group["lr"] = base_lr * lr_at(it)  # this run's schedule (it may have more epochs)
-        restore_rng_state(state["rng"])
+        epoch_step = int(state.get("epoch_step", 0))  # optimizer steps done inside the next epoch
+        restore_rng_state(run.own_rng(state["rng"]))
         _logger.info("resumed from %s (epoch %d, iteration %d)", run.start.checkpoint, start_epoch, it)
+        run.resumed_at(it)
     train_model: nn.Module = model
     if info.is_distributed:
         train_model = nn.parallel.DistributedDataParallel(
@@ -623,85 +627,113 @@ def _train(run: TrainingRun, data_root: Path, backbone_ckpt: Any) -> dict[str, A
             {"config": cfg.to_dict(), "detector_config": det_cfg.to_dict(), **macs_info, **plan.record(), "lr": lr},
         )
 
-    clock = RunClock(total_iters, it)  # the ETA counts optimizer steps
-    for epoch in range(start_epoch, epochs):
-        train_model.train()
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        gen.manual_seed(seed + epoch)  # the same order after a resume
-        sums: dict[str, float] = defaultdict(float)
-        count = 0
-        optimizer.zero_grad(set_to_none=True)
-        bar = progress(
-            loader,
-            desc=f"det epoch {epoch + 1}/{epochs}",
-            total=micro_batches,
-            unit="img",
-            unit_scale=loader.batch_size or 1,
+    def save(epochs_done: int, steps_in: int, sums: Mapping[str, float], count: int) -> Path | None:
+        """The training state after iteration ``it`` (``steps_in`` optimizer steps into the epoch
+        after ``epochs_done``), written by rank 0 (called on every rank)."""
+        rng = run.rng_state()
+        if not info.is_main:
+            return None
+        return save_training_state(
+            out,
+            it,
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "epoch": epochs_done,
+                "iteration": it,
+                "epoch_step": steps_in,
+                "epoch_sums": dict(sums),  # the running means of the epoch's log lines
+                "epoch_count": count,
+                "rng": rng,
+                "logged": logger.rows,  # the curves, rewritten from here on resume
+                "detector_config": det_cfg.to_dict(),
+                "cat_ids": list(base.cat_ids),
+                "config": cfg.to_dict(),
+                "code_versions": run.code_versions(it),
+            },
+            int(cfg.keep_checkpoints),
         )
-        for j, (images, targets) in enumerate(bar):
-            if j >= micro_batches:
-                break
-            images = [im.to(device, non_blocking=True) for im in images]
-            targets = _to_device(sanitize_targets(targets, with_masks=with_masks), device)
-            step_now = (j + 1) % accum == 0
-            sync = nullcontext() if step_now or not hasattr(train_model, "no_sync") else train_model.no_sync()
-            with sync:
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                    losses = train_model(images, targets)
-                loss = sum(losses.values())
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"loss is {loss.item()} at iteration {it} (epoch {epoch + 1}): {dict((k, float(v)) for k, v in losses.items())}"
-                    )
-                (loss / accum if accum > 1 else loss).backward()
-            count += 1
-            for k, v in losses.items():
-                sums[k] += float(v.detach())
-            sums["loss"] += float(loss.detach())
-            if not step_now:
-                continue
-            if clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), float(clip))
-            optimizer.step()
+
+    clock = RunClock(total_iters, it)  # the ETA counts optimizer steps
+    preemption = run.preemption()
+    with preemption:
+        for epoch in range(start_epoch, epochs):
+            train_model.train()
+            if sampler is not None:
+                sampler.set_epoch(epoch)
+            gen.manual_seed(seed + epoch)  # the same order after a resume
+            first = epoch_step * accum if epoch == start_epoch else 0  # micro-batches trained before a stop
+            order.skip = first * plan.per_device
+            sums: dict[str, float] = defaultdict(float)
+            count = 0
+            if first:
+                sums.update(latest.get("epoch_sums") or {})
+                count = int(latest.get("epoch_count") or 0)
             optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            it += 1
-            if it % log_every == 0 or it == total_iters:
-                logger.log(
-                    {f"train/{k}": v / count for k, v in sums.items()} | {"lr": optimizer.param_groups[-1]["lr"]},
-                    step=it,
-                )
-                clock.lap(it)
-                bar.set_postfix(loss=f"{sums['loss'] / count:.4f}", lr=f"{optimizer.param_groups[-1]['lr']:.3g}")
-                _logger.info(
-                    "epoch %d it %d/%d loss %.4f (%s)",
-                    epoch + 1,
-                    it,
-                    total_iters,
-                    sums["loss"] / count,
-                    clock.progress(),
-                )
-        logger.log({"epoch": epoch + 1, "train/epoch_loss": sums["loss"] / max(1, count)}, step=it)
-        if info.is_main:
-            save_training_state(
-                out,
-                it,
-                {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "epoch": epoch + 1,
-                    "iteration": it,
-                    "rng": capture_rng_state(),
-                    "logged": logger.rows,  # the curves, rewritten from here on resume
-                    "detector_config": det_cfg.to_dict(),
-                    "cat_ids": list(base.cat_ids),
-                    "config": cfg.to_dict(),
-                },
-                int(cfg.keep_checkpoints),
+            batches = progress(
+                loader,
+                desc=f"det epoch {epoch + 1}/{epochs}",
+                total=micro_batches - first,
+                unit="img",
+                unit_scale=loader.batch_size or 1,
             )
-        barrier()
+            for j, (images, targets) in enumerate(batches, start=first):
+                if j >= micro_batches:
+                    break
+                images = [im.to(device, non_blocking=True) for im in images]
+                targets = _to_device(sanitize_targets(targets, with_masks=with_masks), device)
+                step_now = (j + 1) % accum == 0
+                sync = nullcontext() if step_now or not hasattr(train_model, "no_sync") else train_model.no_sync()
+                with sync:
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                        losses = train_model(images, targets)
+                    loss = sum(losses.values())
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(
+                            f"loss is {loss.item()} at iteration {it} (epoch {epoch + 1}): {dict((k, float(v)) for k, v in losses.items())}"
+                        )
+                    (loss / accum if accum > 1 else loss).backward()
+                count += 1
+                for k, v in losses.items():
+                    sums[k] += float(v.detach())
+                sums["loss"] += float(loss.detach())
+                if not step_now:
+                    continue
+                if clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), float(clip))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                it += 1
+                if it % log_every == 0 or it == total_iters:
+                    logger.log(
+                        {f"train/{k}": v / count for k, v in sums.items()} | {"lr": optimizer.param_groups[-1]["lr"]},
+                        step=it,
+                    )
+                    clock.lap(it)
+                    batches.set_postfix(
+                        loss=f"{sums['loss'] / count:.4f}", lr=f"{optimizer.param_groups[-1]['lr']:.3g}"
+                    )
+                    _logger.info(
+                        "epoch %d it %d/%d loss %.4f (%s)",
+                        epoch + 1,
+                        it,
+                        total_iters,
+                        sums["loss"] / count,
+                        clock.progress(),
+                    )
+                if preemption.poll() and j + 1 < micro_batches:  # the epoch's end writes its own checkpoint
+                    path = save(epoch, (j + 1) // accum, sums, count)
+                    preemption.saved()
+                    if preemption.stopping:
+                        preemption.stop(it, path)
+            logger.log({"epoch": epoch + 1, "train/epoch_loss": sums["loss"] / max(1, count)}, step=it)
+            path = save(epoch + 1, 0, {}, 0)
+            preemption.saved()
+            barrier()
+            if preemption.stopping:
+                preemption.stop(it, path)
     train_seconds = clock.elapsed
 
     t_eval = time.perf_counter()
@@ -734,6 +766,7 @@ def _train(run: TrainingRun, data_root: Path, backbone_ckpt: Any) -> dict[str, A
         "lr": lr,
         "bad_files": len(run.bad_files()),  # training files skipped (on_bad: skip)
         "degenerate_boxes": int(base.num_degenerate),  # training annotations dropped for an empty box
+        "code_versions": run.code_versions(it),  # each segment's code: {version, from_step, to_step}
     }
     timings = {
         "train_seconds": round(train_seconds, 1),

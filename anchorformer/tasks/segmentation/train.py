@@ -44,7 +44,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from ...engine.batching import plan_batch
 from ...engine.checkpoint import (
-    capture_rng_state,
     load_training_checkpoint,
     restore_rng_state,
     save_checkpoint,
@@ -471,6 +470,59 @@ def train(
         return _train(run, data, train_set, profile, evaluate, save_predictions, max_eval_images)
 
 
+def _train_step(
+    train_model: nn.Module,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    it: int,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    total: int,
+    cfg: SegRecipe,
+    device: torch.device,
+    plan: Any,
+    logger: MetricLogger,
+    clock: RunClock,
+    last: dict[str, float],
+) -> dict[str, float]:
+    """One optimizer step (iteration ``it``, 0-based) on a global batch: images (B, 3, H, W) and
+    labels (B, H, W) of this process's share; returns the last logged losses."""
+    lr = lr_at(it, total, cfg)
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
+    images = images.to(device, non_blocking=True)
+    labels = labels.to(device, non_blocking=True)
+    # the mean labelled-pixel count per process: the loss is the mean over the global batch
+    normalizer = all_reduce_mean((labels != IGNORE_INDEX).sum().float())
+    optimizer.zero_grad(set_to_none=True)
+    # micro-batches of the process's share: each loss is its pixels' sum / normalizer, so the
+    # accumulated gradient is the whole share's (no division by accum)
+    losses: dict[str, torch.Tensor] = {}
+    for k in range(plan.accum_steps):
+        part = slice(k * plan.per_device, (k + 1) * plan.per_device)
+        last_part = k + 1 == plan.accum_steps
+        sync = nullcontext() if last_part or not hasattr(train_model, "no_sync") else train_model.no_sync()
+        with sync:
+            with _amp_context(cfg, device):
+                micro = train_model(images[part], labels[part], normalizer)
+            if not torch.isfinite(micro["loss"]):
+                raise FloatingPointError(
+                    f"loss is {micro['loss'].item()} at iteration {it + 1}; lower lr or check the data"
+                )
+            micro["loss"].backward()
+        losses = micro if not losses else {key: losses[key] + v.detach() for key, v in micro.items()}
+    if cfg.clip_grad:
+        nn.utils.clip_grad_norm_(model.parameters(), float(cfg.clip_grad))
+    optimizer.step()
+    done = it + 1
+    if done % max(1, int(cfg.log_every)) == 0 or done == total:
+        last = {k: float(all_reduce_mean(v.detach())) for k, v in losses.items()}
+        logger.log({**{f"train/{k}": v for k, v in last.items()}, "train/lr": lr}, step=done)
+        clock.lap(done)
+        _logger.info("iter %d/%d  loss %.4f  lr %.3g  (%s)", done, total, last["loss"], lr, clock.progress())
+    return last
+
+
 def _train(
     run: TrainingRun,
     data: Path,
@@ -486,7 +538,7 @@ def _train(
     device = info.device
     per_device = cfg.device_batch or math.ceil(int(cfg.batch_size) / info.world_size)
     plan = plan_batch(int(cfg.batch_size), per_device, info.world_size)
-    bs, accum = plan.global_batch, plan.accum_steps
+    bs = plan.global_batch
     total = int(cfg.iters)
 
     seed = int(cfg.seed)
@@ -506,8 +558,9 @@ def _train(
         model.load_state_dict(resume_state["model"])
         optimizer.load_state_dict(resume_state["optimizer"])
         start = int(resume_state["iteration"])
-        restore_rng_state(resume_state["rng"])
+        restore_rng_state(run.own_rng(resume_state["rng"]))
         _logger.info("resumed from %s at iteration %d of %d", run.start.checkpoint, start, total)
+        run.resumed_at(start)
 
     train_model: nn.Module = model
     if info.is_distributed:
@@ -527,7 +580,6 @@ def _train(
     )
     logger = MetricLogger.for_run(out, info.is_main, resume_state, start)
     every = int(cfg.checkpoint_every)
-    log_every = max(1, int(cfg.log_every))
     plan.log(_logger)
     _logger.info(
         "training %s + %s on %d images, %d iterations of %d crops, %d process(es)",
@@ -536,56 +588,38 @@ def _train(
     clock = RunClock(total, start)
     last = _last_logged_losses((resume_state or {}).get("logged") or [])  # a finished run resumed: its final loss
     train_model.train()
-    per_process = max(1, bs // info.world_size)  # images per iteration on this process
-    bar = progress(loader, desc="train seg", total=len(loader), unit="img", unit_scale=per_process)
-    for it, (images, labels) in enumerate(bar, start=start):
-        lr = lr_at(it, total, cfg)
-        for g in optimizer.param_groups:
-            g["lr"] = lr * g.get("lr_scale", 1.0)
-        images = images.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
-        # the mean labelled-pixel count per process: the loss is the mean over the global batch
-        normalizer = all_reduce_mean((labels != IGNORE_INDEX).sum().float())
-        optimizer.zero_grad(set_to_none=True)
-        # micro-batches of the process's share: each loss is its pixels' sum / normalizer, so the
-        # accumulated gradient is the whole share's (no division by accum)
-        losses: dict[str, torch.Tensor] = {}
-        for k in range(accum):
-            part = slice(k * plan.per_device, (k + 1) * plan.per_device)
-            last_part = k + 1 == accum
-            sync = nullcontext() if last_part or not hasattr(train_model, "no_sync") else train_model.no_sync()
-            with sync:
-                with _amp_context(cfg, device):
-                    micro = train_model(images[part], labels[part], normalizer)
-                if not torch.isfinite(micro["loss"]):
-                    raise FloatingPointError(
-                        f"loss is {micro['loss'].item()} at iteration {it + 1}; lower lr or check the data"
-                    )
-                micro["loss"].backward()
-            losses = micro if not losses else {key: losses[key] + v.detach() for key, v in micro.items()}
-        if cfg.clip_grad:
-            nn.utils.clip_grad_norm_(model.parameters(), float(cfg.clip_grad))
-        optimizer.step()
-        done = it + 1
-        if done % log_every == 0 or done == total:
-            last = {k: float(all_reduce_mean(v.detach())) for k, v in losses.items()}
-            logger.log({**{f"train/{k}": v for k, v in last.items()}, "train/lr": lr}, step=done)
-            clock.lap(done)
-            bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{lr:.3g}")
-            _logger.info("iter %d/%d  loss %.4f  lr %.3g  (%s)", done, total, last["loss"], lr, clock.progress())
-        if info.is_main and (done % every == 0 or done == total):
-            state = {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "iteration": done,
-                "total_iters": total,
-                "rng": capture_rng_state(),
-                "logged": logger.rows,  # the curves, rewritten from here on resume
-                "config": cfg.to_dict(),
-                "model_config": model.config,
-                "profile": profile,
-            }
-            save_training_state(out, done, state, int(cfg.keep_checkpoints))
+    preemption = run.preemption()
+    with preemption:
+        per_process = max(1, bs // info.world_size)  # images per iteration on this process
+        bar = progress(loader, desc="train seg", total=len(loader), unit="img", unit_scale=per_process)
+        for it, (images, labels) in enumerate(bar, start=start):
+            last = _train_step(
+                train_model, model, optimizer, it, images, labels, total, cfg, device, plan, logger, clock, last
+            )
+            done = it + 1
+            if last and (done % max(1, int(cfg.log_every)) == 0 or done == total):
+                bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.3g}")
+            why = preemption.poll()
+            path, due = None, done % every == 0 or done == total or why
+            rng = run.rng_state() if due else None  # every rank's
+            if info.is_main and due:
+                state = {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "iteration": done,
+                    "total_iters": total,
+                    "rng": rng,
+                    "logged": logger.rows,  # the curves, rewritten from here on resume
+                    "config": cfg.to_dict(),
+                    "model_config": model.config,
+                    "profile": profile,
+                    "code_versions": run.code_versions(done),
+                }
+                path = save_training_state(out, done, state, int(cfg.keep_checkpoints))
+            if due:
+                preemption.saved()
+            if preemption.stopping:
+                preemption.stop(done, path)
     timings = {"train_time_s": round(clock.elapsed, 2), "first_iteration": start + 1}  # a resumed run times its part
     barrier()
     final = out / "model.pth"
@@ -599,9 +633,10 @@ def _train(
         **plan.record(),
         "bad_files": len(run.bad_files()),  # training files skipped (on_bad: skip)
         **complexity,
+        "code_versions": run.code_versions(total),  # each segment's code: {version, from_step, to_step}
         "checkpoint": str(final),
     }
-    logger.summary({k: v for k, v in summary.items() if k != "checkpoint"})
+    logger.summary({k: v for k, v in summary.items() if k not in ("checkpoint", "code_versions")})
     logger.close()
     if not (cfg.eval_at_end if evaluate is None else evaluate):
         if info.is_main:
@@ -623,6 +658,7 @@ def _train(
             "iters": total,
             "bad_files": summary["bad_files"],
             **complexity,
+            "code_versions": summary["code_versions"],
         },
     )
 
