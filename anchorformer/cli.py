@@ -102,6 +102,23 @@ def _add_task_parsers(train: Any, evaluate: Any) -> None:
         e.set_defaults(func=module.cli_eval)
 
 
+# What only a training run leaves in its folder: ``eval --out`` there would replace its metrics.json.
+_TRAINING_RUN_FILES = (".run.lock", "checkpoints", "model.pth", "model.safetensors", "history.json")
+
+
+def _refuse_training_run_out(args: argparse.Namespace) -> None:
+    """``eval --out`` must not be a training run's folder (its metrics.json and timings.json)."""
+    out = getattr(args, "out", None)
+    if args.command != "eval" or out is None:
+        return
+    found = [name for name in _TRAINING_RUN_FILES if os.path.lexists(os.path.join(out, name))]
+    if found:
+        raise ValueError(
+            f"--out {out} holds a training run ({', '.join(found)}); eval would replace its metrics.json: "
+            f"give eval its own folder, e.g. --out {os.path.join(out, 'eval')}"
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="anchorformer",
@@ -133,6 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     debug = args.debug or os.environ.get("ANCHORFORMER_DEBUG", "") not in ("", "0")
     try:
+        _refuse_training_run_out(args)
         rc = args.func(args)
     except (ValueError, OSError, KeyError) as e:
         # Bad input or a file system that refuses (disk full, no rights): one clear line, no

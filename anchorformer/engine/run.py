@@ -205,6 +205,24 @@ def _load_first_good(out: Path) -> tuple[Path | None, dict[str, Any] | None, lis
     return None, None, skipped
 
 
+_TRAINING_KEYS = ("model", "optimizer", "rng")
+
+
+def _load_named(path: Path) -> dict[str, Any]:
+    """The checkpoint ``--resume PATH`` names, read and judged before the run folder is touched."""
+    try:
+        state = load_training_checkpoint(path)
+    except ValueError as e:
+        raise RunFolderError(f"--resume {path}: {e}") from e
+    missing = [k for k in _TRAINING_KEYS if k not in state]
+    if missing:
+        raise RunFolderError(
+            f"--resume {path}: {path.name} holds weights only, not a training checkpoint (no {', '.join(missing)}); "
+            "resume from OUT/checkpoints/checkpoint-*.pth, or start afresh with --resume never"
+        )
+    return state
+
+
 def open_run(
     out_dir: str | os.PathLike,
     *,
@@ -246,6 +264,7 @@ def open_run(
     start = RunStart(out)
     if resume not in RESUME_CHOICES and not Path(resume).is_file():
         raise RunFolderError(f"--resume {resume}: expected auto, never or an existing checkpoint file")
+    named_state = _load_named(Path(resume)) if resume not in RESUME_CHOICES else None
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         if lock:
@@ -278,11 +297,7 @@ def open_run(
                     )
                 return start
         else:
-            path = Path(resume)
-            try:
-                state = load_training_checkpoint(path)
-            except ValueError as e:
-                raise RunFolderError(f"--resume {path}: {e}") from e
+            path, state = Path(resume), named_state
         why = differences(state) if differences is not None else []
         same_code = state.get("code_version") in (None, code_version())
         if resume == "auto" and if_different == "restart" and (why or not same_code):

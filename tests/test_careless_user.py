@@ -1,0 +1,96 @@
+"""A careless user's commands (issue 28): nothing touched that a command did not create, every
+error one line, a normal import leaves the pipeline clean.
+
+Each test drives the real command line: ``anchorformer.cli.main`` in-process (the console
+script's function), ``python -m anchorformer`` or ``scripts/repro.py`` in real processes. The rows
+are those of the reliability table in the README ("What a careless user meets").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from test_run_folder_cli import _argv, datasets  # noqa: F401 - the module's fixture, reused
+
+from anchorformer.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _error(capsys: pytest.CaptureFixture[str]) -> str:
+    """The command's stderr: exactly one line, without a traceback."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err.strip()
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def cls_run(datasets, tmp_path_factory):  # noqa: F811
+    """A finished one-epoch ``train cls`` run folder (copy it before changing it)."""
+    out = tmp_path_factory.mktemp("runs") / "base"
+    assert main(_argv("cls", datasets / "cls", out, steps=1)) == 0
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Loses data (before): make-mini over a real dataset, eval --out over a run, --resume model.pth
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["imagenet", "coco", "ade20k/ADEChallengeData2016"])
+def test_make_mini_refuses_a_folder_it_did_not_write(tmp_path, capsys, where):
+    """``data make-mini --out DIR`` where DIR/imagenet (coco, ade20k/...) is not a mini set: refused
+    by name before anything is written; the user's file survives."""
+    keep = tmp_path / where / "train" / "mine.txt"
+    keep.parent.mkdir(parents=True)
+    keep.write_text("a real dataset")
+    assert main(["data", "make-mini", "--out", str(tmp_path)]) == 2
+    err = _error(capsys)
+    assert str(tmp_path / where) in err and "mini.json" in err, err
+    assert keep.read_text() == "a real dataset"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [where.split("/")[0]]  # nothing else written
+
+
+def test_make_mini_replaces_its_own_sets(mini_data, tmp_path):
+    """A folder holding the mini sets make-mini wrote is rewritten (same bytes)."""
+    out = tmp_path / "mini"
+    shutil.copytree(mini_data, out)
+    before = _tree(out / "ade20k")
+    assert main(["data", "make-mini", "--out", str(out)]) == 0
+    assert _tree(out / "ade20k") == before
+
+
+def test_eval_refuses_a_training_runs_folder(cls_run, datasets, tmp_path, capsys):  # noqa: F811
+    """``eval cls --out RUN`` would replace the run's metrics.json and timings.json: refused, naming
+    the folder and a folder to use; ``--out RUN/eval`` works and leaves the run as it was."""
+    run = shutil.copytree(cls_run, tmp_path / "base")
+    before = _tree(run)
+    argv = ["eval", "cls", "--data", str(datasets / "cls"), "--checkpoint", str(run / "model.pth")]
+    assert main([*argv, "--out", str(run)]) == 2
+    err = _error(capsys)
+    assert f"--out {run} holds a training run" in err and str(run / "eval") in err, err
+    assert _tree(run) == before
+    assert main([*argv, "--out", str(run / "eval")]) == 0
+    assert json.loads((run / "eval" / "metrics.json").read_text())["top1"] >= 0
+    assert {k: v for k, v in _tree(run).items() if not k.startswith("eval/")} == before
+
+
+def test_resume_from_weights_only_touches_nothing(cls_run, datasets, tmp_path, capsys):  # noqa: F811
+    """``train cls --out RUN --resume RUN/model.pth``: one line saying model.pth holds weights only,
+    before anything in RUN is touched."""
+    run = shutil.copytree(cls_run, tmp_path / "b")
+    before = _tree(run)
+    argv = [*_argv("cls", datasets / "cls", run, steps=1), "--resume", str(run / "model.pth")]
+    assert main(argv) == 2
+    err = _error(capsys)
+    assert "model.pth holds weights only, not a training checkpoint" in err, err
+    assert _tree(run) == before
