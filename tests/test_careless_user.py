@@ -9,7 +9,6 @@ are those of the reliability table in the README ("What a careless user meets").
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
