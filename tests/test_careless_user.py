@@ -9,8 +9,10 @@ are those of the reliability table in the README ("What a careless user meets").
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -107,10 +109,10 @@ def test_dvc_ignores_bytecode_and_the_tests_write_it():
     """.dvcignore keeps ``__pycache__/`` and ``*.pyc`` out of every dependency's hash (asked of DVC
     itself), and the Makefile's targets (``make test``, CI) run with bytecode writing on."""
     paths = ["anchorformer/__pycache__/cli.cpython-311.pyc", "anchorformer/engine/run.pyc", "anchorformer/cli.py"]
-    dvc = [str(Path(os.sys.executable).with_name("dvc")), "check-ignore", *paths]
+    dvc = [str(Path(sys.executable).with_name("dvc")), "check-ignore", *paths]
     res = subprocess.run(dvc, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.stdout.split() == paths[:2], res.stdout + res.stderr
-    probe = "include Makefile\nprobe:\n\t@echo \"[$$PYTHONDONTWRITEBYTECODE]\"\n"
+    probe = 'include Makefile\nprobe:\n\t@echo "[$$PYTHONDONTWRITEBYTECODE]"\n'
     env = {**os.environ, _NO_BYTECODE: "1"}
     res = subprocess.run(["make", "-s", "-f", "-", "probe"], input=probe, cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=60)  # fmt: skip
@@ -125,7 +127,7 @@ def test_importing_the_package_leaves_dvc_status_as_it_was(tmp_path):
     subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True, timeout=120)
     env = {k: v for k, v in os.environ.items() if k != _NO_BYTECODE}
     env.update(PYTHONPATH=str(clone), TRITON_INTERPRET="1", HF_HUB_OFFLINE="1", DVC_NO_ANALYTICS="1")
-    dvc = [str(Path(os.sys.executable).with_name("dvc")), "status", "--json"]
+    dvc = [str(Path(sys.executable).with_name("dvc")), "status", "--json"]
 
     def status() -> dict:
         res = subprocess.run(dvc, cwd=clone, env=env, capture_output=True, text=True, timeout=300)
@@ -135,11 +137,11 @@ def test_importing_the_package_leaves_dvc_status_as_it_was(tmp_path):
     before = status()
     walk = (
         "import importlib, pkgutil, anchorformer\n"
-        "assert anchorformer.__file__.startswith(%r), anchorformer.__file__\n"
+        f"assert anchorformer.__file__.startswith({str(clone)!r}), anchorformer.__file__\n"
         "for m in pkgutil.walk_packages(anchorformer.__path__, 'anchorformer.'):\n"
-        "    importlib.import_module(m.name)\n" % str(clone)
+        "    importlib.import_module(m.name)\n"
     )
-    subprocess.run([os.sys.executable, "-c", walk], cwd=clone, env=env, check=True, timeout=600)
+    subprocess.run([sys.executable, "-c", walk], cwd=clone, env=env, check=True, timeout=600)
     pyc = list((clone / "anchorformer").rglob("__pycache__/*.pyc"))
     assert len(pyc) > 20, "bytecode writing was off"
     assert status() == before
