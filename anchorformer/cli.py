@@ -119,6 +119,26 @@ def _refuse_training_run_out(args: argparse.Namespace) -> None:
         )
 
 
+def _refuse_unsafe_train_out(args: argparse.Namespace) -> None:
+    """``train --out`` must not hold the dataset or a repository: a run folder is the run's alone
+    (``--overwrite`` moves what it holds to ``previous-*/``)."""
+    if args.command != "train":
+        return
+    if args.overwrite and args.resume != "never":
+        raise ValueError(
+            f"--overwrite applies only with --resume never (got --resume {args.resume}): "
+            "add --resume never to start afresh, moving the earlier run to previous-<timestamp>/"
+        )
+    out, data = os.path.realpath(args.out), os.path.realpath(args.data)
+    if data == out or data.startswith(out.rstrip(os.sep) + os.sep):
+        raise ValueError(f"--out {args.out} contains --data {args.data}: give the run a folder of its own")
+    marks = [name for name in (".git", ".dvc") if os.path.lexists(os.path.join(out, name))]
+    if marks:
+        raise ValueError(
+            f"--out {args.out} is a repository ({', '.join(marks)}): give the run a folder of its own, e.g. runs/NAME"
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="anchorformer",
@@ -151,6 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = args.debug or os.environ.get("ANCHORFORMER_DEBUG", "") not in ("", "0")
     try:
         _refuse_training_run_out(args)
+        _refuse_unsafe_train_out(args)
         rc = args.func(args)
     except (ValueError, OSError, KeyError) as e:
         # Bad input or a file system that refuses (disk full, no rights): one clear line, no

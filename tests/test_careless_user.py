@@ -145,3 +145,29 @@ def test_importing_the_package_leaves_dvc_status_as_it_was(tmp_path):
     pyc = list((clone / "anchorformer").rglob("__pycache__/*.pyc"))
     assert len(pyc) > 20, "bytecode writing was off"
     assert status() == before
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad (before): --overwrite with --out . or above --data moved the repository or the dataset
+# ---------------------------------------------------------------------------------------------
+
+
+def test_train_refuses_an_out_holding_the_data_or_a_repository(datasets, tmp_path, capsys, monkeypatch):  # noqa: F811
+    """``--out`` equal to or above ``--data``, or ``--out .`` in a repository: refused in one line,
+    nothing moved; ``--overwrite`` without ``--resume never`` is refused too instead of ignored."""
+    data = shutil.copytree(datasets / "cls", tmp_path / "ds" / "cls")
+    before = _tree(tmp_path)
+    for out in (tmp_path / "ds", data):
+        assert main([*_argv("cls", data, out, steps=1), "--resume", "never", "--overwrite"]) == 2
+        assert f"contains --data {data}" in _error(capsys)
+    repo = tmp_path / "repo"
+    (repo / ".git").mkdir(parents=True)
+    (repo / "src.py").write_text("x = 1\n")
+    monkeypatch.chdir(repo)
+    assert main([*_argv("cls", data, Path("."), steps=1), "--resume", "never", "--overwrite"]) == 2
+    assert "--out . is a repository (.git)" in _error(capsys)
+    assert sorted(p.name for p in repo.iterdir()) == [".git", "src.py"]
+    assert main([*_argv("cls", data, tmp_path / "run", steps=1), "--overwrite"]) == 2
+    assert "--overwrite applies only with --resume never" in _error(capsys)
+    assert not (tmp_path / "run").exists()
+    assert {k: v for k, v in _tree(tmp_path).items() if k.startswith("ds/")} == before
