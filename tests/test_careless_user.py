@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from test_run_folder_cli import _argv, datasets  # noqa: F401 - the module's fixture, reused
 
 from anchorformer.cli import main
+from anchorformer.engine.checkpoint import load_training_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,7 +142,7 @@ def test_importing_the_package_leaves_dvc_status_as_it_was(tmp_path):
         "import importlib, pkgutil, anchorformer\n"
         f"assert anchorformer.__file__.startswith({str(clone)!r}), anchorformer.__file__\n"
         "for m in pkgutil.walk_packages(anchorformer.__path__, 'anchorformer.'):\n"
-        "    importlib.import_module(m.name)\n"
+        "    if not m.name.endswith('__main__'): importlib.import_module(m.name)\n"
     )
     subprocess.run([sys.executable, "-c", walk], cwd=clone, env=env, check=True, timeout=600)
     pyc = list((clone / "anchorformer").rglob("__pycache__/*.pyc"))
@@ -171,3 +174,54 @@ def test_train_refuses_an_out_holding_the_data_or_a_repository(datasets, tmp_pat
     assert "--overwrite applies only with --resume never" in _error(capsys)
     assert not (tmp_path / "run").exists()
     assert {k: v for k, v in _tree(tmp_path).items() if k.startswith("ds/")} == before
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad (before): lr=inf, lr=nan and a diverging lr gave FloatingPointError / JSON tracebacks
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("task", "value", "expected"),
+    [
+        ("cls", "lr=inf", "lr=inf (--set lr=inf): expected a finite number"),
+        ("cls", "lr=nan", "lr=nan (--set lr=nan): expected a finite number"),
+        ("det", "lr=.inf", "lr=inf (--set lr=.inf): expected a finite number"),
+        ("seg", "scale_range=[.nan, 1]", "expected finite numbers"),
+        ("cls", "warmup_lr=-.inf", "warmup_lr=-inf (--set warmup_lr=-.inf): expected a finite number"),
+    ],
+)
+def test_non_finite_recipe_values_are_refused_by_key(task, value, expected, datasets, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "run"
+    assert main(["train", task, "--data", str(datasets / task), "--out", str(out), "--set", value]) == 2
+    err = _error(capsys)
+    assert expected in err, err
+    assert not out.exists()
+
+
+def test_divergence_is_one_line_naming_the_step_and_the_kept_checkpoint(datasets, tmp_path, capsys, monkeypatch):  # noqa: F811
+    """A diverging lr (1e30): one line naming the step and the loss, exit 2. A loss that turns
+    infinite in epoch 2 (injected into the step's loss): the first epoch's checkpoint is kept,
+    named, and loads."""
+    out = tmp_path / "run"
+    assert main(_argv("cls", datasets / "cls", out, "lr=1e30", "opt=sgd", "clip_grad=null", steps=1)) == 2
+    err = _error(capsys)
+    assert re.search(r"training diverged: the loss is (nan|inf) at epoch 1, step \d", err), err
+    assert "no checkpoint had been written" in err and not (out / "metrics.json").exists()
+
+    import anchorformer.tasks.classification.train as cls_train
+
+    real = cls_train.check_loss
+    monkeypatch.setattr(
+        cls_train, "check_loss", lambda loss, step: real(loss * (1 if "epoch 1" in step else torch.inf), step)
+    )
+    out = tmp_path / "run2"
+    assert main(_argv("cls", datasets / "cls", out, steps=3)) == 2
+    err = _error(capsys)
+    kept = out / "checkpoints" / "checkpoint-000001.pth"
+    assert "training diverged: the loss is inf at epoch 2, step 1;" in err, err
+    assert f"the last good checkpoint {kept} is kept" in err, err
+    state = load_training_checkpoint(kept)
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [kept.name]
+    assert not (out / "metrics.json").exists()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -214,9 +215,22 @@ def _build(cls: type[R], data: Mapping[str, Any], sources: Mapping[str, str]) ->
     return recipe
 
 
+def _non_finite(value: Any) -> bool:
+    """Whether ``value`` is, or holds (in a list or mapping), an infinite or NaN number."""
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return any(_non_finite(v) for v in value)
+    if isinstance(value, Mapping):
+        return any(_non_finite(v) for v in value.values())
+    return False
+
+
 def _check_range(value: Any, meta: Mapping[str, Any]) -> str | None:
     if value is None:
         return None
+    if _non_finite(value):  # inf and nan pass every comparison below, then fail deep in torch
+        return "finite numbers" if isinstance(value, (list, tuple, Mapping)) else "a finite number"
     choices = meta.get("choices")
     if choices is not None and value not in choices:
         return f"one of {list(choices)}"
