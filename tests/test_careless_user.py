@@ -225,3 +225,31 @@ def test_divergence_is_one_line_naming_the_step_and_the_kept_checkpoint(datasets
     assert all(torch.isfinite(v).all() for v in state["model"].values())
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [kept.name]
     assert not (out / "metrics.json").exists()
+
+
+def test_disk_full_at_the_final_safetensors_is_one_line_and_the_rerun_finishes(
+    datasets,  # noqa: F811
+    tmp_path,
+    capsys,
+    monkeypatch,
+):
+    """``model.safetensors`` written on a full disk (the safetensors writer's own error): the ENOSPC
+    line, naming the file; no temporary file left; the same command, once there is room, finishes."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        raise SafetensorError(
+            'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+        )
+
+    out = tmp_path / "run"
+    argv = _argv("cls", datasets / "cls", out, steps=1)
+    with monkeypatch.context() as m:
+        m.setattr(safetensors.torch, "save_file", full)
+        assert main(argv) == 2
+    err = _error(capsys)
+    assert f"{out / 'model.safetensors'}: cannot write the weights: No space left on device (ENOSPC)" in err, err
+    assert "free some space, then rerun the same command" in err
+    assert not list(out.glob(".*tmp-*")) and not (out / "metrics.json").exists()
+    assert main(argv) == 0 and (out / "model.safetensors").is_file() and (out / "metrics.json").is_file()
