@@ -253,3 +253,52 @@ def test_disk_full_at_the_final_safetensors_is_one_line_and_the_rerun_finishes(
     assert "free some space, then rerun the same command" in err
     assert not list(out.glob(".*tmp-*")) and not (out / "metrics.json").exists()
     assert main(argv) == 0 and (out / "model.safetensors").is_file() and (out / "metrics.json").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad (before): export's tracebacks; minor: --format onnx --out x.pt2
+# ---------------------------------------------------------------------------------------------
+
+EXPORT_NAME = "anchorformer_tiny_patch16_224"
+
+
+class _Evil:
+    """A class a weights-only load refuses to unpickle."""
+
+
+def test_export_errors_are_one_line_naming_the_file(tmp_path, capsys):
+    """Detection and segmentation weights, an unsafe pickle, a truncated file, a pt2 to a place that
+    cannot be written, an ONNX export under a .pt2 name: one line naming the file, exit 2."""
+    import anchorformer
+
+    model = anchorformer.create_model(EXPORT_NAME, depth=1, num_classes=3, img_size=32)
+    good = tmp_path / "model.pth"
+    torch.save(
+        {"model": model.state_dict(), "model_name": EXPORT_NAME, "model_kwargs": {"depth": 1, "num_classes": 3}}, good
+    )
+    files = {
+        "det.pth": ({"model": {}, "detector_config": {"num_classes": 3}, "cat_ids": [1]}, "holds a detection model"),
+        "seg.pth": ({"model": {}, "model_config": {"head": "fpn"}}, "holds a segmentation model"),
+        "evil.pth": ({"model": {}, "x": _Evil()}, "refused as unsafe"),
+    }
+    for name, (state, expected) in files.items():
+        torch.save(state, tmp_path / name)
+    (tmp_path / "cut.pth").write_bytes(good.read_bytes()[:5000])
+    files["cut.pth"] = (None, "cannot be read as weights to export")
+    argv = ["export", "--model", EXPORT_NAME, "--img-size", "32"]
+    for name, (_, expected) in files.items():
+        assert main([*argv, "--checkpoint", str(tmp_path / name), "--out", str(tmp_path / "m.onnx")]) == 2
+        err = _error(capsys)
+        assert str(tmp_path / name) in err and expected in err, err
+    assert main([*argv, "--checkpoint", str(good), "--format", "onnx", "--out", str(tmp_path / "x.pt2")]) == 2
+    assert f"--out {tmp_path / 'x.pt2'}: a .pt2 name for a onnx export; name it {tmp_path / 'x.onnx'}" in _error(capsys)
+    if os.geteuid() == 0:  # root writes through permissions: a place no one can write
+        locked = Path("/proc/anchorformer-export")
+    else:
+        (tmp_path / "ro").mkdir(mode=0o555)
+        locked = tmp_path / "ro" / "sub"
+    out = locked / "m.pt2"
+    assert main([*argv, "--checkpoint", str(good), "--format", "pt2", "--out", str(out)]) == 2
+    err = _error(capsys)
+    assert f"{out}: cannot write the pt2 file" in err, err
+    assert not list(tmp_path.glob("*.onnx")) and not (tmp_path / "x.pt2").exists()
