@@ -281,7 +281,7 @@ def test_export_errors_are_one_line_naming_the_file(tmp_path, capsys):
         "seg.pth": ({"model": {}, "model_config": {"head": "fpn"}}, "holds a segmentation model"),
         "evil.pth": ({"model": {}, "x": _Evil()}, "refused as unsafe"),
     }
-    for name, (state, expected) in files.items():
+    for name, (state, _) in files.items():
         torch.save(state, tmp_path / name)
     (tmp_path / "cut.pth").write_bytes(good.read_bytes()[:5000])
     files["cut.pth"] = (None, "cannot be read as weights to export")
