@@ -302,3 +302,51 @@ def test_export_errors_are_one_line_naming_the_file(tmp_path, capsys):
     err = _error(capsys)
     assert f"{out}: cannot write the pt2 file" in err, err
     assert not list(tmp_path.glob("*.onnx")) and not (tmp_path / "x.pt2").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad (before): COCO records without a field, or with a field of the wrong type
+# ---------------------------------------------------------------------------------------------
+
+
+def _spoil(doc: dict, how: str) -> str:
+    """Spoil ``doc`` (a COCO instances file) as ``how`` says; return what the error must say."""
+    img, ann = doc["images"][0], doc["annotations"][0]
+    if how == "no file_name":
+        del img["file_name"]
+        return f"image {img['id']} has no 'file_name'"
+    if how == "height big":
+        img["height"] = "big"
+        return f"image {img['id']}: height is 'big', expected a positive integer"
+    if how == "no bbox":
+        del ann["bbox"]
+        return f"annotation {ann['id']} (image {ann['image_id']}) has no 'bbox'"
+    ann["bbox"] = ann["bbox"][:3]
+    return f"annotation {ann['id']} (image {ann['image_id']}) bbox {ann['bbox']!r} is not [x, y, width, height]"
+
+
+@pytest.mark.parametrize("how", ["no file_name", "height big", "no bbox", "bbox of 3"])
+def test_coco_records_are_named_in_verify_and_in_training(how, datasets, mini_data, tmp_path, capsys):  # noqa: F811
+    """The file, the image or annotation id and the field named: in ``data verify`` (the complete
+    mini set, its message listing every problem) and in ``train det`` (one line), for the training
+    split's file and for the validation split's."""
+    for split in ("train", "val"):
+        full = tmp_path / split / "mini"
+        shutil.copytree(mini_data / "coco" / "annotations", full / "annotations")
+        shutil.copy(mini_data / "coco" / "mini.json", full)
+        for s in ("train", "val"):
+            (full / f"{s}2017").symlink_to(mini_data / "coco" / f"{s}2017")
+        part = shutil.copytree(datasets / "det", tmp_path / split / "coco")
+        for root in (full, part):
+            ann_file = root / "annotations" / f"instances_{split}2017.json"
+            doc = json.loads(ann_file.read_text())
+            expected = f"{ann_file}: " + _spoil(doc, how)
+            ann_file.write_text(json.dumps(doc))
+            if root == full:
+                assert main(["data", "verify", "coco", str(root), "--no-decode"]) == 2
+                err = capsys.readouterr().err
+                assert expected in err and "Traceback" not in err, err
+            else:
+                assert main(_argv("det", root, tmp_path / split / "run", steps=1)) == 2
+                err = _error(capsys)
+                assert expected in err, err
