@@ -12,8 +12,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -350,3 +352,73 @@ def test_coco_records_are_named_in_verify_and_in_training(how, datasets, mini_da
                 assert main(_argv("det", root, tmp_path / split / "run", steps=1)) == 2
                 err = _error(capsys)
                 assert expected in err, err
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad (before): scripts/repro.py outside the repository, a malformed params.yaml, notebook names;
+# minor: Ctrl-C on repro.py
+# ---------------------------------------------------------------------------------------------
+
+REPRO = ROOT / "scripts" / "repro.py"
+
+
+def _repro(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    return subprocess.run([sys.executable, str(REPRO), *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)  # fmt: skip
+
+
+def test_repro_from_outside_the_repository_and_by_notebook_name(tmp_path):
+    """From a folder outside any repository, repro.py finds its own; a notebook's name (with or
+    without notebooks/ and .ipynb) selects the stages that run it."""
+    res = _repro("--dry", "notebooks/01_complexity.ipynb", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["complexity"], res.stdout
+    res = _repro("--dry", "01_complexity", "no_such_stage", cwd=tmp_path)
+    assert res.returncode == 1 and "no stage named 'no_such_stage'" in res.stderr
+    assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+def test_repro_names_the_line_of_a_malformed_params_yaml(tmp_path):
+    repo = tmp_path / "repo"
+    (repo / ".dvc").mkdir(parents=True)
+    (repo / "dvc.yaml").write_text("stages: {}\n")
+    (repo / "params.yaml").write_text("profile: mini\nseeds: [0, 1\nlr: 3\n")
+    res = _repro("--dry", cwd=repo)
+    err = res.stderr.strip()
+    assert res.returncode == 1 and "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert err.startswith(f"repro.py: {repo / 'params.yaml'}:3: not valid YAML"), err
+
+
+@pytest.mark.slow  # git init, dvc init, a stage started then interrupted: ~25 s on two shared cores
+def test_ctrl_c_on_repro_is_one_line(tmp_path):
+    """Ctrl-C (SIGINT to the terminal's process group) while a stage runs: one line saying what was
+    interrupted and how to go on, exit 130, no traceback."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
+        subprocess.run(cmd, cwd=repo, check=True, capture_output=True)
+    started = tmp_path / "started"
+    (tmp_path / "stage.py").write_text(  # a stage that stops in one line on SIGINT, as the CLI does
+        f"import pathlib, sys, time\npathlib.Path({str(started)!r}).touch()\ntry:\n    time.sleep(120)\n"
+        "except KeyboardInterrupt:\n    sys.exit('stage: interrupted')\n"
+    )
+    cmd = f"{sys.executable} {tmp_path / 'stage.py'}"
+    (repo / "dvc.yaml").write_text(json.dumps({"stages": {"slow": {"cmd": cmd, "outs": ["o.txt"]}}}))
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    proc = subprocess.Popen([sys.executable, str(REPRO)], cwd=repo, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not started.exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert started.exists(), proc.communicate(timeout=5)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, (out, err)
+    assert "Traceback" not in out + err, out + err
+    own = [line for line in (out + err).splitlines() if not line.startswith("[slow")]  # not the stage's lines
+    assert own == ["repro.py: interrupted; the stages that were running were stopped (a training run resumes)"], own
