@@ -139,6 +139,17 @@ def _refuse_unsafe_train_out(args: argparse.Namespace) -> None:
         )
 
 
+def _interrupted(args: argparse.Namespace) -> str:
+    what = " ".join(str(p) for p in (args.command, getattr(args, "task", None) or "") if p)
+    if args.command == "train":
+        return (
+            f"anchorformer {what}: interrupted; the run in {args.out} resumes from its newest checkpoint "
+            "when the same command is run again (--resume auto)"
+        )
+    out = getattr(args, "out", None)
+    return f"anchorformer {what}: interrupted" + (f"; {out} may be incomplete: run the command again" if out else "")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="anchorformer",
@@ -181,6 +192,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"anchorformer {args.command}: error: {msg}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: what stopped and how to go on, in one line
+        if debug:
+            raise
+        print(_interrupted(args), file=sys.stderr)
+        return 130
     return 0 if rc is None or isinstance(rc, dict) else int(rc)
 
 

@@ -422,3 +422,49 @@ def test_ctrl_c_on_repro_is_one_line(tmp_path):
     assert "Traceback" not in out + err, out + err
     own = [line for line in (out + err).splitlines() if not line.startswith("[slow")]  # not the stage's lines
     assert own == ["repro.py: interrupted; the stages that were running were stopped (a training run resumes)"], own
+
+
+# ---------------------------------------------------------------------------------------------
+# Minor (before): Ctrl-C in training printed a traceback
+# ---------------------------------------------------------------------------------------------
+
+_INTERRUPTED = "interrupted; the run in {out} resumes from its newest checkpoint when the same command is run again"
+
+
+def test_ctrl_c_in_training_is_one_line(datasets, tmp_path, capsys, monkeypatch):  # noqa: F811
+    """KeyboardInterrupt in the second epoch: one line naming the run and how it resumes, exit 130."""
+    import anchorformer.tasks.classification.train as cls_train
+
+    real = cls_train.check_loss
+
+    def interrupt(loss, step):
+        if step.startswith("epoch 2"):
+            raise KeyboardInterrupt
+        return real(loss, step)
+
+    monkeypatch.setattr(cls_train, "check_loss", interrupt)
+    out = tmp_path / "run"
+    assert main(_argv("cls", datasets / "cls", out, steps=2)) == 130
+    assert _error(capsys) == "anchorformer train cls: " + _INTERRUPTED.format(out=out) + " (--resume auto)"
+    assert (out / "checkpoints" / "checkpoint-000001.pth").is_file()
+
+
+@pytest.mark.slow  # a real process interrupted, then the same command: ~40 s on two shared cores
+def test_sigint_in_training_then_the_same_command_resumes(datasets, tmp_path):  # noqa: F811
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "anchorformer", *_argv("cls", datasets / "cls", out, steps=8)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "checkpoints" / "checkpoint-000001.pth").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    own = [line for line in err.splitlines() if not re.match(r"\d{4}-\d\d-\d\d ", line)]  # not the log's lines
+    assert "Traceback" not in err and len(own) == 1 and _INTERRUPTED.format(out=out) in own[0], err
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and "resuming from" in res.stderr, res.stderr

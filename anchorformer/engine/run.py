@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .checkpoint import CHECKPOINT_DIR, checkpoint_candidates, code_version, load_training_checkpoint
 
 __all__ = ["LOCK_NAME", "RESUME_CHOICES", "RunFolderError", "RunStart", "open_run", "release_run"]
@@ -205,7 +207,7 @@ def _load_first_good(out: Path) -> tuple[Path | None, dict[str, Any] | None, lis
     return None, None, skipped
 
 
-_TRAINING_KEYS = ("model", "optimizer", "rng")
+_WEIGHT_KEYS = ("model", "state_dict", "model_ema")  # where a file of weights keeps them
 
 
 def _load_named(path: Path) -> dict[str, Any]:
@@ -214,10 +216,12 @@ def _load_named(path: Path) -> dict[str, Any]:
         state = load_training_checkpoint(path)
     except ValueError as e:
         raise RunFolderError(f"--resume {path}: {e}") from e
-    missing = [k for k in _TRAINING_KEYS if k not in state]
-    if missing:
+    weights_only = "optimizer" not in state and (
+        any(k in state for k in _WEIGHT_KEYS) or (state and all(isinstance(v, torch.Tensor) for v in state.values()))
+    )
+    if weights_only:  # a run's model.pth, model.safetensors' twin, timm weights: nothing to resume
         raise RunFolderError(
-            f"--resume {path}: {path.name} holds weights only, not a training checkpoint (no {', '.join(missing)}); "
+            f"--resume {path}: {path.name} holds weights only, not a training checkpoint (no optimizer state); "
             "resume from OUT/checkpoints/checkpoint-*.pth, or start afresh with --resume never"
         )
     return state
