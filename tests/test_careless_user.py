@@ -468,3 +468,31 @@ def test_sigint_in_training_then_the_same_command_resumes(datasets, tmp_path):  
     assert "Traceback" not in err and len(own) == 1 and _INTERRUPTED.format(out=out) in own[0], err
     res = subprocess.run(argv, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and "resuming from" in res.stderr, res.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Minor (before): a resumed run's checkpoint differed in bytes (the pickle memo)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_resumed_run_writes_the_same_bytes_as_an_uninterrupted_one(datasets, tmp_path, capsys, monkeypatch):  # noqa: F811
+    """Interrupted in epoch 2 and resumed from checkpoint 1: checkpoint 2, model.pth and
+    model.safetensors are the same bytes as those of the run that was never interrupted."""
+    import anchorformer.tasks.classification.train as cls_train
+
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    assert main(_argv("cls", datasets / "cls", whole, steps=2)) == 0
+    real = cls_train.check_loss
+
+    def interrupt(loss, step):
+        if step.startswith("epoch 2"):
+            raise KeyboardInterrupt
+        return real(loss, step)
+
+    with monkeypatch.context() as m:
+        m.setattr(cls_train, "check_loss", interrupt)
+        assert main(_argv("cls", datasets / "cls", resumed, steps=2)) == 130
+    capsys.readouterr()
+    assert main(_argv("cls", datasets / "cls", resumed, steps=2)) == 0
+    for name in ("checkpoints/checkpoint-000002.pth", "model.pth", "model.safetensors"):
+        assert (resumed / name).read_bytes() == (whole / name).read_bytes(), name
