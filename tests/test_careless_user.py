@@ -496,3 +496,22 @@ def test_a_resumed_run_writes_the_same_bytes_as_an_uninterrupted_one(datasets, t
     assert main(_argv("cls", datasets / "cls", resumed, steps=2)) == 0
     for name in ("checkpoints/checkpoint-000002.pth", "model.pth", "model.safetensors"):
         assert (resumed / name).read_bytes() == (whole / name).read_bytes(), name
+
+
+# ---------------------------------------------------------------------------------------------
+# Minor (before): num_workers changed the results
+# ---------------------------------------------------------------------------------------------
+
+
+def test_num_workers_is_part_of_the_recipe_that_resume_compares(datasets, tmp_path, capsys):  # noqa: F811
+    """0 and 2 loader workers train different weights (the same seed otherwise), so a run is not
+    resumed with another num_workers: refused in one line naming the key and both values."""
+    runs = {}
+    for workers in (0, 2):
+        out = tmp_path / f"w{workers}"
+        assert main(_argv("cls", datasets / "cls", out, f"num_workers={workers}", steps=1)) == 0
+        runs[workers] = load_training_checkpoint(out / "model.pth")["model"]
+    assert not all(torch.equal(runs[0][k], runs[2][k]) for k in runs[0])  # why it is in the recipe
+    assert main(_argv("cls", datasets / "cls", tmp_path / "w0", "num_workers=2", steps=2)) == 2
+    err = _error(capsys)
+    assert "another recipe" in err and "num_workers: checkpoint 0 vs now 2" in err, err

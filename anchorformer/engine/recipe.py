@@ -429,7 +429,9 @@ class TaskRecipe(Recipe):
     threads: int | None = setting(ge=1, resumable=True)  # torch intra-op threads per process; null: default
     amp: bool = setting()  # autocast (bf16) on CUDA; on the CPU only when device is cpu and amp is set
     seed: int = setting(ge=0)
-    num_workers: int = setting(ge=0, resumable=True)  # data-loader processes per training process
+    # data-loader processes per training process: part of the recipe (not resumable), since the
+    # trained weights differ with it (measured on the CPU: 0 vs 2 workers, same seed)
+    num_workers: int = setting(ge=0)
     # a training file that does not decode: fail (one line naming it) | skip (logged, counted in
     # metrics.json, listed in OUT/bad_files.jsonl); resumable, so that a run stopped by a bad file
     # can go on with skip. Evaluation always fails on a bad file (its numbers must cover the split).
