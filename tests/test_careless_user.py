@@ -515,3 +515,42 @@ def test_num_workers_is_part_of_the_recipe_that_resume_compares(datasets, tmp_pa
     assert main(_argv("cls", datasets / "cls", tmp_path / "w0", "num_workers=2", steps=2)) == 2
     err = _error(capsys)
     assert "another recipe" in err and "num_workers: checkpoint 0 vs now 2" in err, err
+
+
+@pytest.mark.parametrize(
+    ("task", "value", "expected"),
+    [
+        ("cls", "model_sizes.tiny.depth=0", "model_sizes.tiny.depth=0: expected an integer >= 1"),
+        ("det", "model_sizes.tiny.num_heads=0", "model_sizes.tiny.num_heads=0: expected an integer >= 1"),
+        ("seg", "model_kwargs={depth: 0}", "model_kwargs.depth=0: expected an integer >= 1"),
+    ],
+)
+def test_a_backbone_without_blocks_is_refused(task, value, expected, datasets, tmp_path, capsys):  # noqa: F811
+    """``depth=0`` trained a model without blocks, at chance: refused before anything runs."""
+    out = tmp_path / "run"
+    assert main(["train", task, "--data", str(datasets / task), "--out", str(out), "--set", value]) == 2
+    assert expected in _error(capsys)
+    assert not out.exists()
+
+
+def test_a_failed_stage_names_the_git_checkout_of_its_removed_outputs(tmp_path):
+    """DVC removes a stage's outputs before running it; those kept by git (``cache: false``) are
+    not restored by ``dvc checkout``: the failure's hint names ``git checkout -- PATHS`` too."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("run_stage", ROOT / "scripts" / "run_stage.py")
+    run_stage = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_stage)
+    repo = tmp_path / "repo"
+    (repo / "outputs" / "cls").mkdir(parents=True)
+    (repo / "outputs" / "cls" / "table.md").write_text("| a |\n")
+    (repo / "outputs" / "cls" / "kept.json").write_text("{}\n")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    for cmd in (["init", "-q"], ["add", "."], ["commit", "-qm", "outputs"]):
+        subprocess.run([*git, *cmd], cwd=repo, check=True, capture_output=True)
+    (repo / "outputs" / "cls" / "table.md").unlink()
+    hint = run_stage.restore_hint("cls-e1", cwd=repo)
+    assert hint == (
+        " (`dvc checkout cls-e1` restores the stage's previous cached outputs, "
+        "`git checkout -- outputs/cls/table.md` its git-tracked ones (1 removed))"
+    ), hint

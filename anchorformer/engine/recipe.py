@@ -405,6 +405,7 @@ def load_recipe(
 _ANCHOR_MODES = ("learned", "pooled")
 _ON_BAD = ("fail", "skip")  # anchorformer.data.files.ON_BAD (not imported: the recipes stay off the data floor)
 _ATTN_IMPLS = ("auto", "reference", "triton")
+_SHAPE_KEYS = ("depth", "embed_dim", "num_heads")  # a backbone's shape, in model_sizes / model_kwargs
 
 
 @dataclasses.dataclass
@@ -441,6 +442,14 @@ class TaskRecipe(Recipe):
 
     def check(self) -> list[str]:
         problems = super().check()
+        shapes = [(f"model_sizes.{size}", v) for size, v in (self.model_sizes or {}).items()]
+        for where, kw in [*shapes, ("model_kwargs", self.model_kwargs or {})]:
+            if not isinstance(kw, Mapping):
+                continue
+            for key in _SHAPE_KEYS:  # depth=0 would train a model without blocks, at chance
+                v = kw.get(key)
+                if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+                    problems.append(f"{where}.{key}={v!r}: expected an integer >= 1")
         if self.num_anchors is not None:
             try:
                 check_num_anchors(self.num_anchors)
