@@ -10,6 +10,9 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export HF_HUB_OFFLINE := 1
 export DVC_NO_ANALYTICS := 1
 export PYTHONHASHSEED := 0
+# Bytecode writing on (some machines set PYTHONDONTWRITEBYTECODE, which would hide a __pycache__/
+# written beside the stages' sources): the tests then check that .dvcignore keeps it out of DVC.
+unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: env repro test test-slow test-all test-fast test-notebooks test-lab lab-browser lint lab clean-venv
 

@@ -105,6 +105,54 @@ def _add_task_parsers(train: Any, evaluate: Any) -> None:
         e.set_defaults(func=module.cli_eval)
 
 
+# What only a training run leaves in its folder: ``eval --out`` there would replace its metrics.json.
+_TRAINING_RUN_FILES = (".run.lock", "checkpoints", "model.pth", "model.safetensors", "history.json")
+
+
+def _refuse_training_run_out(args: argparse.Namespace) -> None:
+    """``eval --out`` must not be a training run's folder (its metrics.json and timings.json)."""
+    out = getattr(args, "out", None)
+    if args.command != "eval" or out is None:
+        return
+    found = [name for name in _TRAINING_RUN_FILES if os.path.lexists(os.path.join(out, name))]
+    if found:
+        raise ValueError(
+            f"--out {out} holds a training run ({', '.join(found)}); eval would replace its metrics.json: "
+            f"give eval its own folder, e.g. --out {os.path.join(out, 'eval')}"
+        )
+
+
+def _refuse_unsafe_train_out(args: argparse.Namespace) -> None:
+    """``train --out`` must not hold the dataset or a repository: a run folder is the run's alone
+    (``--overwrite`` moves what it holds to ``previous-*/``)."""
+    if args.command != "train":
+        return
+    if args.overwrite and args.resume != "never":
+        raise ValueError(
+            f"--overwrite applies only with --resume never (got --resume {args.resume}): "
+            "add --resume never to start afresh, moving the earlier run to previous-<timestamp>/"
+        )
+    out, data = os.path.realpath(args.out), os.path.realpath(args.data)
+    if data == out or data.startswith(out.rstrip(os.sep) + os.sep):
+        raise ValueError(f"--out {args.out} contains --data {args.data}: give the run a folder of its own")
+    marks = [name for name in (".git", ".dvc") if os.path.lexists(os.path.join(out, name))]
+    if marks:
+        raise ValueError(
+            f"--out {args.out} is a repository ({', '.join(marks)}): give the run a folder of its own, e.g. runs/NAME"
+        )
+
+
+def _interrupted(args: argparse.Namespace) -> str:
+    what = " ".join(str(p) for p in (args.command, getattr(args, "task", None) or "") if p)
+    if args.command == "train":
+        return (
+            f"anchorformer {what}: interrupted; the run in {args.out} resumes from its newest checkpoint "
+            "when the same command is run again (--resume auto)"
+        )
+    out = getattr(args, "out", None)
+    return f"anchorformer {what}: interrupted" + (f"; {out} may be incomplete: run the command again" if out else "")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="anchorformer",
@@ -136,6 +184,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     debug = args.debug or os.environ.get("ANCHORFORMER_DEBUG", "") not in ("", "0")
     try:
+        _refuse_training_run_out(args)
+        _refuse_unsafe_train_out(args)
         rc = args.func(args)
     except (ValueError, OSError, KeyError) as e:
         # Bad input or a file system that refuses (disk full, no rights): one clear line, no
@@ -145,6 +195,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"anchorformer {args.command}: error: {msg}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: what stopped and how to go on, in one line
+        if debug:
+            raise
+        print(_interrupted(args), file=sys.stderr)
+        return 130
     return 0 if rc is None or isinstance(rc, dict) else int(rc)
 
 

@@ -18,8 +18,11 @@ Check an ONNX file against PyTorch with :func:`check_onnx` (onnxruntime, CPU).
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from .models.anchorformer import MODEL_NAMES
-from .models.checkpoint import load_checkpoint, read_state_dict
+from .models.checkpoint import describe_load_error, load_checkpoint, read_state_dict
 from .models.factory import create_model
 
 __all__ = ["FORMATS", "build_model", "check_onnx", "export_model", "register"]
@@ -38,21 +41,36 @@ FORMATS = ("onnx", "pt2")
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 
 
+# What a detection or segmentation run's weights record (the classification export cannot take them).
+_OTHER_TASKS = {"detector_config": "detection", "model_config": "segmentation"}
+_SUFFIXES = {"onnx": ".onnx", "pt2": ".pt2"}
+
+
 def _checkpoint_model_args(path: Path) -> tuple[str | None, dict[str, Any]]:
     """The model name and constructor arguments a checkpoint records (training ``model.pth`` or a
     ``model.safetensors`` written by :func:`anchorformer.models.save_safetensors`), if any."""
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        name = meta.get("model_name")
-        kwargs = json.loads(meta["model_kwargs"]) if "model_kwargs" in meta else {}
-        return name, kwargs
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and isinstance(state.get("model_name"), str):
-        return state["model_name"], dict(state.get("model_kwargs") or {})
-    return None, {}
+            with safe_open(str(path), framework="pt") as f:
+                state: Any = f.metadata() or {}
+            kwargs = json.loads(state["model_kwargs"]) if "model_kwargs" in state else {}
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            kwargs = dict(state.get("model_kwargs") or {}) if isinstance(state, dict) else {}
+    except Exception as e:  # noqa: BLE001 - one line naming the file, as eval gives
+        raise ValueError(f"{path}: cannot be read as weights to export: {describe_load_error(e)}") from e
+    if not isinstance(state, dict):
+        return None, {}
+    for key, task in _OTHER_TASKS.items():
+        if key in state:
+            raise ValueError(
+                f"{path} holds a {task} model ({key}); export takes a classification model "
+                "(the model.pth or model.safetensors of `train cls`, or timm/official weights)"
+            )
+    name = state.get("model_name")
+    return (name if isinstance(name, str) else None), kwargs
 
 
 def build_model(
@@ -129,7 +147,17 @@ def export_model(model: nn.Module, out: str | Path, fmt: str = "onnx", *, dynami
     if fmt not in FORMATS:
         raise ValueError(f"export format must be one of {FORMATS}; got {fmt!r}")
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    other = next((f for f, suffix in _SUFFIXES.items() if f != fmt and out.suffix == suffix), None)
+    if other is not None:
+        raise ValueError(
+            f"--out {out}: a {out.suffix} name for a {fmt} export; name it {out.with_suffix(_SUFFIXES[fmt])}"
+        )
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(out.parent, os.W_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+    except OSError as e:
+        raise OSError(f"{out}: cannot write the {fmt} file: {e.strerror or e}") from e
     model = model.eval()
     x = _example(model)
     dynamic_shapes = ({0: torch.export.Dim("batch", min=1, max=1024)},) if dynamic_batch else None
@@ -145,13 +173,32 @@ def export_model(model: nn.Module, out: str | Path, fmt: str = "onnx", *, dynami
             dynamic_shapes=dynamic_shapes,
             verbose=False,
         )
-        program.save(str(out))
+        _save_atomic(out, fmt, lambda tmp: program.save(tmp))
     else:
         with torch.no_grad():
             program = torch.export.export(model, (x,), dynamic_shapes=dynamic_shapes)
-        torch.export.save(program, str(out))
+        _save_atomic(out, fmt, lambda tmp: torch.export.save(program, tmp))
     _logger.info("exported %s (%s) to %s", type(model).__name__, fmt, out)
     return out
+
+
+def _save_atomic(out: Path, fmt: str, save: Any) -> None:
+    """``save(tmp)`` into a temporary file beside ``out``, then rename it over ``out``; a failed
+    write (no room, no rights) is one line naming ``out`` and leaves it as it was."""
+    tmp = ""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+        os.close(fd)
+        save(tmp)
+        os.replace(tmp, out)
+    except Exception as e:
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
+        raise OSError(f"{out}: cannot write the {fmt} file: {getattr(e, 'strerror', None) or e}") from e
+    except BaseException:
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def check_onnx(path: str | Path, model: nn.Module, images: torch.Tensor) -> float:

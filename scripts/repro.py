@@ -55,6 +55,32 @@ SECONDS_FILE = Path(".dvc") / "tmp" / "repro-seconds.json"
 DEFAULT_SECONDS = 60.0
 
 
+def find_repo(start: Path) -> Path:
+    """The DVC repository holding ``start`` (a folder with ``.dvc/``, looking upwards), or else
+    the one this script belongs to: ``python path/to/scripts/repro.py`` works from anywhere."""
+    for folder in (start, *start.parents):
+        if (folder / ".dvc").is_dir():
+            return folder
+    return ROOT
+
+
+def check_yaml(repo_dir: Path) -> None:
+    """``dvc.yaml`` and ``params.yaml`` parse; otherwise one line naming the file and the line."""
+    import yaml
+
+    for name in ("dvc.yaml", "params.yaml"):
+        path = repo_dir / name
+        if not path.is_file():
+            continue
+        try:
+            yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+            what = " ".join(str(getattr(e, "problem", None) or e).split())
+            raise SystemExit(f"repro.py: {where}: not valid YAML ({what})") from None
+
+
 def load_pipeline(repo_dir: Path):
     """The pipeline's stages: ``{name: (upstream names, exclusive)}`` in ``dvc.yaml`` order.
 
@@ -73,7 +99,14 @@ def load_pipeline(repo_dir: Path):
             if not isinstance(meta, dict):
                 raise SystemExit(f"repro.py: dvc.yaml: stage {stage.addressing}: meta must be a mapping, got {meta!r}")
             stages[stage.addressing] = (upstream, bool(meta.get("exclusive", False)))
+            for dep in getattr(stage, "deps", []):
+                if str(dep.def_path).endswith(".ipynb"):
+                    _NOTEBOOK_STAGES.setdefault(Path(dep.def_path).stem, []).append(stage.addressing)
     return stages
+
+
+# notebook name (``10_classification``) -> the stages that run it, filled by load_pipeline
+_NOTEBOOK_STAGES: dict[str, list[str]] = {}
 
 
 def select(stages: dict, targets: list[str]) -> dict:
@@ -86,6 +119,8 @@ def select(stages: dict, targets: list[str]) -> dict:
     wanted, todo = set(), []
     for target in targets:
         hits = [n for n in stages if n == target or n.split("@", 1)[0] == target]
+        if not hits:  # a notebook (notebooks/10_classification.ipynb, 10_classification): its stages
+            hits = [n for n in _NOTEBOOK_STAGES.get(Path(target).stem, []) if n in stages]
         if not hits:
             raise SystemExit(f"repro.py: no stage named {target!r} in dvc.yaml (stages: {', '.join(stages)})")
         todo.extend(hits)
@@ -285,10 +320,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("-f", "--force", action="store_true", help="rerun the selected stages even if unchanged")
     parser.add_argument("--dry", action="store_true", help="print the stages in the order they would start")
-    parser.add_argument("--repo", type=Path, default=Path.cwd(), help="the DVC repository (default: here)")
+    parser.add_argument(
+        "--repo", type=Path, default=None, help="the DVC repository (default: the one here, else this script's)"
+    )
     args = parser.parse_args(argv)
 
-    repo_dir = args.repo.resolve()
+    repo_dir = (args.repo or find_repo(Path.cwd())).resolve()
+    check_yaml(repo_dir)
+    os.chdir(repo_dir)  # DVC names stages relative to the working directory
     if args.jobs == "auto":
         jobs = default_jobs(repo_dir)
     else:
@@ -331,5 +370,14 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+def _main() -> int:
+    """:func:`main`, with Ctrl-C one line (a stage's training run resumes at the next start)."""
+    try:
+        return main()
+    except KeyboardInterrupt:
+        print("repro.py: interrupted; rerun the same command to go on (training stages resume)", file=sys.stderr)
+        return 130
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_main())

@@ -42,6 +42,31 @@ def missing_modules(names=REQUIRED):
     return [n for n in names if importlib.util.find_spec(n) is None]
 
 
+def restore_hint(stage, cwd=ROOT):
+    """How to get a failed stage's previous outputs back, in words: ``dvc checkout STAGE`` restores
+    the cached ones; the small ones kept by git (``cache: false``, which DVC removed before the
+    run and cannot restore) come back with ``git checkout -- PATHS``, named here."""
+    import subprocess
+
+    if not stage:
+        return ""
+    try:
+        listed = subprocess.run(
+            ["git", "ls-files", "--deleted", "--", "outputs", "reports"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        listed = []
+    hint = f"`dvc checkout {stage}` restores the stage's previous cached outputs"
+    if listed:
+        shown = " ".join(listed[:8]) + (" ..." if len(listed) > 8 else "")
+        hint += f", `git checkout -- {shown}` its git-tracked ones ({len(listed)} removed)"
+    return f" ({hint})"
+
+
 def ensure_environment(argv):
     """Continue here, run again with ``.venv/bin/python``, or exit 2 with one line saying why."""
     missing = missing_modules()
@@ -51,7 +76,7 @@ def ensure_environment(argv):
         os.environ[REEXEC] = sys.executable
         os.execv(VENV_PYTHON, [VENV_PYTHON, os.path.abspath(__file__)] + list(argv))
     stage = os.environ.get("DVC_STAGE")
-    restore = f" (`dvc checkout {stage}` restores the stage's previous outputs)" if stage else ""
+    restore = restore_hint(stage)
     sys.stderr.write(
         "run_stage.py: {} lacks {}; the pipeline runs in the project's environment: {}{}\n".format(
             sys.executable, ", ".join(missing), HINT, restore
@@ -198,7 +223,11 @@ def main(argv: list[str] | None = None) -> int:
         run(args.notebook, args.output, params, args.cwd, args.kernel, log_output=not args.no_log_output)
     except PapermillExecutionError as e:
         print(f"run_stage.py: {args.notebook} failed in cell {e.exec_count}: {e.ename}: {e.evalue}", file=sys.stderr)
-        print(f"run_stage.py: the executed notebook, with the traceback, is {args.output}", file=sys.stderr)
+        print(
+            f"run_stage.py: the executed notebook, with the traceback, is {args.output}"
+            + restore_hint(os.environ.get("DVC_STAGE")),
+            file=sys.stderr,
+        )
         return 1
     return 0
 

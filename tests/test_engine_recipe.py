@@ -67,9 +67,11 @@ def test_overrides_parse_yaml_dotted_keys_and_numbers():
 
 def test_resumable_settings_and_differences():
     r = resolve_recipe(profile="mini")
-    assert {"num_workers", "device", "attn_impl", "eval_batch_size"} <= ClsRecipe.resumable_keys()
-    stored = r.to_dict() | {"num_workers": 7}
+    assert {"threads", "device", "attn_impl", "eval_batch_size"} <= ClsRecipe.resumable_keys()
+    assert "num_workers" not in ClsRecipe.resumable_keys()  # the weights differ with it
+    stored = r.to_dict() | {"threads": 7}
     assert r.differences(stored) == []
+    assert r.differences(r.to_dict() | {"num_workers": 7}) == [f"num_workers: checkpoint 7 vs now {r.num_workers!r}"]
     assert r.differences(r.to_dict() | {"lr": 0.5}) == [f"lr: checkpoint 0.5 vs now {r.lr!r}"]
 
 

@@ -145,9 +145,7 @@ def test_recipe_layers_and_errors() -> None:
     assert resolve_recipe("full", [], head="upernet", iters=7).iters == 7  # the flag beats the head's recipe
     assert resolve_recipe("full", []).iters == 80000
     # execution and test settings may change when a run is resumed; what it computes may not
-    assert {"log_every", "checkpoint_every", "num_workers", "threads", "eval_at_end", "device"} <= (
-        SegRecipe.resumable_keys()
-    )
+    assert {"log_every", "checkpoint_every", "threads", "eval_at_end", "device"} <= (SegRecipe.resumable_keys())
     assert {"test_mode", "test_scales", "test_flip", "test_stride"} <= SegRecipe.resumable_keys()
     assert not {"lr", "iters", "seed", "model", "head", "crop_size"} & SegRecipe.resumable_keys()
 

@@ -84,11 +84,58 @@ def load_coco_api(ann_file: str | Path) -> COCO:
     missing = [k for k in ("images", "annotations", "categories") if k not in data]
     if missing:
         raise ValueError(f"{ann_file}: not a COCO instances file, missing keys {missing}")
+    _check_records(ann_file, data)
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):
         coco.createIndex()
     return coco
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_records(ann_file: Path, data: dict[str, Any]) -> None:
+    """Every image and annotation record has the fields the loaders read, of the right type:
+    one ValueError naming the file, the record (image or annotation id) and the field."""
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data[key], list):
+            raise ValueError(f"{ann_file}: {key} is a {type(data[key]).__name__}, expected a list")
+    image_fields = {"id": "an integer", "file_name": "a file name", "width": "a positive integer",
+                    "height": "a positive integer"}  # fmt: skip
+    for i, img in enumerate(data["images"]):
+        if not isinstance(img, dict):
+            raise ValueError(f"{ann_file}: images[{i}] is not an object")
+        what = f"image {img['id']}" if "id" in img else f"images[{i}]"
+        for field, expected in image_fields.items():
+            if field not in img:
+                raise ValueError(f"{ann_file}: {what} has no {field!r} ({expected})")
+            v = img[field]
+            ok = (
+                isinstance(v, str) and v != ""
+                if field == "file_name"
+                else isinstance(v, int) and not isinstance(v, bool) and (field == "id" or v > 0)
+            )
+            if not ok:
+                raise ValueError(f"{ann_file}: {what}: {field} is {v!r}, expected {expected}")
+    for i, ann in enumerate(data["annotations"]):
+        if not isinstance(ann, dict):
+            raise ValueError(f"{ann_file}: annotations[{i}] is not an object")
+        what = f"annotation {ann['id']}" if "id" in ann else f"annotations[{i}]"
+        for field in ("id", "image_id", "category_id"):
+            if field not in ann:
+                raise ValueError(f"{ann_file}: {what} has no {field!r}")
+
+
+def bbox_problem(ann: dict[str, Any]) -> str | None:
+    """Why ``ann``'s ``bbox`` is not ``[x, y, width, height]`` (four numbers), or None."""
+    box = ann.get("bbox")
+    if box is None:
+        return "has no 'bbox' ([x, y, width, height])"
+    if not (isinstance(box, (list, tuple)) and len(box) == 4 and all(_is_number(v) for v in box)):
+        return f"bbox {box!r} is not [x, y, width, height] (four numbers)"
+    return None
 
 
 class CocoDetection(BadFilePolicy, Dataset):
@@ -139,7 +186,14 @@ class CocoDetection(BadFilePolicy, Dataset):
                 raise ValueError(
                     f"{self.ann_file}: annotation {ann['id']} refers to image_id {ann['image_id']}, not listed in images"
                 )
-            if _clipped_box(ann, self.coco.imgs[ann["image_id"]]) is None:
+            problem = bbox_problem(ann)
+            if problem is not None:  # skipped with on_bad=skip, as `data verify --on-bad skip` lists it
+                where = f"{self.ann_file}: annotation {ann['id']} (image {ann['image_id']}) {problem}"
+                if self.on_bad != "skip":
+                    raise ValueError(f"{where}; `--set on_bad=skip` skips such annotations")
+                log.warning("bad annotation (skipped): %s", where)
+                self._degenerate.add(ann["id"])
+            elif _clipped_box(ann, self.coco.imgs[ann["image_id"]]) is None:
                 self._degenerate.add(ann["id"])
         self.num_degenerate = len(self._degenerate)
         if self.num_degenerate:

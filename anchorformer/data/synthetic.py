@@ -683,6 +683,25 @@ def make_mini_ade20k(root: str | Path, seed: int = 0, *, num_train: int = 200, n
 # ----------------------------------------------------------------------------------------------
 
 
+def _check_replaceable(name: str, dest: Path) -> None:
+    """Raise ValueError unless ``dest`` is absent or holds a mini set this generator wrote."""
+    if not dest.exists() and not dest.is_symlink():
+        return
+    what = f"data make-mini: {dest} exists and does not hold a mini set written by make-mini"
+    if dest.is_symlink() or not dest.is_dir():
+        raise ValueError(f"{what} (not a folder); move it away or choose another --out")
+    try:
+        manifest = read_mini_manifest(dest)
+    except ValueError:
+        manifest = None
+    if not (
+        isinstance(manifest, dict)
+        and manifest.get("generator") == "anchorformer.data.synthetic"
+        and manifest.get("format") == name
+    ):
+        raise ValueError(f"{what} (no {MINI_MANIFEST} of the {name} mini set); move it away or choose another --out")
+
+
 def make_mini_datasets(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
     """Write the three mini datasets into ``out_dir``.
 
@@ -693,12 +712,16 @@ def make_mini_datasets(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
         ``{"imagenet": out/imagenet, "coco": out/coco, "ade20k": out/ade20k/ADEChallengeData2016}``.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     jobs = [
         ("imagenet", out / "imagenet", make_mini_imagenet),
         ("coco", out / "coco", make_mini_coco),
         ("ade20k", out / "ade20k" / "ADEChallengeData2016", make_mini_ade20k),
     ]
+    # Only a folder this generator wrote is replaced: anything else there (a real dataset, a
+    # user's file) is refused, by name, before anything is written or removed.
+    for name, dest, _ in jobs:
+        _check_replaceable(name, dest)
+    out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
     for name, dest, fn in jobs:
         t0 = time.perf_counter()

@@ -273,10 +273,12 @@ def _verify_coco(
 
 def _unusable_annotation(ann: dict[str, Any], image: dict[str, Any]) -> str | None:
     """Why a COCO annotation cannot be trained on (of image ``image``), or None."""
-    box = ann.get("bbox")
-    ok = isinstance(box, (list, tuple)) and len(box) == 4
-    if not ok or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box):
-        return f"(image {ann.get('image_id')}): bbox {box!r} is not [x, y, width, height]"
+    from .coco import bbox_problem
+
+    problem = bbox_problem(ann)
+    if problem is not None:
+        return f"(image {ann.get('image_id')}) {problem}"
+    box = ann["bbox"]
     x, y, w, h = (float(v) for v in box)
     if w <= 0 or h <= 0:
         return f"(image {ann.get('image_id')}): degenerate box {box} (non-positive width or height)"

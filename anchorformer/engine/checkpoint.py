@@ -27,6 +27,7 @@ import errno
 import hashlib
 import logging
 import os
+import pickle
 import random
 import re
 import tempfile
@@ -102,6 +103,23 @@ def _os_error(exc: BaseException) -> OSError | None:
     return None
 
 
+class _ContentPickler(pickle.Pickler):
+    """A pickler without the memo: an object seen twice is written twice. With the memo, the bytes
+    depend on which equal objects (strings, tuples) are the same object in memory, which differs
+    between a run resumed from a checkpoint and one that was never stopped; without it they depend
+    on the content alone. (Tensors' storages go by ``persistent_id``, shared as before.)"""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fast = True
+
+
+class _content_pickle:  # noqa: N801 - stands in for the pickle module torch.save is given
+    Pickler = _ContentPickler
+    Unpickler = pickle.Unpickler
+    __name__ = "pickle"
+
+
 def _intact(path: Path) -> str:
     """What a failed write of ``path`` left intact, in words."""
     if path.exists():
@@ -133,7 +151,7 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            torch.save(state, f, pickle_module=_content_pickle)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -214,9 +215,22 @@ def _build(cls: type[R], data: Mapping[str, Any], sources: Mapping[str, str]) ->
     return recipe
 
 
+def _non_finite(value: Any) -> bool:
+    """Whether ``value`` is, or holds (in a list or mapping), an infinite or NaN number."""
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return any(_non_finite(v) for v in value)
+    if isinstance(value, Mapping):
+        return any(_non_finite(v) for v in value.values())
+    return False
+
+
 def _check_range(value: Any, meta: Mapping[str, Any]) -> str | None:
     if value is None:
         return None
+    if _non_finite(value):  # inf and nan pass every comparison below, then fail deep in torch
+        return "finite numbers" if isinstance(value, (list, tuple, Mapping)) else "a finite number"
     choices = meta.get("choices")
     if choices is not None and value not in choices:
         return f"one of {list(choices)}"
@@ -391,6 +405,7 @@ def load_recipe(
 _ANCHOR_MODES = ("learned", "pooled")
 _ON_BAD = ("fail", "skip")  # anchorformer.data.files.ON_BAD (not imported: the recipes stay off the data floor)
 _ATTN_IMPLS = ("auto", "reference", "triton")
+_SHAPE_KEYS = ("depth", "embed_dim", "num_heads")  # a backbone's shape, in model_sizes / model_kwargs
 
 
 @dataclasses.dataclass
@@ -415,7 +430,9 @@ class TaskRecipe(Recipe):
     threads: int | None = setting(ge=1, resumable=True)  # torch intra-op threads per process; null: default
     amp: bool = setting()  # autocast (bf16) on CUDA; on the CPU only when device is cpu and amp is set
     seed: int = setting(ge=0)
-    num_workers: int = setting(ge=0, resumable=True)  # data-loader processes per training process
+    # data-loader processes per training process: part of the recipe (not resumable), since the
+    # trained weights differ with it (measured on the CPU: 0 vs 2 workers, same seed)
+    num_workers: int = setting(ge=0)
     # a training file that does not decode: fail (one line naming it) | skip (logged, counted in
     # metrics.json, listed in OUT/bad_files.jsonl); resumable, so that a run stopped by a bad file
     # can go on with skip. Evaluation always fails on a bad file (its numbers must cover the split).
@@ -430,6 +447,14 @@ class TaskRecipe(Recipe):
 
     def check(self) -> list[str]:
         problems = super().check()
+        shapes = [(f"model_sizes.{size}", v) for size, v in (self.model_sizes or {}).items()]
+        for where, kw in [*shapes, ("model_kwargs", self.model_kwargs or {})]:
+            if not isinstance(kw, Mapping):
+                continue
+            for key in _SHAPE_KEYS:  # depth=0 would train a model without blocks, at chance
+                v = kw.get(key)
+                if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+                    problems.append(f"{where}.{key}={v!r}: expected an integer >= 1")
         if self.num_anchors is not None:
             try:
                 check_num_anchors(self.num_anchors)

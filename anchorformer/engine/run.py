@@ -43,6 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .checkpoint import CHECKPOINT_DIR, checkpoint_candidates, code_version, load_training_checkpoint
 
 __all__ = [
@@ -282,6 +284,26 @@ def _load_first_good(out: Path) -> tuple[Path | None, dict[str, Any] | None, lis
     return None, None, skipped
 
 
+_WEIGHT_KEYS = ("model", "state_dict", "model_ema")  # where a file of weights keeps them
+
+
+def _load_named(path: Path) -> dict[str, Any]:
+    """The checkpoint ``--resume PATH`` names, read and judged before the run folder is touched."""
+    try:
+        state = load_training_checkpoint(path)
+    except ValueError as e:
+        raise RunFolderError(f"--resume {path}: {e}") from e
+    weights_only = "optimizer" not in state and (
+        any(k in state for k in _WEIGHT_KEYS) or (state and all(isinstance(v, torch.Tensor) for v in state.values()))
+    )
+    if weights_only:  # a run's model.pth, model.safetensors' twin, timm weights: nothing to resume
+        raise RunFolderError(
+            f"--resume {path}: {path.name} holds weights only, not a training checkpoint (no optimizer state); "
+            "resume from OUT/checkpoints/checkpoint-*.pth, or start afresh with --resume never"
+        )
+    return state
+
+
 def open_run(
     out_dir: str | os.PathLike,
     *,
@@ -328,6 +350,7 @@ def open_run(
     start = RunStart(out)
     if resume not in RESUME_CHOICES and not Path(resume).is_file():
         raise RunFolderError(f"--resume {resume}: expected auto, never or an existing checkpoint file")
+    named_state = _load_named(Path(resume)) if resume not in RESUME_CHOICES else None
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         if lock:
@@ -361,11 +384,7 @@ def open_run(
                     )
                 return start
         else:
-            path = Path(resume)
-            try:
-                state = load_training_checkpoint(path)
-            except ValueError as e:
-                raise RunFolderError(f"--resume {path}: {e}") from e
+            path, state = Path(resume), named_state
         why = differences(state) if differences is not None else []
         stored = state.get("code_version")
         same_code = stored in (None, code_version())

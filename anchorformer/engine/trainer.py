@@ -36,8 +36,15 @@ import torch.distributed as dist
 from ..data.files import read_bad_file_log
 from ..io import write_json_atomic
 from ..models.checkpoint import safetensors_beside
-from .checkpoint import capture_rng_state, code_version, load_training_checkpoint, save_checkpoint
+from .checkpoint import (
+    capture_rng_state,
+    code_version,
+    find_latest_checkpoint,
+    load_training_checkpoint,
+    save_checkpoint,
+)
 from .distributed import DistInfo, barrier, cleanup_distributed, init_distributed
+from .divergence import DivergenceError
 from .preempt import Preemption
 from .recipe import Recipe
 from .run import RunStart, open_run, release_run
@@ -134,6 +141,13 @@ class TrainingRun:
         return found
 
 
+def _kept(out: Path) -> str:
+    """Which checkpoint a run stopped by divergence leaves, in words."""
+    latest = find_latest_checkpoint(out)
+    where = f"the last good checkpoint {latest} is kept" if latest else "no checkpoint had been written"
+    return f"{where}; lower lr (or raise warmup), then start afresh with --resume never --overwrite"
+
+
 @contextmanager
 def training_run(
     recipe: Recipe,
@@ -183,7 +197,10 @@ def training_run(
         elif info.is_main and (out / BAD_FILES).exists():  # left by an attempt that wrote no checkpoint
             (out / BAD_FILES).unlink()
         barrier()  # the log is cleared before any process records in it
-        yield TrainingRun(recipe, out, info, start)
+        try:
+            yield TrainingRun(recipe, out, info, start)
+        except DivergenceError as e:
+            raise DivergenceError(f"{e}; {_kept(out)}") from e
     finally:
         release_run(start)
         torch.set_num_threads(threads)

@@ -15,6 +15,7 @@ Position embeddings are resampled to the model's grid. Files are read without un
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -241,10 +242,41 @@ def save_safetensors(
         save_file(tensors, tmp_name, metadata=header)
         _sort_safetensors_header(tmp_name)
         os.replace(tmp_name, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp_name).unlink(missing_ok=True)
-        raise
+        code = _errno_in(e) if isinstance(e, Exception) else None
+        if code is None:
+            raise
+        # The writer's own error (SafetensorError "IoError(Os { code: 28, ... })") as the one
+        # line a checkpoint write gives: the file, the cause by name, what was left.
+        name = errno.errorcode.get(code, str(code))
+        err = OSError(
+            f"{path}: cannot write the weights: {os.strerror(code)} ({name}); "
+            + (f"{path} is intact (unchanged)" if path.exists() else "nothing was replaced")
+            + ("; free some space, then rerun the same command" if code in (errno.ENOSPC, errno.EDQUOT) else "")
+        )
+        err.errno = code
+        raise err from e
     return path
+
+
+def _errno_in(exc: BaseException) -> int | None:
+    """The errno of a failed write in ``exc``: an OSError in its chain, or the ``code: N`` of an
+    I/O error that a Rust writer (safetensors) reports in words."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno is not None:
+            return e.errno
+        m = re.search(r"\bOs \{ code: (\d+)", str(e))
+        if m:
+            return int(m.group(1))
+        todo += [e.__cause__, e.__context__]
+    return None
 
 
 def _sort_safetensors_header(path: str | os.PathLike) -> None:

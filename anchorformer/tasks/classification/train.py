@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -49,6 +48,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampl
 from ...engine.batching import plan_batch
 from ...engine.checkpoint import load_training_checkpoint, restore_rng_state, save_training_state
 from ...engine.distributed import DistInfo, all_reduce_mean, all_reduce_sum, barrier, unwrap_model
+from ...engine.divergence import check_loss
 from ...engine.launch import launch_if_several
 from ...engine.logging import MetricLogger, progress
 from ...engine.preempt import Preemption, ResumableSampler
@@ -512,9 +512,7 @@ def _train_one_epoch(
             with _autocast(device, cfg):
                 outputs = model(images)
                 loss = criterion(images, outputs, target)
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"non-finite training loss {loss_value} at epoch {epoch + 1}, step {i}")
+            loss_value = check_loss(loss, f"epoch {epoch + 1}, step {i + 1}")
             scaled = loss / accum
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         if do_step:

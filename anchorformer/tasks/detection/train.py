@@ -45,6 +45,7 @@ from ...data.coco import CocoDetection, Compose, LargeScaleJitter, RandomHorizon
 from ...engine.batching import plan_batch
 from ...engine.checkpoint import load_training_checkpoint, restore_rng_state, save_training_state
 from ...engine.distributed import DistInfo, barrier, cleanup_distributed, init_distributed, unwrap_model
+from ...engine.divergence import check_loss
 from ...engine.launch import launch_if_several
 from ...engine.logging import MetricLogger, progress
 from ...engine.preempt import ResumableSampler
@@ -689,10 +690,7 @@ def _train(run: TrainingRun, data_root: Path, backbone_ckpt: Any) -> dict[str, A
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                         losses = train_model(images, targets)
                     loss = sum(losses.values())
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(
-                            f"loss is {loss.item()} at iteration {it} (epoch {epoch + 1}): {dict((k, float(v)) for k, v in losses.items())}"
-                        )
+                    check_loss(loss, f"iteration {it + 1} (epoch {epoch + 1})", losses)
                     (loss / accum if accum > 1 else loss).backward()
                 count += 1
                 for k, v in losses.items():

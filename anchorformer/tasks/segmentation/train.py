@@ -50,6 +50,7 @@ from ...engine.checkpoint import (
     save_training_state,
 )
 from ...engine.distributed import all_reduce_mean, barrier, cleanup_distributed, init_distributed, unwrap_model
+from ...engine.divergence import check_loss
 from ...engine.launch import launch_if_several
 from ...engine.logging import MetricLogger, progress
 from ...engine.recipe import RecipeError, load_preset, load_preset_with_entry, load_recipe
@@ -505,10 +506,7 @@ def _train_step(
         with sync:
             with _amp_context(cfg, device):
                 micro = train_model(images[part], labels[part], normalizer)
-            if not torch.isfinite(micro["loss"]):
-                raise FloatingPointError(
-                    f"loss is {micro['loss'].item()} at iteration {it + 1}; lower lr or check the data"
-                )
+            check_loss(micro["loss"], f"iteration {it + 1}")
             micro["loss"].backward()
         losses = micro if not losses else {key: losses[key] + v.detach() for key, v in micro.items()}
     if cfg.clip_grad:
