@@ -33,6 +33,7 @@ from ..io import write_json_atomic
 from ..models.checkpoint import safetensors_beside
 from .checkpoint import load_training_checkpoint, save_checkpoint
 from .distributed import DistInfo, barrier, cleanup_distributed, init_distributed
+from .numerics import numeric_settings
 from .recipe import Recipe
 from .run import RunStart, open_run, release_run
 
@@ -132,5 +133,6 @@ def finish_run(run: TrainingRun, metrics: Mapping[str, Any], weights: Mapping[st
         if weights is not None:
             save_checkpoint(run.out / "model.pth", dict(weights))
             safetensors_beside(run.out / "model.pth")
-        write_json_atomic(run.out / "metrics.json", dict(metrics))  # last: its presence means the run finished
+        # last: its presence means the run finished; with the CPU numeric path the results followed
+        write_json_atomic(run.out / "metrics.json", {**dict(metrics), "numerics": numeric_settings()})
     barrier()
