@@ -24,6 +24,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from . import cross_host
 from .io import atomic_write_text, write_json_atomic
 from .tables import markdown_table
 from .tasks.classification import results as cls_results
@@ -467,7 +468,17 @@ def _headline_section(doc: _Doc, profile: str | None, e1: list[dict], det: dict 
         "384² (E4); nothing here is trained, so the accuracy and mAP claims do not apply.\n"
     )
     doc.add(headline_markdown([counted[1]]))
-    return {"trained": trained, "counted": [counted[1]]}
+    doc.heading(3, "Across machines")
+    runs = [m for root in RUN_ROOTS for m in collect_metrics(doc.out_dir / root) if _is_run(m["run"])]
+    text, machines = cross_host.machines_markdown(trained, CLAIMS, cross_host.numeric_paths(runs), _verdict)
+    doc.add(text)
+    return {"trained": trained, "counted": [counted[1]], "machines": machines}
+
+
+def _is_run(rel: str) -> bool:
+    """Whether a ``metrics.json`` folder under a run root is a run (not dvclive's copy, not an earlier training)."""
+    parts = Path(rel).parts
+    return "dvclive" not in parts and not any(p.startswith("previous-") for p in parts)
 
 
 def _bench_page(doc: _Doc) -> str:
