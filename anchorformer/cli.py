@@ -21,7 +21,7 @@ through ``add_train_arguments(parser)`` / ``add_eval_arguments(parser)`` and run
 In the mini profile (``train``/``eval`` with ``--profile mini``, ``data make-mini``, ``data stage``)
 the command follows the CPU numeric path of :mod:`anchorformer.engine.numerics`: started without
 its settings in the environment, it runs itself again with them (``python -m anchorformer.cli``),
-since they must be in place before torch and NumPy load. Called as a function (``main(argv)``),
+since they must be in place before torch loads. Called as a function (``main(argv)``),
 it runs as it is.
 
 Errors a user can act on (a bad recipe value, a missing or unreadable file, a folder in use, a

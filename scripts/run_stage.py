@@ -22,9 +22,9 @@ values typed as papermill types them) and adds three things:
    a fixed id, so the same parameters and seed give the same file when the printed values are
    the same.
 4. **One numeric path.** Unless ``-p profile full``, the kernel starts with the CPU settings of
-   ``anchorformer/engine/numerics.py`` in its environment (ATen, oneDNN, MKL and NumPy on their
-   AVX2 code, one thread by default), so that any x86-64 machine with AVX2 computes the same bytes.
-   They must be there before torch and NumPy load, hence here and not in the notebook.
+   ``anchorformer/engine/numerics.py`` in its environment (ATen, oneDNN and MKL on their AVX2
+   code, one thread by default), so that any x86-64 machine with AVX2 computes the same bytes.
+   They must be there before torch loads, hence here and not in the notebook.
 """
 
 from __future__ import annotations

@@ -1,33 +1,35 @@
 """One CPU numeric path for the mini profile: the same bytes on any x86-64 machine with AVX2.
 
-PyTorch, MKL, oneDNN and NumPy pick their vectorised code at run time from the CPU they find, and
-the code paths round differently: on a CPU with AVX-512 ATen's ``gelu``/``softmax`` kernels, oneDNN's
-convolutions and NumPy's ``exp``/``sin`` loops give other last bits than on a CPU with AVX2 only,
-and a few thousand optimizer steps carry those bits into every loss, metric and weight. The
+PyTorch, MKL and oneDNN pick their vectorised code at run time from the CPU they find, and the
+code paths round differently: on a CPU with AVX-512 ATen's ``gelu``/``softmax`` kernels and
+oneDNN's convolutions give other last bits than on a CPU with AVX2 only, and a few thousand
+optimizer steps carry those bits into every loss, metric and weight; a reduction on 2 threads
+gives other bits than on 1 or 4. The
 settings below hold every x86-64 machine to the AVX2 path, which all of them since 2013 (Haswell,
 Zen) have:
 
-=========================  =====================  ==============================================
-variable                   value                  what it pins
-=========================  =====================  ==============================================
-``ATEN_CPU_CAPABILITY``    ``avx2``               ATen's vectorised kernels (elementwise, softmax,
-                                                  norms, reductions; sleef's math)
-``ONEDNN_MAX_CPU_ISA``     ``AVX2``               oneDNN's kernels (convolutions, pooling)
-``MKL_CBWR``               ``AVX2,STRICT``        MKL's code branch (sgemm: ``Linear``, ``matmul``),
-                                                  the same on Intel and AMD CPUs
-``NPY_DISABLE_CPU_FEATURES``  ``X86_V4 AVX512_ICL  NumPy's dispatched loops (``exp``, ``log``,
-                           AVX512_SPR``           ``sin``, ...): the AVX2 (X86_V3) ones
-``OMP_NUM_THREADS``        ``1``                  the default thread count of torch, MKL and
-                                                  OpenBLAS: reductions split the same way on a
-                                                  machine with 2 or 64 cores
-=========================  =====================  ==============================================
+=========================  ================  ===================================================
+variable                   value             what it pins
+=========================  ================  ===================================================
+``ATEN_CPU_CAPABILITY``    ``avx2``          ATen's vectorised kernels (elementwise, softmax,
+                                             norms, reductions; sleef's math)
+``ONEDNN_MAX_CPU_ISA``     ``AVX2``          oneDNN's kernels (convolutions, pooling)
+``MKL_CBWR``               ``AVX2,STRICT``   MKL's code branch (sgemm: ``Linear``, ``matmul``):
+                                             the same on Intel and AMD CPUs
+``OMP_NUM_THREADS``        ``1``             the default thread count of torch and MKL:
+                                             reductions split the same way on a machine with
+                                             2 or 64 cores
+=========================  ================  ===================================================
 
-Every one of them is read when its library starts (NumPy when imported, the others at their first
-call), so they are set in the environment of a new process: :func:`numeric_env` gives that
-environment, ``scripts/run_stage.py`` starts each stage's kernel in it, and the ``anchorformer``
-command runs itself again in it for the mini profile (:func:`reexec_argv`). A run records
-:func:`numeric_settings` in its ``metrics.json`` (the same on every machine that follows the
-path); the machine's own capability goes to ``timings.json`` (:func:`native_capability`).
+NumPy's own dispatched loops (``exp``, ``sin``, ... under ``NPY_DISABLE_CPU_FEATURES``) also round
+otherwise on AVX-512, but no stage computes a result through them, so they are left alone.
+
+Each is read once, when its library first computes, so they are set in the environment of a new
+process: :func:`numeric_env` gives that environment, ``scripts/run_stage.py`` starts each stage's
+kernel in it, and the ``anchorformer`` command runs itself again in it for the mini profile
+(:func:`reexec_argv`). A run records :func:`numeric_settings` in its ``metrics.json`` (the same on
+every machine that follows the path); the machine's own capability goes to ``timings.json``
+(:func:`native_capability`).
 
 ``ANCHORFORMER_NUMERICS=native`` leaves the libraries to pick their fastest code (results then
 depend on the CPU). On other architectures (arm64) none of these variables applies and nothing is
@@ -58,7 +60,6 @@ NUMERIC_ENV: dict[str, str] = {
     "ATEN_CPU_CAPABILITY": "avx2",
     "ONEDNN_MAX_CPU_ISA": "AVX2",
     "MKL_CBWR": "AVX2,STRICT",
-    "NPY_DISABLE_CPU_FEATURES": "X86_V4 AVX512_ICL AVX512_SPR",
     "OMP_NUM_THREADS": "1",
 }
 OPT_OUT = "ANCHORFORMER_NUMERICS"  # "native": leave the libraries their own choice of code
