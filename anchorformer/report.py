@@ -903,7 +903,8 @@ def build_report(
         profile: the profile the stages ran with (``mini`` or ``full``), as the pipeline passes it.
 
     Returns:
-        ``{"markdown": path, "html": path, "metrics": headline.json, "headline": {"trained": rows, "counted": rows},
+        ``{"markdown": path, "html": path, "metrics": headline.json, "headline": {"trained": rows, "counted": rows,
+        "machines": rows (:func:`anchorformer.cross_host.machines_markdown`)},
         "sections": {stage: outputs found}}``.
     """
     out_dir = Path(outputs_dir)

@@ -98,3 +98,42 @@ def test_avx512_code_writes_other_bytes(mini_data, tmp_path):
     got = _outputs(numeric_hashes.run_pipeline(mini_data, tmp_path, {**env, "ANCHORFORMER_NUMERICS": "native"}))
     changed = numeric_hashes.compare(_outputs(numeric_hashes.load_expected()), got)
     assert changed, "AVX-512 code wrote the AVX2 path's bytes: the hashes would not catch another machine"
+
+
+def test_stage_kernels_start_on_the_path_unless_full(tmp_path):
+    import subprocess
+    import sys
+
+    import nbformat
+
+    nb = nbformat.v4.new_notebook(
+        metadata={"kernelspec": {"name": "anchorformer", "display_name": "x", "language": "python"}}
+    )
+    nb.cells = [
+        nbformat.v4.new_code_cell("profile = 'mini'", metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell(
+            "import os, torch\nfrom anchorformer.engine.numerics import NUMERIC_ENV, numeric_settings\n"
+            "print('SEEN', {k: os.environ.get(k) for k in NUMERIC_ENV}, torch.backends.cpu.get_cpu_capability(), "
+            "numeric_settings()['path'])"
+        ),
+    ]
+    nbformat.write(nb, tmp_path / "in.ipynb")
+    env = {k: v for k, v in os.environ.items() if k not in numerics.NUMERIC_ENV}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "run_stage.py"), "in.ipynb", "out.ipynb", "-p", "profile", "mini"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = next(line for line in done.stderr.splitlines() if line.startswith("SEEN"))
+    if numerics.applies(env):
+        assert seen == f"SEEN {numerics.NUMERIC_ENV} AVX2 avx2", seen
+    # the full profile (GPUs) is left as it is
+    with _run_stage_module().numeric_environment(enabled=False) as settings:
+        assert settings == {} and all(os.environ.get(k) == env.get(k) for k in numerics.NUMERIC_ENV)
+
+
+def _run_stage_module():
+    spec = importlib.util.spec_from_file_location("run_stage", ROOT / "scripts" / "run_stage.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
