@@ -6,7 +6,7 @@ Every stage of ``dvc.yaml`` runs a notebook through this script::
         --cwd . -p out_dir outputs/cls/e1/T -p epochs 0 ...
 
 It takes papermill's arguments (input, output, ``--cwd``, ``-p NAME VALUE``, ``-k KERNEL``; the
-values typed as papermill types them) and adds three things:
+values typed as papermill types them) and adds four things:
 
 1. **The environment.** Before anything else, with the standard library only, it checks that this
    interpreter has the pipeline's packages. If not, it runs itself again with the project's
