@@ -5,8 +5,8 @@ code paths round differently: on a CPU with AVX-512 ATen's ``gelu``/``softmax`` 
 oneDNN's convolutions give other last bits than on a CPU with AVX2 only, and a few thousand
 optimizer steps carry those bits into every loss, metric and weight; a reduction on 2 threads
 gives other bits than on 1 or 4. The
-settings below hold every x86-64 machine to the AVX2 path, which all of them since 2013 (Haswell,
-Zen) have:
+settings below hold every x86-64 machine with AVX2 (Intel's since Haswell, 2013; AMD's since
+Excavator and Zen) to the AVX2 path:
 
 =========================  ================  ===================================================
 variable                   value             what it pins
@@ -32,8 +32,9 @@ every machine that follows the path); the machine's own capability goes to ``tim
 (:func:`native_capability`).
 
 ``ANCHORFORMER_NUMERICS=native`` leaves the libraries to pick their fastest code (results then
-depend on the CPU). On other architectures (arm64) none of these variables applies and nothing is
-set: results there are reproducible on the same kind of machine, not equal to x86-64's.
+depend on the CPU). On other architectures (arm64), and on the rare x86-64 CPUs without AVX2, none
+of these settings can hold and nothing is set: results there are reproducible on the same kind of
+machine, not equal to the AVX2 path's.
 
 This module uses the standard library only (``scripts/run_stage.py`` loads it without torch).
 """
@@ -68,10 +69,16 @@ X86_64 = ("x86_64", "amd64")
 
 
 def applies(env: Mapping[str, str] | None = None, machine: str | None = None) -> bool:
-    """Whether the settings apply: an x86-64 machine, and no ``ANCHORFORMER_NUMERICS=native``."""
+    """Whether the settings apply: an x86-64 machine with AVX2, and no ``ANCHORFORMER_NUMERICS=native``.
+
+    ``machine`` names another machine's architecture (its AVX2 then taken for granted); by default
+    this one's, whose CPU must have AVX2 (ATen would run AVX2 code on a CPU without it and crash).
+    """
     env = os.environ if env is None else env
     arch = (machine or platform.machine()).lower()
-    return arch in X86_64 and env.get(OPT_OUT, "").strip().lower() != "native"
+    if arch not in X86_64 or env.get(OPT_OUT, "").strip().lower() == "native":
+        return False
+    return machine is not None or native_capability() in ("AVX2", "AVX512")
 
 
 def numeric_env(env: Mapping[str, str] | None = None, machine: str | None = None) -> dict[str, str]:
