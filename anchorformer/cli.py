@@ -18,6 +18,12 @@ through ``add_train_arguments(parser)`` / ``add_eval_arguments(parser)`` and run
                                      [--epochs N]
     anchorformer eval  {cls,det,seg} --data ROOT --checkpoint PATH --out DIR [--set KEY=VALUE]...
 
+In the mini profile (``train``/``eval`` with ``--profile mini``, ``data make-mini``, ``data stage``)
+the command follows the CPU numeric path of :mod:`anchorformer.engine.numerics`: started without
+its settings in the environment, it runs itself again with them (``python -m anchorformer.cli``),
+since they must be in place before torch loads. Called as a function (``main(argv)``),
+it runs as it is.
+
 Errors a user can act on (a bad recipe value, a missing or unreadable file, a folder in use, a
 bad data file met in training, a full disk) print one line and exit with status 2; ``--debug``
 (or ``ANCHORFORMER_DEBUG=1``) shows the traceback. A training run stopped by SIGTERM or SIGUSR1
@@ -153,6 +159,31 @@ def _interrupted(args: argparse.Namespace) -> str:
     return f"anchorformer {what}: interrupted" + (f"; {out} may be incomplete: run the command again" if out else "")
 
 
+def follows_numeric_path(args: argparse.Namespace) -> bool:
+    """Whether the command computes results of the mini profile (see the module docstring)."""
+    if args.command in ("train", "eval"):
+        return getattr(args, "profile", "mini") == "mini"
+    if args.command == "data":
+        return args.data_command == "make-mini" or (
+            args.data_command == "stage" and getattr(args, "profile", "mini") == "mini"
+        )
+    return False
+
+
+def _reexec_on_numeric_path(args: argparse.Namespace) -> None:
+    """Run this command again with the numeric path's settings when it lacks them (never returns then)."""
+    from .engine import numerics
+
+    if not follows_numeric_path(args):
+        return
+    again = numerics.reexec_argv([sys.executable, "-m", "anchorformer.cli", *sys.argv[1:]])
+    if again is not None:
+        argv, env = again
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(sys.executable, argv, env)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="anchorformer",
@@ -178,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if argv is None:  # the program, not a call from Python: settings before torch computes anything
+        _reexec_on_numeric_path(args)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -25,6 +25,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from . import cross_host
 from .io import atomic_write_text, write_json_atomic
 from .tables import markdown_table
 from .tasks.classification import results as cls_results
@@ -504,7 +505,17 @@ def _headline_section(doc: _Doc, profile: str | None, e1: list[dict], det: dict 
         "384² (E4); nothing here is trained, so the accuracy and mAP claims do not apply.\n"
     )
     doc.add(headline_markdown([counted[1]]))
-    return {"trained": trained, "counted": [counted[1]]}
+    doc.heading(3, "Across machines")
+    runs = [m for root in RUN_ROOTS for m in collect_metrics(doc.out_dir / root) if _is_run(m["run"])]
+    text, machines = cross_host.machines_markdown(trained, CLAIMS, cross_host.numeric_paths(runs), _verdict)
+    doc.add(text)
+    return {"trained": trained, "counted": [counted[1]], "machines": machines}
+
+
+def _is_run(rel: str) -> bool:
+    """Whether a ``metrics.json`` folder under a run root is a run (not dvclive's copy, not an earlier training)."""
+    parts = Path(rel).parts
+    return "dvclive" not in parts and not any(p.startswith("previous-") for p in parts)
 
 
 def _bench_page(doc: _Doc) -> str:
@@ -1032,7 +1043,8 @@ def build_report(
         profile: the profile the stages ran with (``mini`` or ``full``), as the pipeline passes it.
 
     Returns:
-        ``{"markdown": path, "html": path, "metrics": headline.json, "headline": {"trained": rows, "counted": rows},
+        ``{"markdown": path, "html": path, "metrics": headline.json, "headline": {"trained": rows, "counted": rows,
+        "machines": rows (:func:`anchorformer.cross_host.machines_markdown`)},
         "sections": {stage: outputs found}}``.
     """
     out_dir = Path(outputs_dir)

@@ -8,7 +8,8 @@ those notebooks import, transitively: ``import anchorformer.x``, ``from anchorfo
 ``__init__.py`` of every package on the way counts. A non-Python file of the package, such as
 ``anchorformer/configs/cls.yaml``, counts when a module of the closure names its folder
 (``"configs"``) and a module of the closure passes its name or stem (``"cls"``) to a call,
-as in ``load_profile("cls", profile)``.
+as in ``load_profile("cls", profile)``. A stage run by ``scripts/run_stage.py`` also depends on
+``anchorformer/engine/numerics.py``, which the runner reads to set its kernel's numeric path.
 
 Usage (from anywhere in the repository)::
 
@@ -35,6 +36,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "anchorformer"
+RUNNER_MODULES = ("engine.numerics",)  # what scripts/run_stage.py reads for every stage
 SKIP_DIRS = {"__pycache__"}
 SKIP_SUFFIXES = {".pyc", ".pyo"}
 
@@ -283,6 +285,8 @@ def derive(root: Path = ROOT, package: str = PACKAGE) -> list[StageDeps]:
                 raise FileNotFoundError(f"dvc.yaml: stage {name!r} runs {nb}, which does not exist")
             refs.update(notebook_refs(root / nb))
         modules, total = pkg.closure(refs)
+        if "run_stage.py" in stage["cmd"]:
+            modules |= {m for m in (f"{package}.{r}" for r in RUNNER_MODULES) if m in pkg.modules}
         needed = {pkg.modules[m] for m in modules} | pkg.data_files_read(modules, total)
         current = stage["deps"]
         # the entries derived here: the notebooks and the package's files; the others are kept

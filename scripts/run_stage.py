@@ -6,7 +6,7 @@ Every stage of ``dvc.yaml`` runs a notebook through this script::
         --cwd . -p out_dir outputs/cls/e1/T -p epochs 0 ...
 
 It takes papermill's arguments (input, output, ``--cwd``, ``-p NAME VALUE``, ``-k KERNEL``; the
-values typed as papermill types them) and adds three things:
+values typed as papermill types them) and adds four things:
 
 1. **The environment.** Before anything else, with the standard library only, it checks that this
    interpreter has the pipeline's packages. If not, it runs itself again with the project's
@@ -21,6 +21,10 @@ values typed as papermill types them) and adds three things:
    metadata (start and end times, durations) are removed and the injected parameters cell gets
    a fixed id, so the same parameters and seed give the same file when the printed values are
    the same.
+4. **One numeric path.** Unless ``-p profile full``, the kernel starts with the CPU settings of
+   ``anchorformer/engine/numerics.py`` in its environment (ATen, oneDNN and MKL on their AVX2
+   code, one thread by default), so that any x86-64 machine with AVX2 computes the same bytes.
+   They must be there before torch loads, hence here and not in the notebook.
 """
 
 from __future__ import annotations
@@ -101,6 +105,7 @@ from pathlib import Path  # noqa: E402
 from typing import Any, Iterator  # noqa: E402
 
 KERNEL_STARTUP = Path(__file__).resolve().with_name("kernel_startup.py")
+NUMERICS = Path(ROOT) / "anchorformer" / "engine" / "numerics.py"
 TIMING_KEYS = ("start_time", "end_time", "duration")
 
 
@@ -162,6 +167,37 @@ def kernel_of_this_interpreter(name: str) -> Iterator[str]:
                 os.environ["JUPYTER_PATH"] = old
 
 
+def load_numerics() -> Any:
+    """``anchorformer/engine/numerics.py``, loaded by path (standard library only: no torch here)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("anchorformer_numerics", NUMERICS)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@contextlib.contextmanager
+def numeric_environment(enabled: bool = True) -> Iterator[dict[str, str]]:
+    """This process's environment, with the numeric path's settings while inside when ``enabled``
+    (the kernel papermill starts inherits it). Yields the settings it set."""
+    if not enabled:
+        yield {}
+        return
+    numerics = load_numerics()
+    settings = numerics.missing_settings()
+    old = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)
+    try:
+        yield settings
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def notebook_kernel(path: str | Path) -> str:
     """The kernelspec name stored in the notebook ``path`` (``anchorformer`` when it names none)."""
     nb = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -175,17 +211,21 @@ def run(
     cwd: str | Path | None = None,
     kernel: str | None = None,
     log_output: bool = True,
+    numerics: bool | None = None,
 ) -> None:
     """Execute ``notebook`` into ``output`` with ``parameters`` (papermill), then strip its timestamps.
 
     The output folder is created. The output is written (without timestamps) also when a cell
-    fails, and the error is raised.
+    fails, and the error is raised. ``numerics`` (default: unless ``parameters["profile"]`` is
+    ``"full"``): the kernel follows the numeric path of ``anchorformer/engine/numerics.py``.
     """
     import nbformat
     import papermill
 
     Path(output).parent.mkdir(parents=True, exist_ok=True)
-    with kernel_of_this_interpreter(kernel or notebook_kernel(notebook)) as name:
+    if numerics is None:
+        numerics = parameters.get("profile") != "full"
+    with numeric_environment(numerics), kernel_of_this_interpreter(kernel or notebook_kernel(notebook)) as name:
         try:
             papermill.execute_notebook(
                 str(notebook),

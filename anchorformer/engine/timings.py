@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..io import write_json_atomic
+from .numerics import native_capability
 
 __all__ = ["TIMINGS", "RunClock", "format_seconds", "machine_info", "write_timings"]
 
@@ -88,6 +89,8 @@ def machine_info() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "cpu_capability": native_capability(),  # the CPU's own; the results' path is in metrics.json
+        "aten_capability": torch.backends.cpu.get_cpu_capability(),  # the kernels ATen ran
     }
     if torch.cuda.is_available():
         info["cuda_device"] = torch.cuda.get_device_name()

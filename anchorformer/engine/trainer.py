@@ -45,6 +45,7 @@ from .checkpoint import (
 )
 from .distributed import DistInfo, barrier, cleanup_distributed, init_distributed
 from .divergence import DivergenceError
+from .numerics import numeric_settings
 from .preempt import Preemption
 from .recipe import Recipe
 from .run import RunStart, open_run, release_run
@@ -214,5 +215,6 @@ def finish_run(run: TrainingRun, metrics: Mapping[str, Any], weights: Mapping[st
         if weights is not None:
             save_checkpoint(run.out / "model.pth", dict(weights))
             safetensors_beside(run.out / "model.pth")
-        write_json_atomic(run.out / "metrics.json", dict(metrics))  # last: its presence means the run finished
+        # last: its presence means the run finished; with the CPU numeric path the results followed
+        write_json_atomic(run.out / "metrics.json", {**dict(metrics), "numerics": numeric_settings()})
     barrier()

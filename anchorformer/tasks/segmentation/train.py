@@ -53,6 +53,7 @@ from ...engine.distributed import all_reduce_mean, barrier, cleanup_distributed,
 from ...engine.divergence import check_loss
 from ...engine.launch import launch_if_several
 from ...engine.logging import MetricLogger, progress
+from ...engine.numerics import numeric_settings
 from ...engine.recipe import RecipeError, load_preset, load_preset_with_entry, load_recipe
 from ...engine.seeding import seed_everything
 from ...engine.timings import RunClock, write_timings
@@ -778,6 +779,7 @@ def evaluate_segmentation(
         "num_classes_evaluated": result["num_classes_evaluated"],
         "split": split,
         **dict(extra or {}),
+        "numerics": numeric_settings(),
     }
     barrier()
     if info.is_main:
