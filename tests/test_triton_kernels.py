@@ -9,6 +9,7 @@ and use CPU tensors, and fails unless every one of them passed (none skipped).
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -255,6 +256,29 @@ def test_hot_path_reuses_the_plan(monkeypatch):
         fused.anchor_attention_triton(qk, v, u)
 
 
+@kernel
+@pytest.mark.skipif(not INTERPRETED, reason="on a GPU the tool is run by hand: python -m ...tune")
+def test_tune_writes_the_table(tmp_path, monkeypatch):
+    """The offline tuning tool times candidates and writes the table; plans then take its entries."""
+    from anchorformer.ops.anchor_attention import configs, tune
+    from anchorformer.ops.anchor_attention import triton as fused
+
+    table = tmp_path / "configs.json"
+    monkeypatch.setattr(configs, "TABLE_PATH", table)
+    configs.load_table.cache_clear()
+    monkeypatch.setattr(fused, "_PLANS", {})
+    candidates = [{"BLOCK_N": 32, "num_warps": 4, "num_stages": 2}, {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2}]
+    found = tune.tune([40], [2], ["float32"], d=16, m=5, candidates=candidates, out=table)
+    assert set(found) == {"fwd/64/16/float32/16/interpreter", "bwd/64/16/float32/16/interpreter"}
+    assert all(c in candidates for c in found.values())
+    written = json.loads(table.read_text())["configs"]
+    assert written == found
+    qk, v, u, _ = _inputs(1, 2, 40, 16, 5, torch.float32, False)
+    plan = fused.launch_plan(qk, v, u)
+    assert plan.meta_fwd["BLOCK_N"] == found["fwd/64/16/float32/16/interpreter"]["BLOCK_N"]
+    configs.load_table.cache_clear()
+
+
 def _tiny_model(attn_impl: str, device: str = DEVICE):
     import anchorformer
 
@@ -437,7 +461,7 @@ def test_kernels_under_interpreter(tmp_path):
     # basic + shapes + zero degree (dtype x anchors) + deterministic (2) + strided (1) + model (1)
     # + bf16 accuracy + gap sweep (2 dtypes x 2 M) + deterministic across processes (1)
     expected = len(BASIC) + len(INTERPRETER_SHAPES) * len(DTYPES) + 2 * len(DTYPES) + 2 + 1 + 1
-    expected += len(BF16_ACCURACY_SHAPES) + 4 + 1 + len(SPLIT_CASES) + 1  # + split path + plan reuse
+    expected += len(BF16_ACCURACY_SHAPES) + 4 + 1 + len(SPLIT_CASES) + 2  # + split path, plan reuse, tuning tool
     assert proc.returncode == 0 and counts["failures"] == counts["errors"] == 0, f"{counts}\n{report}"
     assert counts["skipped"] == 0, f"every kernel case must reach its assertions: {counts}\n{report}"
     assert counts["tests"] == expected, f"expected {expected} kernel cases, ran {counts}\n{report}"

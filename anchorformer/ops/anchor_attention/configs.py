@@ -17,7 +17,7 @@ import functools
 import json
 from pathlib import Path
 
-__all__ = ["DEFAULTS", "TABLE_PATH", "bucket", "config_key", "load_table", "lookup_config"]
+__all__ = ["DEFAULTS", "INTERPRETER", "TABLE_PATH", "bucket", "config_key", "load_table", "lookup_config"]
 
 TABLE_PATH = Path(__file__).with_name("configs.json")
 
@@ -28,6 +28,10 @@ DEFAULTS = {
     ("bwd", True): {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
     ("bwd", False): {"BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
 }
+
+
+# The Triton interpreter (tests on the CPU): small tiles, so that short sequences span several.
+INTERPRETER = {"BLOCK_N": 16}
 
 
 def bucket(x: int) -> int:
@@ -41,16 +45,16 @@ def config_key(kind: str, n: int, bh: int, dtype: str, gpu: str, block_d: int) -
 
 
 @functools.lru_cache(maxsize=1)
-def load_table(path: str = str(TABLE_PATH)) -> dict[str, dict[str, int]]:
-    """The measured entries (an empty table when the file is absent)."""
-    p = Path(path)
-    if not p.exists():
+def load_table() -> dict[str, dict[str, int]]:
+    """The measured entries of :data:`TABLE_PATH` (empty when the file is absent), read once."""
+    if not TABLE_PATH.exists():
         return {}
-    data = json.loads(p.read_text())
-    return data.get("configs", {})
+    return json.loads(TABLE_PATH.read_text()).get("configs", {})
 
 
 def lookup_config(kind: str, n: int, bh: int, dtype: str, gpu: str, block_d: int) -> dict[str, int]:
     """The table's entry for this launch, else the default for its kind and head dim."""
     hit = load_table().get(config_key(kind, n, bh, dtype, gpu, block_d))
-    return dict(hit) if hit is not None else dict(DEFAULTS[(kind, block_d <= 64)])
+    if hit is not None:
+        return dict(hit)
+    return dict(INTERPRETER) if gpu == "interpreter" else dict(DEFAULTS[(kind, block_d <= 64)])

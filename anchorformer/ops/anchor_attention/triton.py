@@ -951,8 +951,7 @@ class Plan:
         common["BLOCK_D"] = block_d
         cfg = {}
         for kind in ("fwd", "bwd"):
-            c = {"BLOCK_N": 16} if INTERPRETED else lookup_config(kind, N, BH, _DTYPE_NAMES[dtype], gpu, block_d)
-            cfg[kind] = c
+            cfg[kind] = lookup_config(kind, N, BH, _DTYPE_NAMES[dtype], gpu, block_d)
         self.splits_fwd = S = _splits(N, cfg["fwd"]["BLOCK_N"], BH * chunks, target)
         self.splits_bwd = Sb = _splits(N, cfg["bwd"]["BLOCK_N"], BH * chunks, target)
         self.fused = fused = S == 1 and Sb == 1 and chunks == 1
