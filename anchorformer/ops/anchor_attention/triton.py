@@ -1094,7 +1094,7 @@ def _infer(plan: Plan, qk: torch.Tensor, v: torch.Tensor, anchors: torch.Tensor)
     """The output alone (nothing kept for a backward): one allocation with one split."""
     if not plan.fused:
         return _forward(plan, qk, v, anchors)[0]
-    out = torch.empty_strided(plan.shape, plan.out_stride, dtype=v.dtype, device=v.device)
+    out = torch.empty_strided(plan.shape, plan.out_stride, dtype=plan.dtype, device=plan.device)
     _fused_fwd_kernel[plan.grid_bh](qk, v, anchors, out, out, *plan.fwd_tail, **plan.k_infer)
     return out
 
@@ -1102,8 +1102,8 @@ def _infer(plan: Plan, qk: torch.Tensor, v: torch.Tensor, anchors: torch.Tensor)
 def _forward(plan: Plan, qk: torch.Tensor, v: torch.Tensor, anchors: torch.Tensor, wrap=_eager):
     """(out (B, H, N, D) token-major in v's dtype, the fp32 workspace). ``wrap``:
     ``torch.library.wrap_triton`` on the compiled path, None for shapes only (fake tensors)."""
-    out = torch.empty_strided(plan.shape, plan.out_stride, dtype=v.dtype, device=v.device)
-    ws = torch.empty((plan.ws_numel,), dtype=torch.float32, device=qk.device)
+    out = torch.empty_strided(plan.shape, plan.out_stride, dtype=plan.dtype, device=plan.device)
+    ws = torch.empty(plan.ws_numel, dtype=torch.float32, device=plan.device)
     if wrap is None:
         return out, ws
     if plan.fused:
@@ -1128,12 +1128,12 @@ def _backward(
     wrap=_eager,
 ):
     """(dqk, dv, danchors), each in its input's dtype and (where dense) layout."""
-    if grad_out.dtype != v.dtype:
-        grad_out = grad_out.to(v.dtype)
-    dqk = torch.empty_strided(plan.shape, plan.dqk_stride, dtype=qk.dtype, device=qk.device)
-    dv = torch.empty_strided(plan.shape, plan.dv_stride, dtype=v.dtype, device=v.device)
-    du = torch.empty_strided(plan.du_shape, plan.du_stride, dtype=plan.du_dtype, device=anchors.device)
-    wb = torch.empty((plan.wb_numel,), dtype=torch.float32, device=qk.device)
+    if grad_out.dtype != plan.dtype:
+        grad_out = grad_out.to(plan.dtype)
+    dqk = torch.empty_strided(plan.shape, plan.dqk_stride, dtype=plan.dtype, device=plan.device)
+    dv = torch.empty_strided(plan.shape, plan.dv_stride, dtype=plan.dtype, device=plan.device)
+    du = torch.empty_strided(plan.du_shape, plan.du_stride, dtype=plan.du_dtype, device=plan.device)
+    wb = torch.empty(plan.wb_numel, dtype=torch.float32, device=plan.device)
     if wrap is None:
         return dqk, dv, du
     gs = grad_out.stride()
