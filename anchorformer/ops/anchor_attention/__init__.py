@@ -11,9 +11,9 @@ bipartite attention (see ``reference.py`` for the maths). Implementations:
 
 The environment variable ``ANCHORFORMER_ATTN_IMPL`` overrides ``"auto"``. Shapes beyond the
 kernels' limits (``limits.py``: D > 128, B*H > 65535) go to the reference under ``"auto"`` and
-raise a ``ValueError`` under ``"triton"``. The Triton kernels
-reduce over tokens with fp32 atomics; under ``torch.use_deterministic_algorithms(True)`` they
-use fixed-order partial sums instead (bitwise reproducible).
+raise a ``ValueError`` under ``"triton"``. The Triton kernels reduce over tokens through
+partials added in a fixed order (no atomics), so their results are bitwise reproducible with or
+without ``torch.use_deterministic_algorithms(True)``.
 """
 
 from __future__ import annotations
