@@ -452,12 +452,14 @@ def test_ctrl_c_in_training_is_one_line(datasets, tmp_path, capsys, monkeypatch)
 @pytest.mark.slow  # a real process interrupted, then the same command: ~40 s on two shared cores
 def test_sigint_in_training_then_the_same_command_resumes(datasets, tmp_path):  # noqa: F811
     out = tmp_path / "run"
-    argv = [sys.executable, "-m", "anchorformer", *_argv("cls", datasets / "cls", out, steps=8)]
+    # long enough (tens of milliseconds an epoch, unloaded) that the signal lands inside training
+    argv = [sys.executable, "-m", "anchorformer", *_argv("cls", datasets / "cls", out, steps=300)]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 240
         while not (out / "checkpoints" / "checkpoint-000001.pth").exists() and time.monotonic() < deadline:
-            time.sleep(0.2)
+            time.sleep(0.01)
+        assert proc.poll() is None, "the run finished before it could be interrupted"
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=120)
     finally:

@@ -366,6 +366,7 @@ def test_under_torchrun_a_signal_to_one_rank_stops_every_rank_at_the_same_step(m
     assert json.loads((out / "metrics.json").read_text())["iters"] == total
     # the same weights as two processes never stopped: each rank resumed its own generators
     straight = [a.replace(str(out), str(tmp_path / "straight")) for a in args]
-    assert subprocess.run([*torchrun, "anchorformer.cli", *straight], env=env, capture_output=True).returncode == 0
+    done = subprocess.run([*torchrun, "anchorformer.cli", *straight], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     a, b = _weights(tmp_path / "straight" / "model.pth"), _weights(out / "model.pth")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
