@@ -42,7 +42,7 @@ def test_the_readme_table_is_the_generated_one(cost_table):
     assert cost_table.readme_block() == table
     if cost_table.newest("step_costs_cuda_*.json") is None:  # this round: no CUDA step costs yet
         assert table.startswith("**An estimate, not a measurement**") and "NVIDIA_H200_20261129.json" in table
-    assert table.count("\n| `") == 17  # 4 + 4 distilled + the T ablations + 4 det + 4 seg
+    assert table.count("\n| `") == 19  # 4 + 4 distilled + the T ablations + E10 + the seeds + 4 det + 4 seg
 
 
 def _fake_measurement(results: Path, device: str = "NVIDIA Z100", tiny: bool = False) -> dict:

@@ -162,9 +162,15 @@ def test_stage_profiles(mini_data: Path, tmp_path: Path) -> None:
         assert on_disk["expect"] == "mini" and on_disk == manifests[name]
         # the stage's mini sets are byte-identical to the fixture's (same seed)
         assert on_disk["file_list_sha256"] == file_list_digest(mini_data / ROOTS[name])["file_list_sha256"]
-    # full profile on roots that are not the full datasets: fails, and leaves no manifest behind
-    with pytest.raises(VerificationError, match="expected 1281167"):
+    # full profile on a generated mini set (the roots' defaults): refused by name, no manifest written
+    with pytest.raises(ValueError, match="data.imagenet_root=.* is a generated mini set"):
         run_data_stage("full", out_dir=out, imagenet_root=mini_data / "imagenet", decode=False, make_mini=False)
+    assert not list(out.glob("manifest_*.json"))
+    # full profile on roots that are not the full datasets: fails, and leaves no manifest behind
+    other = tmp_path / "not_imagenet"
+    shutil.copytree(mini_data / "imagenet", other, ignore=shutil.ignore_patterns("mini.json"))
+    with pytest.raises(VerificationError, match="expected 1281167"):
+        run_data_stage("full", out_dir=out, imagenet_root=other, decode=False, make_mini=False)
     assert not list(out.glob("manifest_*.json"))
     skipped = run_data_stage("full", out_dir=out, imagenet_root="", coco_root=None, ade20k_root="", make_mini=False)
     assert all("skipped" in m for m in skipped.values())

@@ -117,7 +117,9 @@ def create_model(name: str, *, pretrained: bool = False, **kwargs: Any) -> nn.Mo
     global_blocks = kwargs.pop("global_blocks", None)
     if window_size:
         if not is_vit(name) or is_peer(name):
-            raise ValueError(f"{name}: window_size applies to AnchorFormer, deit_* and vit_* only")
+            raise ValueError(
+                f"{name}: window_size applies to plain ViTs only (AnchorFormer, deit_*, vit_*; not the peers)"
+            )
         if isinstance(window_size, bool) or not isinstance(window_size, int) or window_size < 0:
             raise ValueError(f"window_size must be an integer >= 0; got {window_size!r}")
         kwargs["block_fn"] = WindowedAnchorBlock if is_anchorformer(name) else WindowedBlock
