@@ -54,7 +54,8 @@ def test_train_then_eval_saved_model(mini_data, tmp_path) -> None:
     assert list((out / "checkpoints").glob("checkpoint-*.pth"))
     saved = json.loads((out / "metrics.json").read_text())
     assert saved.pop("code_versions") == metrics.pop("code_versions")  # one segment: [{version, 0, 2}]
-    assert saved.pop("numerics") == metrics.pop("numerics")  # the numeric path the run followed
+    assert saved.pop("numerics")["path"] in ("avx2", "native")  # the numeric path the run followed
+    metrics.pop("numerics", None)
     assert set(metric_keys()) <= set(saved) and saved == pytest.approx(metrics)
     assert saved["iterations"] == 2 and saved["backbone_gmacs"] > 0
     assert (out / "dvclive" / "metrics.json").is_file()
