@@ -38,6 +38,10 @@ if CHROMIUM is None:
     pytest.skip("no chromium on PATH (apt-get install chromium): JupyterLab not tested", allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the dev extra (make env)")
 
+# Parameters a person sets in the training notebook before Run All Cells: more epochs of the smoke
+# run, so that training lasts seconds and its progress can be seen while the cell runs.
+TRAINING_PARAMETERS = {"epochs": "30"}
+
 # (notebook, draws an image, trains): the notebooks driven, each with Run All Cells. 90's smoke
 # report shows the figures of the stages' outputs, which a fresh clone lacks (DVC-cached): it must
 # show no broken image; the committed report's figures are checked in its Markdown preview below.
@@ -151,6 +155,24 @@ def _open_notebook(page, base: str, token: str, path: str) -> None:
         time.sleep(0.25)
 
 
+def _set_parameters(page, notebook: str, values: dict[str, str]) -> None:
+    """Edit the parameters cell in the browser, as a person does (the file is not saved)."""
+    nb = json.loads((ROOT / "notebooks" / notebook).read_text(encoding="utf-8"))
+    cell = next(c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", []))
+    source = "".join(cell["source"])
+    for name, value in values.items():
+        source, n = re.subn(rf"^{name} = [^#\n]*", f"{name} = {value}  ", source, flags=re.M)
+        assert n == 1, f"{notebook}: no parameter {name!r} in its parameters cell"
+    index = [c["cell_type"] for c in nb["cells"]][: nb["cells"].index(cell)].count("code")
+    editor = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-CodeCell .cm-content").nth(index)
+    editor.click()
+    page.keyboard.press("Control+a")
+    page.keyboard.insert_text(source)
+    page.keyboard.press("Escape")
+    typed = editor.inner_text()
+    assert all(f"{name} = {value}" in typed for name, value in values.items()), typed
+
+
 def _run_all(page) -> None:
     page.locator(".lm-MenuBar-item", has_text=re.compile(r"^Run$")).click()
     page.locator('.lm-Menu-item[data-command="runmenu:run-all"]').click()
@@ -209,6 +231,8 @@ def _broken_images(page) -> list[str]:
 def test_run_all_cells_in_the_browser(lab, page, notebook: str, draws: bool, trains: bool) -> None:
     base, token = lab
     _open_notebook(page, base, token, f"notebooks/{notebook}")
+    if trains:
+        _set_parameters(page, notebook, TRAINING_PARAMETERS)
     seen = _run_and_watch(page, notebook, timeout=150)
     page.wait_for_function(
         """() => Array.from(document.querySelectorAll('.jp-NotebookPanel:not(.lm-mod-hidden) .jp-OutputArea-output img'))
