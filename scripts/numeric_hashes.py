@@ -56,9 +56,20 @@ def _digest(path: Path) -> str:
     if path.is_dir():
         for f in sorted(p for p in path.rglob("*") if p.is_file()):
             h.update(f.relative_to(path).as_posix().encode() + b"\0" + hashlib.sha256(f.read_bytes()).digest())
+    elif path.name == "metrics.json":
+        h.update(_without_code_version(path.read_bytes()))
     else:
         h.update(path.read_bytes())
     return h.hexdigest()
+
+
+def _without_code_version(raw: bytes) -> bytes:
+    """A ``metrics.json`` with the code version of each segment blanked (``code_versions``: the hash
+    of the package's files, which any edit changes): the hashes pin the numbers, not the commit."""
+    metrics = json.loads(raw)
+    for segment in metrics.get("code_versions") or []:
+        segment["version"] = "-"
+    return json.dumps(metrics, indent=1, sort_keys=True).encode()
 
 
 def run_pipeline(

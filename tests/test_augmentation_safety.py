@@ -221,6 +221,7 @@ def _soak_datasets(mini_data: Path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(7200)  # 200,000 samples: tens of minutes on 2 cores (pytest-timeout's default is 900 s)
 def test_soak_every_task_full_training_transform(mini_data, capsys):
     """SOAK_SAMPLES samples in all (cls 95%: RandAugment, random erasing at 224², Mixup/CutMix on
     batches of 8; det 1%: flip and large-scale jitter to 1024²; seg 4%: rescale, class-balanced
