@@ -20,7 +20,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from cls_helpers import make_tiny_imagefolder
 from test_run_folder_cli import _argv, datasets  # noqa: F401 - the module's fixture, reused
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from anchorformer.cli import main
 from anchorformer.engine.checkpoint import load_training_checkpoint
@@ -498,6 +500,73 @@ def test_a_resumed_run_writes_the_same_bytes_as_an_uninterrupted_one(datasets, t
     assert main(_argv("cls", datasets / "cls", resumed, steps=2)) == 0
     for name in ("checkpoints/checkpoint-000002.pth", "model.pth", "model.safetensors"):
         assert (resumed / name).read_bytes() == (whole / name).read_bytes(), name
+
+
+# ---------------------------------------------------------------------------------------------
+# Minor (before): on_bad=skip and a bad validation file: an epoch trained, then the error
+# ---------------------------------------------------------------------------------------------
+
+
+def _validation_file(task: str, data: Path) -> Path:
+    """A file that the run's evaluation reads and nothing before training does (an image; for
+    seg a label map): for cls, one that the entropy probe's fixed batch leaves out."""
+    if task == "cls":
+        from anchorformer.tasks.classification.anchors import ENTROPY_IMAGES
+
+        files = sorted((data / "val").rglob("*.png"))  # ImageFolder's order
+        probed = {i * len(files) // ENTROPY_IMAGES for i in range(ENTROPY_IMAGES)}
+        return files[min(set(range(len(files))) - probed)]
+    if task == "det":
+        doc = json.loads((data / "annotations" / "instances_val2017.json").read_text())
+        return data / "val2017" / min(doc["images"], key=lambda i: i["id"])["file_name"]
+    return sorted((data / "annotations" / "validation").glob("*.png"))[0]
+
+
+@pytest.mark.parametrize("task", ["cls", "det", "seg"])
+def test_a_bad_validation_file_stops_the_run_before_training_whatever_on_bad(task, datasets, tmp_path, capsys):  # noqa: F811
+    """A truncated validation file with ``on_bad=skip``: before, the run trained its epoch, then
+    evaluation stopped it (``check_files=none`` still does, the control); now one line names the
+    file and says that skip covers training files only, before the first step (no checkpoint)."""
+    if task == "cls":  # more validation images than the entropy probe reads before training
+        data = make_tiny_imagefolder(tmp_path / "data", val_per_class=12)
+    else:
+        data = shutil.copytree(datasets / task, tmp_path / "data")
+    bad = _validation_file(task, data)
+    raw = bad.read_bytes()
+    bad.write_bytes(raw[: len(raw) // 2])
+    steps = []  # optimizer steps taken, by any optimizer
+    hook = register_optimizer_step_post_hook(lambda *_: steps.append(1))
+    try:
+        out = tmp_path / "run"
+        assert main(_argv(task, data, out, "on_bad=skip", steps=1)) == 2
+        err = _error(capsys)
+        assert err.startswith(f"anchorformer train: error: {bad}: cannot decode"), err
+        assert "1 bad file(s) among the" in err and "validation samples, found before training" in err, err
+        assert "on_bad=skip (training files only) does not cover it" in err, err
+        assert not steps and not (out / "metrics.json").exists()
+
+        control = tmp_path / "control"
+        assert main(_argv(task, data, control, "on_bad=skip", "check_files=none", steps=1)) == 2
+        err = _error(capsys)
+        assert f"{bad}: cannot decode" in err and "found before training" not in err, err
+        assert steps  # the training that the check now saves
+    finally:
+        hook.remove()
+
+
+@pytest.mark.parametrize("task", ["cls", "det"])  # seg seeds after the check
+def test_checking_the_files_first_leaves_the_trained_weights_unchanged(task, datasets, tmp_path):  # noqa: F811
+    """``check_files`` is an execution setting: ``all`` and ``none`` train the same weights, bit for
+    bit (the check draws nothing from the global random generators)."""
+    from safetensors.torch import load_file
+
+    weights = {}
+    for check in ("all", "none"):
+        out = tmp_path / check
+        assert main(_argv(task, datasets / task, out, f"check_files={check}", steps=1)) == 0
+        weights[check] = load_file(out / "model.safetensors")
+    assert weights["all"].keys() == weights["none"].keys()
+    assert all(torch.equal(weights["all"][k], weights["none"][k]) for k in weights["all"])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -307,24 +307,28 @@ def _collect_failed_workers(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize("task", TASKS)
 def test_a_bad_training_file_fails_in_one_line_or_is_skipped_and_counted(task, datasets, tmp_path, capsys, monkeypatch):
-    """Row 4 (a truncated JPEG met by a DataLoader worker) and row 5 (``--set on_bad=skip``)."""
+    """Row 4 (a truncated JPEG met by a DataLoader worker) and row 5 (``--set on_bad=skip``),
+    as training meets the file (``check_files=none``) and as the check before training finds it."""
     data = _copy(datasets, task, tmp_path / "data")
     bad = _truncate_a_training_jpeg(task, data)
     out = tmp_path / "run"
     workers = 1 if task == "cls" else 0  # the issue's case, and the error from the main process
-    assert main(_argv(task, data, out, f"num_workers={workers}", steps=1)) == 2
-    err = _error(capsys)
-    assert err.startswith(f"anchorformer train: error: {bad}: cannot decode image (") and "truncated" in err.lower()
-    assert not (out / LOCK_NAME).exists() and not (out / "metrics.json").exists()
-    _collect_failed_workers(monkeypatch)
+    for check in ("none", "all"):
+        assert main(_argv(task, data, out, f"num_workers={workers}", f"check_files={check}", steps=1)) == 2
+        err = _error(capsys)
+        assert err.startswith(f"anchorformer train: error: {bad}: cannot decode image (") and "truncated" in err.lower()
+        assert ("found before training" in err) == (check == "all"), err
+        assert not (out / LOCK_NAME).exists() and not (out / "metrics.json").exists()
+        _collect_failed_workers(monkeypatch)
 
-    # skipped by a DataLoader worker, counted in the main process
-    argv = _argv(task, data, out, "num_workers=1", "on_bad=skip", steps=1)
-    assert main(argv) == 0  # resumes nothing: no checkpoint was written
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["bad_files"] == 1
-    records = [json.loads(line) for line in (out / "bad_files.jsonl").read_text().splitlines()]
-    assert {r["path"] for r in records} == {str(bad)} and "cannot decode image" in records[0]["reason"]
+    # skipped by a DataLoader worker, counted in the main process; or recorded before training
+    for check in ("none", "all"):
+        argv = _argv(task, data, out, "num_workers=1", "on_bad=skip", f"check_files={check}", steps=1)
+        assert main([*argv, "--resume", "never", "--overwrite"]) == 0
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["bad_files"] == 1
+        records = [json.loads(line) for line in (out / "bad_files.jsonl").read_text().splitlines()]
+        assert {r["path"] for r in records} == {str(bad)} and "cannot decode image" in records[0]["reason"]
 
 
 def test_every_recipe_takes_on_bad_as_data_verify_does():

@@ -34,6 +34,7 @@ from .files import (
     BadFileError,
     BadFilePolicy,
     MissingFileError,
+    check_ade_pair,
     load_label_map,
     load_rgb,
     missing_path_error,
@@ -185,7 +186,7 @@ class ADE20KSegmentation(BadFilePolicy, Dataset):
                     f"label map of {unpaired[0].name} ({len(unpaired)} images without one)",
                 )
             for p in unpaired:
-                self._skip(str(p), "its label map does not exist")
+                self.skip_file(str(p), "its label map does not exist")
         if not pairs:
             raise FileNotFoundError(f"no image of {self.root / 'images' / split} has a label map")
         self.samples = pairs
@@ -207,6 +208,12 @@ class ADE20KSegmentation(BadFilePolicy, Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self._fetch(index, self._load)
+
+    def check_sample(self, index: int) -> tuple[str, str | None]:
+        """The image decodes, and its label map is single-channel, of its size, with values 0..150."""
+        img_path, ann_path = self.samples[index]
+        path, _, reason = check_ade_pair((str(img_path), str(ann_path)))
+        return path, reason
 
     def load_raw(self, index: int) -> tuple[Image.Image, np.ndarray]:
         """The PIL image and the label map as stored (uint8 (H, W), 0..150), checked."""

@@ -33,7 +33,7 @@ from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 from torchvision.transforms.functional import pil_to_tensor
 
-from .files import COCO_LAYOUT, BadFileError, BadFilePolicy, load_rgb, missing_path_error
+from .files import COCO_LAYOUT, BadFileError, BadFilePolicy, check_image, load_rgb, missing_path_error
 
 __all__ = [
     "COCO_SPLITS",
@@ -219,6 +219,26 @@ class CocoDetection(BadFilePolicy, Dataset):
 
     def sample_path(self, index: int) -> str:
         return str(self.image_path(self.ids[index]))
+
+    def check_sample(self, index: int) -> tuple[str, str | None]:
+        """What loading sample ``index`` checks, without building its tensors: the image decodes at
+        the size the annotation file gives, and each annotation's segmentation decodes."""
+        image_id = self.ids[index]
+        info = self.coco.imgs[image_id]
+        path, size, reason = check_image(str(self.image_path(image_id)))
+        if reason is not None:
+            return path, reason
+        w, h = info["width"], info["height"]
+        if size != (w, h):
+            return path, f"decoded size {size[0]}x{size[1]} differs from the annotation's {w}x{h}"
+        for ann in self.annotations(image_id):
+            try:
+                self.coco.annToRLE(ann)
+            except Exception as e:  # malformed segmentation inside pycocotools
+                return str(self.ann_file), (
+                    f"annotation {ann['id']} of image {image_id}: cannot decode its segmentation ({type(e).__name__}: {e})"
+                )
+        return path, None
 
     def image_path(self, image_id: int) -> Path:
         return self.img_dir / self.coco.imgs[image_id]["file_name"]

@@ -43,6 +43,9 @@ __all__ = [
     "BadFilePolicy",
     "MissingFileError",
     "SampleError",
+    "check_ade_pair",
+    "check_dataset_files",
+    "check_image",
     "check_on_bad",
     "load_label_map",
     "load_rgb",
@@ -259,6 +262,104 @@ def load_label_map(path: str | Path, expected_size: tuple[int, int] | None = Non
     return arr
 
 
+# ----------------------------------------------------------------------------------------------
+# whole-file checks without transforms (module level, so that worker processes can run them):
+# what `data verify` and a run's check before training (:func:`check_dataset_files`) decode
+
+
+def check_image(path: str) -> tuple[str, tuple[int, int] | None, str | None]:
+    """``(path, (width, height), None)`` if the image decodes, else ``(path, None, reason)``.
+
+    JPEGs are decoded at a reduced DCT scale (all of the entropy-coded data is still read, so
+    truncation and corruption are caught) to keep a pass over ImageNet affordable.
+    """
+    try:
+        with Image.open(path) as im:
+            size = im.size
+            im.draft("RGB", (64, 64))
+            im.load()
+        return path, size, None
+    except Exception as e:  # anything PIL raises means "does not decode"
+        return path, None, f"cannot decode image ({type(e).__name__}: {e})"
+
+
+def check_ade_pair(pair: tuple[str, str]) -> tuple[str, tuple[int, int] | None, str | None]:
+    """:func:`check_image` of an ADE20K image and a check of its label map (single channel, the
+    image's size, values 0..150): ``(path, size, None)`` or ``(the bad file, None, reason)``."""
+    img_path, ann_path = pair
+    path, size, reason = check_image(img_path)
+    if reason is not None:
+        return path, None, reason
+    try:
+        label = load_label_map(ann_path, expected_size=size)
+    except BadFileError as e:
+        return ann_path, None, e.reason
+    top = int(label.max(initial=0))
+    if top > 150:
+        return ann_path, None, f"label value {top} found; expected 0 (other) or 1..150"
+    return img_path, size, None
+
+
+def _base_and_indices(dataset: Any) -> tuple[Any, list[int]]:
+    """The dataset under ``Subset`` and other wrappers, and the indices of it that ``dataset`` reads."""
+    indices: list[int] | None = None
+    while not hasattr(dataset, "check_sample") and hasattr(dataset, "dataset"):
+        if hasattr(dataset, "indices"):  # a Subset: map our indices through it
+            sub = list(dataset.indices)
+            indices = sub if indices is None else [sub[i] for i in indices]
+        dataset = dataset.dataset
+    return dataset, list(range(len(dataset))) if indices is None else indices
+
+
+class _SampleChecks:
+    """``check_sample`` of chosen indices of a dataset, as a map-style dataset (for a DataLoader)."""
+
+    def __init__(self, base: Any, indices: list[int]) -> None:
+        self.base, self.indices = base, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[str, str | None]:
+        return self.base.check_sample(self.indices[i])
+
+
+def _as_list(batch: list[Any]) -> list[Any]:
+    return batch
+
+
+def check_dataset_files(
+    dataset: Any, *, workers: int = 0, rank: int = 0, world_size: int = 1
+) -> tuple[dict[str, str], int]:
+    """Decode every file that ``dataset`` (a dataset with :class:`BadFilePolicy`, or a ``Subset``
+    of one) reads, without its transforms: ``({path: reason} of the bad ones, number of samples)``.
+
+    With ``world_size`` > 1 this process checks every ``world_size``-th sample from ``rank``
+    (the caller gathers the findings). ``workers`` DataLoader processes decode when there are at
+    least 2,000 samples to check; fewer are decoded in this process.
+    """
+    import torch
+    from torch.utils.data import DataLoader
+
+    base, indices = _base_and_indices(dataset)
+    if not hasattr(base, "check_sample"):
+        raise TypeError(f"{type(base).__name__} has no check_sample(index): not a dataset of anchorformer.data")
+    mine = indices[rank::world_size]
+    loader = DataLoader(
+        _SampleChecks(base, mine),  # type: ignore[arg-type]
+        batch_size=64,
+        num_workers=workers if len(mine) >= 2000 else 0,
+        collate_fn=_as_list,
+        generator=torch.Generator(),  # its own: the global generator, and so the training, is untouched
+    )
+    bad: dict[str, str] = {}
+    for batch in loader:
+        for path, reason in batch:
+            if reason is not None:
+                bad.setdefault(path, reason)
+    return bad, len(indices)
+
+
 T = TypeVar("T")
 
 
@@ -311,7 +412,7 @@ class BadFilePolicy:
         for path in self.bad_files:
             _append_record(self.bad_file_log, path, self._bad_reasons.get(path, ""))
 
-    def _skip(self, path: str, reason: str) -> None:
+    def skip_file(self, path: str, reason: str) -> None:
         """Record ``path`` as skipped (logged once, with the reason)."""
         if path in self.bad_files:
             return
@@ -320,6 +421,12 @@ class BadFilePolicy:
         log.warning("skipping bad file (%d so far): %s: %s", len(self.bad_files), path, reason)
         if self.bad_file_log is not None:
             _append_record(self.bad_file_log, path, reason)
+
+    def check_sample(self, index: int) -> tuple[str, str | None]:
+        """Decode the file(s) of sample ``index`` without transforms: ``(path, None)`` when they
+        can be used, else ``(the bad file, reason)``. Subclasses with more than one file override."""
+        path, _, reason = check_image(self.sample_path(index))
+        return path, reason
 
     def sample_path(self, index: int) -> str:
         """The file of sample ``index`` (named by a :class:`SampleError`); subclasses override."""
@@ -351,7 +458,7 @@ class BadFilePolicy:
             except BadFileError as e:
                 if self.on_bad == "fail":
                     raise
-                self._skip(e.path, e.reason)
+                self.skip_file(e.path, e.reason)
             except MemoryError:
                 raise
             except Exception as e:

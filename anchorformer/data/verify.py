@@ -34,11 +34,17 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
 from tqdm.auto import tqdm
 
 from ..io import write_json_atomic
-from .files import ADE20K_LAYOUT, COCO_LAYOUT, IMAGENET_LAYOUT, BadFileError, check_on_bad, load_label_map
+from .files import (
+    ADE20K_LAYOUT,
+    COCO_LAYOUT,
+    IMAGENET_LAYOUT,
+    check_ade_pair,
+    check_image,
+    check_on_bad,
+)
 from .synthetic import read_mini_manifest
 
 __all__ = [
@@ -81,23 +87,7 @@ class VerificationError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------
-# file checks (module-level functions so that worker processes can run them)
-
-
-def _check_image(path: str) -> tuple[str, tuple[int, int] | None, str | None]:
-    """``(path, (width, height), None)`` if the image decodes, else ``(path, None, reason)``.
-
-    JPEGs are decoded at a reduced DCT scale (all of the entropy-coded data is still read, so
-    truncation and corruption are caught) to keep a pass over ImageNet affordable.
-    """
-    try:
-        with Image.open(path) as im:
-            size = im.size
-            im.draft("RGB", (64, 64))
-            im.load()
-        return path, size, None
-    except Exception as e:  # anything PIL raises means "does not decode"
-        return path, None, f"cannot decode image ({type(e).__name__}: {e})"
+# file checks (check_image, check_ade_pair: anchorformer.data.files), in worker processes
 
 
 def _map_files(fn: Callable[[str], Any], paths: list[str], workers: int, desc: str) -> list[Any]:
@@ -196,7 +186,7 @@ def _verify_imagenet(
         if len(paths) != n_expected:
             problems.append(f"{root / split}: {len(paths)} images, expected {n_expected} ({expect})")
         if decode:
-            _check_decodes(_map_files(_check_image, paths, workers, f"imagenet {split}"), problems, bad, on_bad)
+            _check_decodes(_map_files(check_image, paths, workers, f"imagenet {split}"), problems, bad, on_bad)
         splits[split] = {"images": len(paths), "classes": len(classes)}
     return splits, problems, bad, []
 
@@ -255,7 +245,7 @@ def _verify_coco(
                     problems.append(f"{where}: segmentation does not decode ({type(e).__name__}: {e})")
         if decode:
             existing = [p for p in listed if Path(p).name in on_disk]
-            sizes = _check_decodes(_map_files(_check_image, existing, workers, f"coco {split}"), problems, bad, on_bad)
+            sizes = _check_decodes(_map_files(check_image, existing, workers, f"coco {split}"), problems, bad, on_bad)
             for p, (w, h) in sizes.items():
                 img = listed[p]
                 if (w, h) != (img["width"], img["height"]):
@@ -296,21 +286,6 @@ def _unusable_annotation(ann: dict[str, Any], image: dict[str, Any]) -> str | No
     return None
 
 
-def _check_ade_pair(pair: tuple[str, str]) -> tuple[str, tuple[int, int] | None, str | None]:
-    img_path, ann_path = pair
-    path, size, reason = _check_image(img_path)
-    if reason is not None:
-        return path, None, reason
-    try:
-        label = load_label_map(ann_path, expected_size=size)
-    except BadFileError as e:
-        return ann_path, None, e.reason
-    top = int(label.max(initial=0))
-    if top > 150:
-        return ann_path, None, f"label value {top} found; expected 0 (other) or 1..150"
-    return img_path, size, None
-
-
 def _verify_ade20k(
     root: Path, expected: dict[str, int], expect: str, decode: bool, on_bad: str, workers: int
 ) -> tuple[dict, list, list, list]:
@@ -334,7 +309,7 @@ def _verify_ade20k(
             problems.append(f"{root / 'images' / split}: {n_images} images, expected {n_expected} ({expect})")
         if decode:
             items = [(str(a), str(b)) for a, b in pairs]
-            _check_decodes(_map_files(_check_ade_pair, items, workers, f"ade20k {split}"), problems, bad, on_bad)
+            _check_decodes(_map_files(check_ade_pair, items, workers, f"ade20k {split}"), problems, bad, on_bad)
         splits[split] = {"images": n_images, "annotations": len(pairs)}
     return splits, problems, bad, []
 

@@ -404,6 +404,7 @@ def load_recipe(
 
 _ANCHOR_MODES = ("learned", "pooled")
 _ON_BAD = ("fail", "skip")  # anchorformer.data.files.ON_BAD (not imported: the recipes stay off the data floor)
+_CHECK_FILES = ("all", "val", "none")
 _ATTN_IMPLS = ("auto", "reference", "triton")
 _SHAPE_KEYS = ("depth", "embed_dim", "num_heads")  # a backbone's shape, in model_sizes / model_kwargs
 
@@ -437,6 +438,10 @@ class TaskRecipe(Recipe):
     # metrics.json, listed in OUT/bad_files.jsonl); resumable, so that a run stopped by a bad file
     # can go on with skip. Evaluation always fails on a bad file (its numbers must cover the split).
     on_bad: str = setting(choices=_ON_BAD, resumable=True)
+    # before training, decode every file the run reads (without transforms): all (the training
+    # files when a run starts afresh, the validation files at every start) | val | none. A bad
+    # validation file always stops the run there; a bad training file too unless on_bad is skip.
+    check_files: str = setting(choices=_CHECK_FILES, resumable=True)
     keep_checkpoints: int = setting(ge=1, resumable=True)  # per-epoch/iteration checkpoints kept
     log_every: int = setting(ge=1, resumable=True)  # steps between log lines
     # wall time between checkpoints inside an epoch (cls, det) or between checkpoint_every (seg);

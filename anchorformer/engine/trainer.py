@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..data.files import read_bad_file_log
+from ..data.files import BadFileError, check_dataset_files, read_bad_file_log
 from ..io import write_json_atomic
 from ..models.checkpoint import safetensors_beside
 from .checkpoint import (
@@ -133,6 +133,56 @@ class TrainingRun:
             dataset = dataset.dataset
         if hasattr(dataset, "record_bad_files_in"):
             dataset.record_bad_files_in(self.bad_file_log)
+
+    def check_files(self, train: Any, val: Any | None) -> None:
+        """Decode every file the run reads before it trains (the recipe's ``check_files``).
+
+        ``train`` (checked with ``check_files: all`` when the run starts afresh; a resumed run
+        checked it then) and ``val`` (the evaluation set, or None when the run does not evaluate;
+        checked at every start with ``all`` or ``val``) are datasets of :mod:`anchorformer.data`,
+        or ``Subset`` of them. A bad validation file raises a :class:`BadFileError` naming it,
+        whatever ``on_bad`` says: evaluation must cover its whole split. A bad training file
+        raises with ``on_bad: fail``; with ``skip`` every bad one is recorded in
+        :attr:`bad_file_log` now, and training skips it. Under torchrun each rank checks its share.
+        """
+        mode = self.recipe.get("check_files") or "all"
+        splits = [("validation", val)] if val is not None and mode != "none" else []
+        if mode == "all" and not self.start.resumed:
+            splits.insert(0, ("training", train))
+        workers = int(self.recipe.get("num_workers") or 0)
+        for split, dataset in splits:
+            bad, total = check_dataset_files(
+                dataset, workers=workers, rank=self.dist.rank, world_size=self.dist.world_size
+            )
+            if self.dist.is_distributed:
+                found: list[Any] = [None] * self.dist.world_size
+                dist.all_gather_object(found, bad)
+                bad = {path: reason for part in found for path, reason in sorted(part.items())}
+            if not bad:
+                _logger.info("%s files: all %d samples decode", split, total)
+                continue
+            path, reason = next(iter(sorted(bad.items())))
+            count = f"{len(bad)} bad file(s) among the {total} {split} samples"
+            if split == "validation":
+                raise BadFileError(
+                    path,
+                    f"{reason}; {count}, found before training: evaluation needs every file of its "
+                    "split, so on_bad=skip (training files only) does not cover it; repair or remove "
+                    "them (`anchorformer data verify` lists them all)",
+                )
+            if self.recipe.get("on_bad") != "skip":
+                raise BadFileError(
+                    path,
+                    f"{reason}; {count}, found before training; `--set on_bad=skip` trains without "
+                    "them (`anchorformer data verify` lists them all)",
+                )
+            _logger.warning("%s; on_bad=skip: training skips them (listed in %s)", count, self.bad_file_log)
+            if self.dist.is_main:
+                base = dataset
+                while not hasattr(base, "record_bad_files_in") and hasattr(base, "dataset"):
+                    base = base.dataset
+                for p, r in sorted(bad.items()):
+                    base.skip_file(p, r)
 
     def bad_files(self) -> dict[str, str]:
         """The training files skipped so far in this run (resumptions included): ``{path: reason}``."""

@@ -672,6 +672,7 @@ def _train(run: TrainingRun, data: Path, classes: list[str], model_kwargs: dict[
     run.watch_bad_files(train_ds)
     # evaluation always fails on a bad file
     val_ds = _first(build_imagenet_dataset(data, "val", transform=eval_tf), cfg["max_eval_images"])
+    run.check_files(train_ds, val_ds)  # every file read, decoded before the first step
     plan = plan_batch(cfg["global_batch"], cfg["batch_size"], dist_info.world_size, cfg["accum_steps"])
     global_batch = plan.global_batch
     if len(train_ds) < global_batch:

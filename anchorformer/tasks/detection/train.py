@@ -545,6 +545,7 @@ def _train(run: TrainingRun, data_root: Path, backbone_ckpt: Any) -> dict[str, A
     device = info.device
     train_set, val_set, base = _datasets(cfg, data_root)
     run.watch_bad_files(base)
+    run.check_files(train_set, val_set)  # every file read, decoded before the first step
     num_classes = int(base.num_classes)
     det_cfg, macs_info = detector_config(cfg, num_classes)
     _check_backbone_checkpoint(backbone_ckpt, det_cfg.backbone)

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from ...engine.batching import plan_batch
 from ...engine.checkpoint import (
@@ -534,6 +534,12 @@ def _train(
     cfg, info, out, resume_state = run.recipe, run.dist, run.out, run.state
     assert isinstance(cfg, SegRecipe)
     run.watch_bad_files(train_set)
+    val_set: Dataset | None = None
+    if cfg.eval_at_end if evaluate is None else evaluate:
+        val_set = _ade20k(data, "validation", cfg, train=False)
+        if max_eval_images is not None:
+            val_set = Subset(val_set, range(min(len(val_set), int(max_eval_images))))  # type: ignore[arg-type]
+    run.check_files(train_set, val_set)  # every file read, decoded before the first step
     device = info.device
     per_device = cfg.device_batch or math.ceil(int(cfg.batch_size) / info.world_size)
     plan = plan_batch(int(cfg.batch_size), per_device, info.world_size)
