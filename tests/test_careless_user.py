@@ -154,6 +154,47 @@ def test_importing_the_package_leaves_dvc_status_as_it_was(tmp_path):
     assert status() == before
 
 
+@pytest.mark.parametrize("dvcignore", ["the project's", "none"])
+def test_importing_the_package_leaves_a_reproduced_pipeline_up_to_date(dvcignore, tmp_path):
+    """A pipeline reproduced from scratch whose stages depend on the package as the project's do
+    (its folders, e.g. ``anchorformer/engine``, and single modules): importing every module with
+    bytecode writing on leaves ``dvc status`` "up to date" with the project's ``.dvcignore``;
+    without it (the control) the folder dependencies turn modified."""
+    repo = tmp_path / "repo"
+    shutil.copytree(ROOT / "anchorformer", repo / "anchorformer", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    env = {k: v for k, v in os.environ.items() if k != _NO_BYTECODE}
+    env.update(PYTHONPATH=str(repo), TRITON_INTERPRET="1", HF_HUB_OFFLINE="1", DVC_NO_ANALYTICS="1")
+    dvc = str(Path(sys.executable).with_name("dvc"))
+
+    def run(*cmd: str) -> str:
+        res = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stdout + res.stderr
+        return res.stdout
+
+    run("git", "init", "-q")
+    run(dvc, "init", "-q")
+    if dvcignore != "none":
+        shutil.copy(ROOT / ".dvcignore", repo / ".dvcignore")
+    stage = "python -c \"import pathlib; pathlib.Path('out.txt').write_text('ran')\""
+    run(dvc, "stage", "add", "-q", "-n", "uses-the-package", "-d", "anchorformer/engine", "-d", "anchorformer",
+        "-d", "anchorformer/cli.py", "-o", "out.txt", stage)  # fmt: skip
+    run(dvc, "repro", "-q")
+    assert "up to date" in run(dvc, "status")
+    walk = (
+        "import importlib, pkgutil, anchorformer\n"
+        f"assert anchorformer.__file__.startswith({str(repo)!r}), anchorformer.__file__\n"
+        "for m in pkgutil.walk_packages(anchorformer.__path__, 'anchorformer.'):\n"
+        "    if not m.name.endswith('__main__'): importlib.import_module(m.name)\n"
+    )
+    run(sys.executable, "-c", walk)
+    assert len(list((repo / "anchorformer").rglob("__pycache__/*.pyc"))) > 20, "bytecode writing was off"
+    status = run(dvc, "status")
+    if dvcignore == "none":
+        assert "modified:" in status and "anchorformer/engine" in status, status
+    else:
+        assert "up to date" in status, status
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad (before): --overwrite with --out . or above --data moved the repository or the dataset
 # ---------------------------------------------------------------------------------------------
