@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..models.checkpoint import describe_load_error
+from ..models.checkpoint import describe_load_error, errno_in
 
 __all__ = [
     "CheckpointWriteError",
@@ -87,22 +87,6 @@ class CheckpointWriteError(OSError):
     Nothing was replaced: the message names the checkpoint that is intact."""
 
 
-def _os_error(exc: BaseException) -> OSError | None:
-    """The OSError with an errno in ``exc``'s chain (torch's serializer turns a failed ``write()``
-    into a RuntimeError "unexpected pos", the OSError being its context)."""
-    seen: set[int] = set()
-    todo: list[BaseException | None] = [exc]
-    while todo:
-        e = todo.pop(0)
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.errno is not None:
-            return e
-        todo += [e.__cause__, e.__context__]
-    return None
-
-
 class _ContentPickler(pickle.Pickler):
     """A pickler without the memo: an object seen twice is written twice. With the memo, the bytes
     depend on which equal objects (strings, tuples) are the same object in memory, which differs
@@ -147,7 +131,7 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     except OSError as e:
-        raise _write_error(path, e) from e
+        raise _write_error(path, e.errno, e) from e
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -157,15 +141,15 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
         os.replace(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
-        cause = _os_error(e) if isinstance(e, Exception) else None
-        if cause is not None:
-            raise _write_error(path, cause) from e
+        code = errno_in(e) if isinstance(e, Exception) else None
+        if code is not None:
+            raise _write_error(path, code, e) from e
         raise
     _fsync_dir(path.parent)
 
 
-def _write_error(path: Path, cause: OSError) -> CheckpointWriteError:
-    code = cause.errno or 0
+def _write_error(path: Path, code: int | None, cause: BaseException) -> CheckpointWriteError:
+    code = code or 0
     name = errno.errorcode.get(code, str(code))
     err = CheckpointWriteError(
         f"{path}: cannot write the checkpoint: {os.strerror(code) if code else cause} ({name}); {_intact(path)}"

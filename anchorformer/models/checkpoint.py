@@ -38,6 +38,7 @@ __all__ = [
     "UnreadableCheckpointError",
     "checkpoint_filter_fn",
     "describe_load_error",
+    "errno_in",
     "load_checkpoint",
     "model_from_checkpoint",
     "read_state_dict",
@@ -244,7 +245,7 @@ def save_safetensors(
         os.replace(tmp_name, path)
     except BaseException as e:
         Path(tmp_name).unlink(missing_ok=True)
-        code = _errno_in(e) if isinstance(e, Exception) else None
+        code = errno_in(e) if isinstance(e, Exception) else None
         if code is None:
             raise
         # The writer's own error (SafetensorError "IoError(Os { code: 28, ... })") as the one
@@ -260,9 +261,10 @@ def save_safetensors(
     return path
 
 
-def _errno_in(exc: BaseException) -> int | None:
-    """The errno of a failed write in ``exc``: an OSError in its chain, or the ``code: N`` of an
-    I/O error that a Rust writer (safetensors) reports in words."""
+def errno_in(exc: BaseException) -> int | None:
+    """The errno of a failed write in ``exc``: an OSError with one in its chain (torch's serializer
+    turns a failed ``write()`` into a RuntimeError whose context is the OSError), or the
+    ``code: N`` of an I/O error that a Rust writer (safetensors) reports in words; else None."""
     seen: set[int] = set()
     todo: list[BaseException | None] = [exc]
     while todo:
