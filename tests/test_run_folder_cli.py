@@ -342,6 +342,17 @@ def test_every_recipe_takes_on_bad_as_data_verify_does():
             assert load_preset(task, profile)[0]["on_bad"] == "fail"
 
 
+def test_every_recipe_checks_every_file_before_training_by_default():
+    """``check_files`` (all | val | none) is in every preset, ``all``, and may change on resume."""
+    from anchorformer.engine.recipe import TaskRecipe, load_preset
+
+    field = next(f for f in dataclasses.fields(TaskRecipe) if f.name == "check_files")
+    assert field.metadata["choices"] == ("all", "val", "none") and field.metadata["resumable"]
+    for task in TASKS:
+        for profile in ("mini", "full"):
+            assert load_preset(task, profile)[0]["check_files"] == "all"
+
+
 def test_bad_file_errors_survive_pickling_and_worker_reports():
     """What a DataLoader worker sends back (``type(e)(report)``) rebuilds the same error."""
     e = BadFileError("/data/x.jpg", "cannot decode image (OSError: image file is truncated)")
