@@ -36,8 +36,11 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/python -m pip download --quiet --no-deps --no-binary :all: -c requirements.lock timm -d $(VENV)/src
 	touch $(STAMP)
 
-$(KERNEL): $(STAMP)
-	$(BIN)/python -m ipykernel install --sys-prefix --name anchorformer --display-name "anchorformer (.venv)"
+# Its spec carries the numeric path's settings (scripts/kernel_env.py), so that a notebook run in
+# JupyterLab computes the bytes of the pipeline's stages; ANCHORFORMER_NUMERICS=native leaves them out.
+$(KERNEL): $(STAMP) scripts/kernel_env.py anchorformer/engine/numerics.py
+	$(BIN)/python -m ipykernel install --sys-prefix --name anchorformer --display-name "anchorformer (.venv)" \
+		$$($(BIN)/python scripts/kernel_env.py)
 
 $(LAB_OVERRIDES): scripts/lab_overrides.json $(STAMP)
 	mkdir -p $(dir $@)

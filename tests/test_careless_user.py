@@ -595,6 +595,36 @@ def test_a_bad_validation_file_stops_the_run_before_training_whatever_on_bad(tas
         hook.remove()
 
 
+@pytest.mark.slow  # two torchrun jobs of two processes each: ~60 s on two shared cores
+def test_under_torchrun_every_rank_stops_at_a_bad_file_that_one_rank_checked(tmp_path):
+    """Each rank checks its share of the files and the findings are gathered: a bad validation
+    file that only one rank decodes stops both, before training, each with the line naming it and
+    the count over the whole split; with on_bad=skip a bad training file is counted once."""
+    data = make_tiny_imagefolder(tmp_path / "data", val_per_class=12)  # 24 training, 36 validation images
+    bad = _validation_file("cls", data)
+    raw = bad.read_bytes()
+    bad.write_bytes(raw[: len(raw) // 2])
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    args = _argv("cls", data, tmp_path / "run", "on_bad=skip", "batch_size=4", steps=1)
+    res = subprocess.run([*torchrun, "anchorformer.cli", *args], env=env, capture_output=True, text=True, timeout=600)
+    lines = [ln for ln in (res.stdout + res.stderr).splitlines() if ln.startswith("anchorformer train: error:")]
+    assert res.returncode != 0 and len(lines) == 2, res.stdout[-3000:] + res.stderr[-3000:]
+    for line in lines:
+        assert line.startswith(f"anchorformer train: error: {bad}: cannot decode"), line
+        assert "1 bad file(s) among the 36 validation samples, found before training" in line, line
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+    bad.write_bytes(raw)  # repaired; a training file spoiled instead, and skipped
+    spoiled = sorted((data / "train").rglob("*.png"))[5]
+    spoiled.write_bytes(spoiled.read_bytes()[:40])
+    args = _argv("cls", data, tmp_path / "run2", "on_bad=skip", "batch_size=4", steps=1)
+    res = subprocess.run([*torchrun, "anchorformer.cli", *args], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run2" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["bad_files"] == 1, metrics
+
+
 @pytest.mark.parametrize("task", ["cls", "det"])  # seg seeds after the check
 def test_checking_the_files_first_leaves_the_trained_weights_unchanged(task, datasets, tmp_path):  # noqa: F811
     """``check_files`` is an execution setting: ``all`` and ``none`` train the same weights, bit for

@@ -86,3 +86,40 @@ def test_ci_runs_the_readme_test_command():
     assert "make test" in ci.splitlines()[-1]
     assert "make test" in readme and "make repro" in readme
     assert "analytics = false" in (ROOT / ".dvc" / "config").read_text()
+
+
+def _kernel_env_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("kernel_env", ROOT / "scripts" / "kernel_env.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_projects_kernel_computes_on_the_numeric_path():
+    """The kernel JupyterLab starts for the notebooks ("anchorformer (.venv)", installed by
+    ``make env``), started as Lab starts it: ATen on its AVX2 code, one thread, MKL's AVX2 branch,
+    as the pipeline's stages compute (where the path applies; else nothing pinned)."""
+    from jupyter_client.manager import start_new_kernel
+
+    kernel_env = _kernel_env_module()
+    numerics = kernel_env.load_numerics()
+    assert kernel_env.kernel_env_args({"ANCHORFORMER_NUMERICS": "native"}) == []
+    km, kc = start_new_kernel(kernel_name="anchorformer")  # NoSuchKernel: run `make env`
+    out: list[str] = []
+    try:
+        code = "import os, torch; print(torch.backends.cpu.get_cpu_capability(), os.environ.get('MKL_CBWR'))"
+        kc.execute_interactive(
+            code,
+            timeout=120,
+            output_hook=lambda m: out.append(m["content"].get("text", "")) if m["msg_type"] == "stream" else None,
+        )
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+    capability, mkl = "".join(out).split()
+    if numerics.applies():
+        assert (capability, mkl) == ("AVX2", "AVX2,STRICT"), out
+    else:
+        assert mkl == "None", out
