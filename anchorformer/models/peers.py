@@ -94,6 +94,13 @@ class _PeerAttention(nn.Module):
 
     ``grid_size`` (h, w) and ``num_prefix_tokens`` (P) are set by :class:`PeerViT`; a standalone
     module gets them as arguments.
+
+    Args:
+        dim, num_heads: C and H (C divisible by H).
+        qkv_bias, proj_bias, proj_drop: as timm's ``Attention``; its other arguments (qk_norm,
+            attn_drop, norm_layer, ...) are accepted and do not apply.
+        grid_size, num_prefix_tokens: the token layout.
+        device, dtype: of the parameters (the peers' own ones follow, :meth:`_factory`).
     """
 
     def __init__(
@@ -107,6 +114,7 @@ class _PeerAttention(nn.Module):
         num_prefix_tokens: int = 1,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        **_: Any,  # timm's other attention arguments (qk_norm, attn_drop, norm_layer, ...) do not apply
     ) -> None:
         super().__init__()
         if dim % num_heads != 0:
@@ -123,6 +131,17 @@ class _PeerAttention(nn.Module):
         self.grid_w = int(w)
         self.num_prefix_tokens = int(num_prefix_tokens)
         self.kind = type(self).__name__
+
+    def _factory(self) -> dict[str, Any]:
+        """``device`` and ``dtype`` of this module's parameters, for the ones a peer adds."""
+        return dict(device=self.qkv.weight.device, dtype=self.qkv.weight.dtype)
+
+    def _no_masks(self, attn_mask: Optional[torch.Tensor], is_causal: bool) -> None:  # noqa: UP045
+        """Refuse ``attn_mask`` and ``is_causal``, which no peer supports."""
+        if torch.jit.is_scripting():
+            _check_masks(attn_mask, is_causal, self.kind)
+        elif _is_set(attn_mask) or _is_set(is_causal):  # FX passes proxies for both: left to the calls that run
+            raise ValueError(f"{self.kind} does not support attn_mask or is_causal")
 
     def set_grid(self, grid_size: tuple[int, int], num_prefix_tokens: int) -> None:
         """The patch grid (h, w) and prefix-token count P of the tokens this layer will see."""
@@ -175,27 +194,22 @@ class AgentAttention(_PeerAttention):
         dwc_kernel: side of the depthwise convolution of V (official 3); 0: none.
         bias_window: length of the row and column biases (official 14, the grid of 224² images),
             resized to the grid's height and width: the weights fit a model of any image size.
-        grid_size, num_prefix_tokens: the token layout (set by the model).
+        qkv_bias, proj_bias, proj_drop, grid_size, num_prefix_tokens, device, dtype: as
+            :class:`_PeerAttention` (the token layout is set by the model).
     """
 
     def __init__(
         self,
         dim: int,
         num_heads: int = 8,
-        qkv_bias: bool = True,
-        proj_bias: bool = True,
-        proj_drop: float = 0.0,
+        *,
         num_agents: int = 49,
         agent_bias: bool = True,
         dwc_kernel: int = 3,
         bias_window: int = 14,
-        grid_size: tuple[int, int] | int = (14, 14),
-        num_prefix_tokens: int = 1,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        **_: Any,  # timm's other attention arguments (qk_norm, attn_drop, norm_layer, ...) do not apply
+        **kwargs: Any,  # qkv_bias, proj_bias, proj_drop, grid_size, num_prefix_tokens, device, dtype
     ) -> None:
-        super().__init__(dim, num_heads, qkv_bias, proj_bias, proj_drop, grid_size, num_prefix_tokens, device, dtype)
+        super().__init__(dim, num_heads, **kwargs)
         side = math.isqrt(num_agents) if isinstance(num_agents, int) and num_agents > 0 else 0
         if side * side != num_agents:
             raise ValueError(
@@ -203,7 +217,7 @@ class AgentAttention(_PeerAttention):
             )
         if dwc_kernel < 0 or (dwc_kernel and dwc_kernel % 2 == 0):
             raise ValueError(f"AgentAttention: dwc_kernel must be 0 (none) or odd; got {dwc_kernel!r}")
-        dd = dict(device=device, dtype=dtype)
+        dd = self._factory()
         self.num_agents = num_agents
         self.pool_side = side
         self.dwc_kernel = dwc_kernel
@@ -267,10 +281,7 @@ class AgentAttention(_PeerAttention):
         is_causal: bool = False,
     ) -> torch.Tensor:
         """Args: x (B, N, C). Returns (B, N, C). ``attn_mask`` must be None, ``is_causal`` False."""
-        if torch.jit.is_scripting():
-            _check_masks(attn_mask, is_causal, "AgentAttention")
-        elif _is_set(attn_mask) or _is_set(is_causal):  # FX passes proxies for both: left to the calls that run
-            raise ValueError("AgentAttention does not support attn_mask or is_causal")
+        self._no_masks(attn_mask, is_causal)
         q, k, v = self._split(x)
         H, D, s = self.num_heads, self.head_dim, self.pool_side
         pooled = F.adaptive_avg_pool2d(self._patch_grid(q), (s, s))  # (B, C, s, s)
@@ -357,25 +368,20 @@ class NystromAttention(_PeerAttention):
         num_heads: H.
         num_landmarks: L (official 64); clamped to N when there are fewer tokens.
         pinv_iterations: Newton-Schulz steps of the pseudo-inverse (official 6).
-        grid_size, num_prefix_tokens: the token layout (set by the model).
+        qkv_bias, proj_bias, proj_drop, grid_size, num_prefix_tokens, device, dtype: as
+            :class:`_PeerAttention` (the token layout is set by the model).
     """
 
     def __init__(
         self,
         dim: int,
         num_heads: int = 8,
-        qkv_bias: bool = True,
-        proj_bias: bool = True,
-        proj_drop: float = 0.0,
+        *,
         num_landmarks: int = 64,
         pinv_iterations: int = 6,
-        grid_size: tuple[int, int] | int = (14, 14),
-        num_prefix_tokens: int = 1,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        **_: Any,
+        **kwargs: Any,  # qkv_bias, proj_bias, proj_drop, grid_size, num_prefix_tokens, device, dtype
     ) -> None:
-        super().__init__(dim, num_heads, qkv_bias, proj_bias, proj_drop, grid_size, num_prefix_tokens, device, dtype)
+        super().__init__(dim, num_heads, **kwargs)
         if isinstance(num_landmarks, bool) or not isinstance(num_landmarks, int) or num_landmarks < 1:
             raise ValueError(f"NystromAttention: num_landmarks must be an integer >= 1; got {num_landmarks!r}")
         if isinstance(pinv_iterations, bool) or not isinstance(pinv_iterations, int) or pinv_iterations < 0:
@@ -403,10 +409,7 @@ class NystromAttention(_PeerAttention):
         is_causal: bool = False,
     ) -> torch.Tensor:
         """Args: x (B, N, C). Returns (B, N, C). ``attn_mask`` must be None, ``is_causal`` False."""
-        if torch.jit.is_scripting():
-            _check_masks(attn_mask, is_causal, "NystromAttention")
-        elif _is_set(attn_mask) or _is_set(is_causal):  # FX passes proxies for both: left to the calls that run
-            raise ValueError("NystromAttention does not support attn_mask or is_causal")
+        self._no_masks(attn_mask, is_causal)
         q, k, v = self._split(x)
         q = q * self.scale
         q_l, k_l = self._landmarks(q), self._landmarks(k)  # (B, H, L, D)
@@ -445,30 +448,25 @@ class FocusedLinearAttention(_PeerAttention):
         num_heads: H.
         focusing_factor: p (official 3).
         dwc_kernel: side of the depthwise convolution of V, shared by the heads (official 5); 0: none.
-        grid_size, num_prefix_tokens: the token layout (set by the model).
+        qkv_bias, proj_bias, proj_drop, grid_size, num_prefix_tokens, device, dtype: as
+            :class:`_PeerAttention` (the token layout is set by the model).
     """
 
     def __init__(
         self,
         dim: int,
         num_heads: int = 8,
-        qkv_bias: bool = True,
-        proj_bias: bool = True,
-        proj_drop: float = 0.0,
+        *,
         focusing_factor: float = 3.0,
         dwc_kernel: int = 5,
-        grid_size: tuple[int, int] | int = (14, 14),
-        num_prefix_tokens: int = 1,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        **_: Any,
+        **kwargs: Any,  # qkv_bias, proj_bias, proj_drop, grid_size, num_prefix_tokens, device, dtype
     ) -> None:
-        super().__init__(dim, num_heads, qkv_bias, proj_bias, proj_drop, grid_size, num_prefix_tokens, device, dtype)
+        super().__init__(dim, num_heads, **kwargs)
         if not focusing_factor > 0:
             raise ValueError(f"FocusedLinearAttention: focusing_factor must be > 0; got {focusing_factor!r}")
         if dwc_kernel < 0 or (dwc_kernel and dwc_kernel % 2 == 0):
             raise ValueError(f"FocusedLinearAttention: dwc_kernel must be 0 (none) or odd; got {dwc_kernel!r}")
-        dd = dict(device=device, dtype=dtype)
+        dd = self._factory()
         self.focusing_factor = float(focusing_factor)
         self.dwc_kernel = dwc_kernel
         D = self.head_dim
@@ -486,10 +484,7 @@ class FocusedLinearAttention(_PeerAttention):
         is_causal: bool = False,
     ) -> torch.Tensor:
         """Args: x (B, N, C). Returns (B, N, C). ``attn_mask`` must be None, ``is_causal`` False."""
-        if torch.jit.is_scripting():
-            _check_masks(attn_mask, is_causal, "FocusedLinearAttention")
-        elif _is_set(attn_mask) or _is_set(is_causal):  # FX passes proxies for both: left to the calls that run
-            raise ValueError("FocusedLinearAttention does not support attn_mask or is_causal")
+        self._no_masks(attn_mask, is_causal)
         q, k, v = self._split(x)
         H, D = self.num_heads, self.head_dim
         n = self.num_prefix_tokens + self.grid_h * self.grid_w
@@ -524,31 +519,26 @@ class ISABAttention(_PeerAttention):
         dim: C.
         num_heads: H.
         num_inducing: M learned inducing points (default AnchorFormer's M, 30).
-        grid_size, num_prefix_tokens: the token layout (set by the model; ISAB needs no grid).
+        qkv_bias, proj_bias, proj_drop, grid_size, num_prefix_tokens, device, dtype: as
+            :class:`_PeerAttention` (the token layout is set by the model; ISAB needs no grid).
     """
 
     def __init__(
         self,
         dim: int,
         num_heads: int = 8,
-        qkv_bias: bool = True,
-        proj_bias: bool = True,
-        proj_drop: float = 0.0,
+        *,
         num_inducing: int = DEFAULT_NUM_ANCHORS,
-        grid_size: tuple[int, int] | int = (14, 14),
-        num_prefix_tokens: int = 1,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        **_: Any,
+        **kwargs: Any,  # qkv_bias, proj_bias, proj_drop, grid_size, num_prefix_tokens, device, dtype
     ) -> None:
-        super().__init__(dim, num_heads, qkv_bias, proj_bias, proj_drop, grid_size, num_prefix_tokens, device, dtype)
+        super().__init__(dim, num_heads, **kwargs)
         if isinstance(num_inducing, bool) or not isinstance(num_inducing, int) or num_inducing < 1:
             raise ValueError(f"ISABAttention: num_inducing must be an integer >= 1; got {num_inducing!r}")
-        dd = dict(device=device, dtype=dtype)
+        dd = self._factory()
         self.num_inducing = num_inducing
         self.inducing = nn.Parameter(torch.empty(num_inducing, dim, **dd))  # I (M, C)
         self.fc_o = nn.Linear(dim, dim, **dd)  # the first MAB's feed-forward H + ReLU(H W_o)
-        self.kv_h = nn.Linear(dim, 2 * dim, bias=qkv_bias, **dd)  # keys and values of H
+        self.kv_h = nn.Linear(dim, 2 * dim, bias=self.qkv.bias is not None, **dd)  # keys and values of H
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -563,10 +553,7 @@ class ISABAttention(_PeerAttention):
         is_causal: bool = False,
     ) -> torch.Tensor:
         """Args: x (B, N, C). Returns (B, N, C). ``attn_mask`` must be None, ``is_causal`` False."""
-        if torch.jit.is_scripting():
-            _check_masks(attn_mask, is_causal, "ISABAttention")
-        elif _is_set(attn_mask) or _is_set(is_causal):  # FX passes proxies for both: left to the calls that run
-            raise ValueError("ISABAttention does not support attn_mask or is_causal")
+        self._no_masks(attn_mask, is_causal)
         q, k, v = self._split(x)
         H, D, M = self.num_heads, self.head_dim, self.num_inducing
         ind = self.inducing.to(q.dtype).reshape(1, M, H, D).transpose(1, 2)  # (1, H, M, D)
