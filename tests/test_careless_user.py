@@ -126,14 +126,32 @@ def test_dvc_ignores_bytecode_and_the_tests_write_it():
     assert res.stdout.strip() == "[]", res.stdout + res.stderr
 
 
+def _bytecode_env(root: Path) -> dict[str, str]:
+    """This environment with bytecode writing on and the package imported from ``root``."""
+    env = {k: v for k, v in os.environ.items() if k != _NO_BYTECODE}
+    env.update(PYTHONPATH=str(root), TRITON_INTERPRET="1", HF_HUB_OFFLINE="1", DVC_NO_ANALYTICS="1")
+    return env
+
+
+def _import_every_module(root: Path, env: dict[str, str]) -> None:
+    """Import every module of the package under ``root`` in a new process (bytecode writing on)."""
+    walk = (
+        "import importlib, pkgutil, anchorformer\n"
+        f"assert anchorformer.__file__.startswith({str(root)!r}), anchorformer.__file__\n"
+        "for m in pkgutil.walk_packages(anchorformer.__path__, 'anchorformer.'):\n"
+        "    if not m.name.endswith('__main__'): importlib.import_module(m.name)\n"
+    )
+    subprocess.run([sys.executable, "-c", walk], cwd=root, env=env, check=True, timeout=600)
+    assert len(list((root / "anchorformer").rglob("__pycache__/*.pyc"))) > 20, "bytecode writing was off"
+
+
 @pytest.mark.slow  # a clone, every module imported, two `dvc status`: ~40 s on two shared cores
 def test_importing_the_package_leaves_dvc_status_as_it_was(tmp_path):
     """In a fresh clone, importing every module of the package with bytecode writing on writes
     ``__pycache__/`` beside the sources, and ``dvc status`` says exactly what it said before."""
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True, timeout=120)
-    env = {k: v for k, v in os.environ.items() if k != _NO_BYTECODE}
-    env.update(PYTHONPATH=str(clone), TRITON_INTERPRET="1", HF_HUB_OFFLINE="1", DVC_NO_ANALYTICS="1")
+    env = _bytecode_env(clone)
     dvc = [str(Path(sys.executable).with_name("dvc")), "status", "--json"]
 
     def status() -> dict:
@@ -142,15 +160,7 @@ def test_importing_the_package_leaves_dvc_status_as_it_was(tmp_path):
         return json.loads(res.stdout or "{}")
 
     before = status()
-    walk = (
-        "import importlib, pkgutil, anchorformer\n"
-        f"assert anchorformer.__file__.startswith({str(clone)!r}), anchorformer.__file__\n"
-        "for m in pkgutil.walk_packages(anchorformer.__path__, 'anchorformer.'):\n"
-        "    if not m.name.endswith('__main__'): importlib.import_module(m.name)\n"
-    )
-    subprocess.run([sys.executable, "-c", walk], cwd=clone, env=env, check=True, timeout=600)
-    pyc = list((clone / "anchorformer").rglob("__pycache__/*.pyc"))
-    assert len(pyc) > 20, "bytecode writing was off"
+    _import_every_module(clone, env)
     assert status() == before
 
 
@@ -162,8 +172,7 @@ def test_importing_the_package_leaves_a_reproduced_pipeline_up_to_date(dvcignore
     without it (the control) the folder dependencies turn modified."""
     repo = tmp_path / "repo"
     shutil.copytree(ROOT / "anchorformer", repo / "anchorformer", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    env = {k: v for k, v in os.environ.items() if k != _NO_BYTECODE}
-    env.update(PYTHONPATH=str(repo), TRITON_INTERPRET="1", HF_HUB_OFFLINE="1", DVC_NO_ANALYTICS="1")
+    env = _bytecode_env(repo)
     dvc = str(Path(sys.executable).with_name("dvc"))
 
     def run(*cmd: str) -> str:
@@ -180,14 +189,7 @@ def test_importing_the_package_leaves_a_reproduced_pipeline_up_to_date(dvcignore
         "-d", "anchorformer/cli.py", "-o", "out.txt", stage)  # fmt: skip
     run(dvc, "repro", "-q")
     assert "up to date" in run(dvc, "status")
-    walk = (
-        "import importlib, pkgutil, anchorformer\n"
-        f"assert anchorformer.__file__.startswith({str(repo)!r}), anchorformer.__file__\n"
-        "for m in pkgutil.walk_packages(anchorformer.__path__, 'anchorformer.'):\n"
-        "    if not m.name.endswith('__main__'): importlib.import_module(m.name)\n"
-    )
-    run(sys.executable, "-c", walk)
-    assert len(list((repo / "anchorformer").rglob("__pycache__/*.pyc"))) > 20, "bytecode writing was off"
+    _import_every_module(repo, env)
     status = run(dvc, "status")
     if dvcignore == "none":
         assert "modified:" in status and "anchorformer/engine" in status, status
@@ -608,11 +610,12 @@ def test_under_torchrun_every_rank_stops_at_a_bad_file_that_one_rank_checked(tmp
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     args = _argv("cls", data, tmp_path / "run", "on_bad=skip", "batch_size=4", steps=1)
     res = subprocess.run([*torchrun, "anchorformer.cli", *args], env=env, capture_output=True, text=True, timeout=600)
-    lines = [ln for ln in (res.stdout + res.stderr).splitlines() if ln.startswith("anchorformer train: error:")]
-    assert res.returncode != 0 and len(lines) == 2, res.stdout[-3000:] + res.stderr[-3000:]
-    for line in lines:
-        assert line.startswith(f"anchorformer train: error: {bad}: cannot decode"), line
-        assert "1 bad file(s) among the 36 validation samples, found before training" in line, line
+    # each rank's line (the two processes share stderr: their lines may run into each other)
+    errors = re.findall(r"anchorformer train: error: (.*?)(?=anchorformer train: error:|\n|$)", res.stderr)
+    assert res.returncode != 0 and len(errors) == 2, res.stdout[-3000:] + res.stderr[-3000:]
+    for error in errors:
+        assert error.startswith(f"{bad}: cannot decode"), error
+        assert "1 bad file(s) among the 36 validation samples, found before training" in error, error
     assert not (tmp_path / "run" / "metrics.json").exists()
 
     bad.write_bytes(raw)  # repaired; a training file spoiled instead, and skipped

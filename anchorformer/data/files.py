@@ -51,6 +51,7 @@ __all__ = [
     "load_rgb",
     "missing_path_error",
     "read_bad_file_log",
+    "unwrap_dataset",
 ]
 
 log = logging.getLogger(__name__)
@@ -300,15 +301,17 @@ def check_ade_pair(pair: tuple[str, str]) -> tuple[str, tuple[int, int] | None, 
     return img_path, size, None
 
 
-def _base_and_indices(dataset: Any) -> tuple[Any, list[int]]:
-    """The dataset under ``Subset`` and other wrappers, and the indices of it that ``dataset`` reads."""
+def unwrap_dataset(dataset: Any) -> tuple[Any, list[int] | None]:
+    """The dataset with the ``on_bad`` policy (a :class:`BadFilePolicy`) under ``Subset`` and other
+    wrappers (``.dataset``), and the indices of it that ``dataset`` reads (None: all of them).
+    A dataset without the policy comes back as the innermost one found."""
     indices: list[int] | None = None
-    while not hasattr(dataset, "check_sample") and hasattr(dataset, "dataset"):
+    while not isinstance(dataset, BadFilePolicy) and hasattr(dataset, "dataset"):
         if hasattr(dataset, "indices"):  # a Subset: map our indices through it
             sub = list(dataset.indices)
             indices = sub if indices is None else [sub[i] for i in indices]
         dataset = dataset.dataset
-    return dataset, list(range(len(dataset))) if indices is None else indices
+    return dataset, indices
 
 
 class _SampleChecks:
@@ -341,9 +344,11 @@ def check_dataset_files(
     import torch
     from torch.utils.data import DataLoader
 
-    base, indices = _base_and_indices(dataset)
-    if not hasattr(base, "check_sample"):
+    base, indices = unwrap_dataset(dataset)
+    if not isinstance(base, BadFilePolicy):
         raise TypeError(f"{type(base).__name__} has no check_sample(index): not a dataset of anchorformer.data")
+    if indices is None:
+        indices = list(range(len(base)))  # type: ignore[arg-type]
     mine = indices[rank::world_size]
     loader = DataLoader(
         _SampleChecks(base, mine),  # type: ignore[arg-type]

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..data.files import BadFileError, check_dataset_files, read_bad_file_log
+from ..data.files import BadFileError, BadFilePolicy, check_dataset_files, read_bad_file_log, unwrap_dataset
 from ..io import write_json_atomic
 from ..models.checkpoint import safetensors_beside
 from .checkpoint import (
@@ -129,10 +129,9 @@ class TrainingRun:
     def watch_bad_files(self, dataset: Any) -> None:
         """Have ``dataset`` (a dataset with the ``on_bad`` policy, or a ``Subset`` or wrapper of
         one) record the files it skips in :attr:`bad_file_log`, from every process."""
-        while not hasattr(dataset, "record_bad_files_in") and hasattr(dataset, "dataset"):
-            dataset = dataset.dataset
-        if hasattr(dataset, "record_bad_files_in"):
-            dataset.record_bad_files_in(self.bad_file_log)
+        base, _ = unwrap_dataset(dataset)
+        if isinstance(base, BadFilePolicy):
+            base.record_bad_files_in(self.bad_file_log)
 
     def check_files(self, train: Any, val: Any | None) -> None:
         """Decode every file the run reads before it trains (the recipe's ``check_files``).
@@ -157,11 +156,12 @@ class TrainingRun:
             if self.dist.is_distributed:
                 found: list[Any] = [None] * self.dist.world_size
                 dist.all_gather_object(found, bad)
-                bad = {path: reason for part in found for path, reason in sorted(part.items())}
+                bad = {path: reason for part in found for path, reason in part.items()}
             if not bad:
                 _logger.info("%s files: all %d samples decode", split, total)
                 continue
-            path, reason = next(iter(sorted(bad.items())))
+            bad = dict(sorted(bad.items()))
+            path, reason = next(iter(bad.items()))
             count = f"{len(bad)} bad file(s) among the {total} {split} samples"
             if split == "validation":
                 raise BadFileError(
@@ -178,10 +178,8 @@ class TrainingRun:
                 )
             _logger.warning("%s; on_bad=skip: training skips them (listed in %s)", count, self.bad_file_log)
             if self.dist.is_main:
-                base = dataset
-                while not hasattr(base, "record_bad_files_in") and hasattr(base, "dataset"):
-                    base = base.dataset
-                for p, r in sorted(bad.items()):
+                base, _ = unwrap_dataset(dataset)
+                for p, r in bad.items():
                     base.skip_file(p, r)
 
     def bad_files(self) -> dict[str, str]:
